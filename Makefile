@@ -1,0 +1,50 @@
+# `make run` and `make test` each set up a fresh machine themselves:
+# a .venv in the repo root, the project and its dependencies, and the Fashion-MNIST data set.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+# torch/torchvision are pinned first so that the resolver never pulls a different build.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data test run lint bench clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[dev,embedded]'
+	touch $(STAMP)
+
+# Fashion-MNIST ships in Debian (MIT licence). Elsewhere training.data falls back to torchvision's
+# download and says what to do if that fails too.
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	      || echo "warning: could not install dataset-fashion-mnist with apt-get"; \
+	  else echo "note: no apt-get; Fashion-MNIST will be downloaded by torchvision on first use"; fi; \
+	fi
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+run: setup
+	$(PY) -m service
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) bench/train_throughput.py
+	$(PY) bench/index_bench.py --n 200000
+	$(PY) bench/search_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""FAISS indexes over embeddings: build, tune, version, publish, search and weighted kNN."""

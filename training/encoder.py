@@ -1,0 +1,144 @@
+"""The trained encoder as the rest of the system sees it: a small, self-describing file and an
+inference wrapper. `index/` copies the file into each index version and `service/` loads it
+from there, so that a published index and the model that embeds queries for it always match.
+
+Encoder file (`torch.save` of a dict, also the "encoder" entry of a training checkpoint):
+  format        "ssl-retrieval/encoder/v1"
+  method        e.g. "moco-v2"
+  network       spec for `training.models.build_embedding_network` (arch, its kwargs, head)
+  state_dict    weights of that network
+  embed_dim     D, the embedding size
+  input_size    S: images are resized (shorter side) and centre-cropped to SxS
+  in_channels   1 (greyscale) or 3 (RGB)
+  mean, std     per-channel normalisation applied to [0, 1] pixels
+  version       a stable string naming these weights (method, short content hash)
+  metrics       what training measured (kNN accuracy, epochs, ...), for model cards and manifests
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.data.images import load_uint8
+
+ENCODER_FORMAT = "ssl-retrieval/encoder/v1"
+
+
+class EncoderError(ValueError):
+    """The encoder file is missing or unusable (message says why)."""
+
+
+def weights_version(method: str, state_dict: dict[str, torch.Tensor]) -> str:
+    """`method-<12 hex>`: a hash of the weights, so equal weights give equal versions."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return f"{method}-{digest.hexdigest()[:12]}"
+
+
+def make_encoder_record(
+    method: str,
+    network_spec: dict[str, Any],
+    network: nn.Module,
+    embed_dim: int,
+    input_size: int,
+    in_channels: int,
+    mean: list[float],
+    std: list[float],
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    return {
+        "format": ENCODER_FORMAT,
+        "method": method,
+        "network": network_spec,
+        "state_dict": state,
+        "embed_dim": int(embed_dim),
+        "input_size": int(input_size),
+        "in_channels": int(in_channels),
+        "mean": list(map(float, mean)),
+        "std": list(map(float, std)),
+        "version": weights_version(method, state),
+        "metrics": dict(metrics or {}),
+    }
+
+
+def save_encoder(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Atomic write (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_encoder_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an encoder file, or the "encoder" entry of a training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderError(f"encoder checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise EncoderError(f"{path} is not a readable checkpoint: {exc}") from exc
+    record = data.get("encoder", data) if isinstance(data, dict) else None
+    if not isinstance(record, dict) or record.get("format") != ENCODER_FORMAT:
+        raise EncoderError(f"{path} holds no encoder in format {ENCODER_FORMAT}")
+    return record
+
+
+class Encoder:
+    """Inference wrapper: images in, L2-normalised float32 embeddings out."""
+
+    def __init__(self, record: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        from training.models import build_embedding_network
+
+        self.record = record
+        self.device = torch.device(device)
+        self.network = build_embedding_network(record["network"])
+        self.network.load_state_dict(record["state_dict"])
+        self.network.to(self.device).eval()
+        self.embed_dim: int = record["embed_dim"]
+        self.input_size: int = record["input_size"]
+        self.in_channels: int = record["in_channels"]
+        self.version: str = record["version"]
+        self.method: str = record["method"]
+        self.metrics: dict[str, Any] = record.get("metrics", {})
+        shape = (1, self.in_channels, 1, 1)
+        self._mean = torch.tensor(record["mean"], device=self.device).view(shape)
+        self._std = torch.tensor(record["std"], device=self.device).view(shape)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
+        return cls(read_encoder_record(path), device)
+
+    def prepare(self, source: bytes | str | os.PathLike, max_pixels: int | None = None) -> torch.Tensor:
+        """Decode one image (bytes or path) into the uint8 CxSxS tensor `embed` takes."""
+        return load_uint8(source, self.in_channels, self.input_size, max_pixels)
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """images: uint8 NxCxSxS (as from `prepare`). Returns float32 NxD, rows L2-normalised."""
+        out = []
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(self.device, non_blocking=True)
+            batch = (batch.float() / 255.0 - self._mean) / self._std
+            out.append(F.normalize(self.network(batch).float(), dim=1).cpu())
+        if not out:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return torch.cat(out).numpy()

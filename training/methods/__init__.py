@@ -1,0 +1,1 @@
+"""One module per paper: each is a `Method` (its model wrapper and loss); the engine is shared."""
