@@ -1,0 +1,62 @@
+"""InstDisc's losses over a memory bank of N instance features (Wu et al. 2018, lemniscate.pytorch).
+
+Non-parametric softmax: P(i|v) = exp(v_i·v/tau) / Z,  Z = sum_j exp(v_j·v/tau).
+
+NCE (the approximation for large N): noise is uniform, P_n = 1/N, with m noise samples per
+datum, and  h(i, v) = P(i|v) / (P(i|v) + m P_n).  The loss per sample is
+    -log h(i, v_i) - sum_{j in m noise} log(1 - h(j, v_j)),
+Z estimated once by Monte Carlo, Z ~= N * mean(exp(v_j·v/tau)) over the first batch's samples, then
+kept fixed (as in lemniscate's NCEAverage).
+
+Proximal regularisation (paper Sec. 3.4): + lambda * ||v_i^t - v_i^{t-1}||^2 on the positives, where
+v_i^t is this step's feature and v_i^{t-1} the memory entry from the previous visit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.losses.result import ContrastiveResult
+
+EPS = 1e-7  # lemniscate's guard against log(0)
+
+
+def sample_noise_indices(
+    batch: int, m: int, bank_size: int, positives: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Bx(1+m) int64: column 0 the positive, then m indices drawn uniformly from the bank."""
+    noise = torch.randint(0, bank_size, (batch, m), generator=generator, device="cpu").to(positives.device)
+    return torch.cat([positives.view(-1, 1), noise], dim=1)
+
+
+def estimate_normaliser(scores: torch.Tensor, tau: float, bank_size: int) -> torch.Tensor:
+    """Monte Carlo Z = N * mean(exp(s/tau)) over sampled dot products s (any shape)."""
+    return torch.exp(scores.detach().float() / tau).mean() * bank_size
+
+
+def nce_loss(
+    scores: torch.Tensor, tau: float, normaliser: torch.Tensor | float, bank_size: int
+) -> ContrastiveResult:
+    """scores: Bx(1+m) dot products v_j·v with the positive in column 0."""
+    m = scores.shape[1] - 1
+    p = torch.exp(scores.float() / tau) / normaliser  # Bx(1+m), P(j|v)
+    noise_mass = m / bank_size  # m * P_n
+    log_h_pos = torch.log(p[:, 0] / (p[:, 0] + noise_mass + EPS))  # B
+    log_one_minus_h_neg = torch.log(noise_mass / (p[:, 1:] + noise_mass + EPS))  # Bxm
+    loss = -(log_h_pos.sum() + log_one_minus_h_neg.sum()) / scores.shape[0]
+    labels = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    return ContrastiveResult(loss, scores.detach() / tau, labels)
+
+
+def full_softmax_loss(
+    features: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor, tau: float
+) -> ContrastiveResult:
+    """The exact non-parametric softmax over all N bank entries (small N). features: BxD, bank: NxD."""
+    logits = (features @ bank.T).float() / tau  # BxN
+    return ContrastiveResult(F.cross_entropy(logits, indices), logits, indices)
+
+
+def proximal_term(features: torch.Tensor, previous: torch.Tensor, weight: float) -> torch.Tensor:
+    """lambda * mean_b ||v_b^t - v_b^{t-1}||^2 (previous: the bank's entries, no gradient)."""
+    return weight * (features - previous.detach()).pow(2).sum(dim=1).mean()

@@ -1,0 +1,33 @@
+"""SimCLR's NT-Xent: for each of the 2N views, a softmax over the other 2N-1 views (self-similarity
+masked out) whose positive is the other view of the same image; averaged over all 2N anchors.
+
+With `gather=True` under torch.distributed the candidates are the views of every rank
+(all-gathered with gradient), so each rank's anchors see 2*N*world - 1 others.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.distributed import all_gather_with_grad, get_rank, get_world_size
+from training.losses.result import ContrastiveResult
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5, gather: bool = True) -> ContrastiveResult:
+    """z1, z2: NxC projections of the two views (normalised here: cosine similarity)."""
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = z1.shape[0]
+    world, rank = (get_world_size(), get_rank()) if gather else (1, 0)
+    z1_all = all_gather_with_grad(z1) if world > 1 else z1  # (N*world)xC
+    z2_all = all_gather_with_grad(z2) if world > 1 else z2
+    anchors = torch.cat([z1, z2], dim=0)  # 2NxC
+    candidates = torch.cat([z1_all, z2_all], dim=0)  # 2NWxC: [all first views, all second views]
+    logits = (anchors @ candidates.T).float() / tau  # 2Nx2NW
+    total = n * world
+    local = torch.arange(n, device=logits.device) + n * rank  # my images' positions among total
+    self_index = torch.cat([local, local + total])
+    labels = torch.cat([local + total, local])  # view 1 <-> view 2 of the same image
+    rows = torch.arange(2 * n, device=logits.device)
+    logits = logits.index_put((rows, self_index), torch.tensor(float("-inf"), device=logits.device))
+    return ContrastiveResult(F.cross_entropy(logits, labels), logits, labels)
