@@ -87,7 +87,7 @@ def load_embeddings(path: str | os.PathLike, validate: bool = True) -> Embedding
                 vectors=data["vectors"],
                 ids=data["ids"],
                 model_version=str(data["model_version"]) if "model_version" in data else "unknown",
-                labels=data["labels"] if "labels" in data else None,
+                labels=data.get("labels"),
                 class_names=[str(c) for c in data["class_names"]] if "class_names" in data else None,
             )
     except (OSError, ValueError, KeyError, EOFError) as exc:

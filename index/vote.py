@@ -16,7 +16,9 @@ DEFAULT_TAU = 0.07
 def weighted_vote(
     similarities: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, tau: float = DEFAULT_TAU
 ) -> torch.Tensor:
-    """similarities, neighbour_labels: QxK (labels int64, -1 = unlabelled, ignored). Returns QxC probabilities."""
+    """similarities, neighbour_labels: QxK (labels int64, -1 = unlabelled, ignored).
+
+    Returns QxC probabilities."""
     labelled = neighbour_labels >= 0
     # Subtracting each row's max leaves the normalised result unchanged and avoids overflow at small tau.
     weights = torch.exp((similarities - similarities.max(dim=1, keepdim=True).values) / tau) * labelled
