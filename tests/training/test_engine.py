@@ -1,0 +1,195 @@
+"""The shared training engine: schedule and sampling formulas, exact resume, signals, outputs."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.cli import OneLineParser, add_engine_arguments
+from training.data.datasets import load_dataset
+from training.encoder import Encoder
+from training.engine import Trainer, epoch_indices, lr_factor, parameter_groups, scaled_lr
+from training.knn_monitor import KnnMonitor
+from training.methods.base import Method, StepOutput
+from training.models import EmbeddingNetwork, build_backbone, network_spec
+from training.models.heads import LinearHead
+
+BACKBONE = {"in_channels": 1, "small_stem": True, "width": 0.0625}
+
+
+class TinyContrastive(Method):
+    """Throw-away method: SimCLR-style loss on two views, a bank buffer, and random draws in forward."""
+
+    name = "tiny"
+    num_views = 2
+
+    def __init__(self, num_samples: int) -> None:
+        super().__init__()
+        backbone, dim = build_backbone("resnet18", **BACKBONE)
+        self.network = EmbeddingNetwork(backbone, LinearHead(dim, 16))
+        self.register_buffer("bank", F.normalize(torch.randn(num_samples, 16), dim=1))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        z1, z2 = (F.normalize(self.network(v), dim=1) for v in views)  # BxD each
+        logits = z1 @ z2.T / 0.2  # BxB
+        negatives = self.bank[torch.randint(0, self.bank.shape[0], (8,))]  # random draw: RNG state matters
+        extra = (z1 @ negatives.T / 0.2).logsumexp(dim=1).mean()
+        loss = F.cross_entropy(logits, torch.arange(len(z1))) + 0.1 * extra
+        with torch.no_grad():
+            self.bank[indices] = z2.detach().float()
+        return StepOutput(loss, {"extra": extra.detach()})
+
+    def on_step_end(self, progress: float) -> None:
+        self.updates += 1
+
+    def embedding_network(self) -> nn.Module:
+        return self.network
+
+
+def tiny_augment(batch: torch.Tensor, view: int) -> torch.Tensor:
+    """uint8 BxCxHxW -> float: random horizontal flip and brightness per sample."""
+    images = batch.float() / 255.0
+    flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+    images = torch.where(flip, images.flip(-1), images)
+    scale = 0.6 + 0.8 * torch.rand(images.shape[0], 1, 1, 1, device=images.device)
+    return ((images * scale).clamp(0, 1) - 0.286) / 0.353
+
+
+def engine_args(out: Path, *extra: str):
+    parser = OneLineParser()
+    add_engine_arguments(parser)
+    args = parser.parse_args(
+        ["--out", str(out), "--epochs", "2", "--batch-size", "32", "--crop-size", "28", "--lr", "0.5"]
+        + ["--augmentation", "tiny", "--no-tensorboard", "--no-progress", "--arch", "resnet18", *extra]
+    )
+    args.method, args.subset, args.width = "tiny", None, 0.0625
+    return args
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    data = load_dataset("fashion-mnist", 28).subset(96, seed=1)  # 3 steps of 32 per epoch
+    queries = load_dataset("fashion-mnist:test", 28).subset(64, seed=1)
+    return data, queries
+
+
+def make_trainer(out: Path, data, queries=None, *extra: str, seed: int = 0) -> Trainer:
+    torch.manual_seed(seed)
+    args = engine_args(out, *extra)
+    method = TinyContrastive(len(data))
+    knn = KnnMonitor(data, queries, k=20) if queries is not None else None
+    spec = network_spec("resnet18", BACKBONE, method.network.head.spec)
+    return Trainer(args, method, tiny_augment, data, [0.286], [0.353], spec, knn)
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_lr_schedule_matches_warmup_and_cosine_formulas():
+    total, warmup = 100, 10
+    assert lr_factor(0, total, warmup, "cosine", []) == pytest.approx(1 / 10)
+    assert lr_factor(9, total, warmup, "cosine", []) == pytest.approx(1.0)
+    for step in (10, 37, 55, 99):
+        expected = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        assert lr_factor(step, total, warmup, "cosine", []) == pytest.approx(expected)
+    assert [lr_factor(s, total, 0, "step", [60, 80]) for s in (0, 59, 60, 79, 80, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
+    assert scaled_lr(0.3, 4096) == pytest.approx(0.3 * 16)
+
+
+def test_epoch_indices_shard_like_distributed_sampler_and_drop_last():
+    single = epoch_indices(103, epoch=3, seed=7, rank=0, world=1, batch=10)
+    assert single.shape == (10, 10) and len(set(single.flatten().tolist())) == 100
+    ranks = [epoch_indices(103, 3, 7, r, 2, 10) for r in range(2)]
+    assert all(r.shape == (5, 10) for r in ranks)
+    together = torch.cat([r.flatten() for r in ranks]).tolist()
+    assert len(set(together)) == 100  # disjoint shards
+    assert torch.equal(epoch_indices(103, 3, 7, 0, 1, 10), single)  # depends only on (seed, epoch)
+    assert not torch.equal(epoch_indices(103, 4, 7, 0, 1, 10), single)
+
+
+def test_weight_decay_groups_exclude_norm_and_bias_only_when_asked():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)  # frozen parameters are not optimised at all
+    excluded = parameter_groups(model, 1e-4, exclude_norm_bias=True)
+    decayed, not_decayed = ({id(p) for p in g["params"]} for g in excluded)
+    assert decayed == {id(model[0].weight), id(model[3].weight)}
+    assert not_decayed == {id(model[0].bias), id(model[1].bias), id(model[3].bias)}
+    assert excluded[0]["weight_decay"] == 1e-4
+    assert excluded[1]["weight_decay"] == 0.0 and excluded[1]["lars_exclude"]
+    everything = parameter_groups(model, 1e-4, exclude_norm_bias=False)
+    assert len(everything) == 1 and len(everything[0]["params"]) == 5
+
+
+def test_resume_mid_epoch_continues_exactly(tmp_path, small_data):
+    data, queries = small_data
+    straight = make_trainer(tmp_path / "straight", data, queries, "--max-steps", "4")
+    straight.fit()
+    first = make_trainer(tmp_path / "split", data, queries, "--max-steps", "2")
+    first.fit()
+    resumed = make_trainer(tmp_path / "split", data, queries, "--max-steps", "4", "--resume", "auto", seed=99)
+    assert resumed.state.global_step == 0  # state comes from the checkpoint only inside fit()
+    resumed.fit()
+    assert resumed.state.global_step == 4 and resumed.state.epoch == 1 and resumed.state.step_in_epoch == 1
+    assert_same_state(straight.method, resumed.method)
+    for a, b in zip(
+        straight.optimizer.state_dict()["state"].values(),
+        resumed.optimizer.state_dict()["state"].values(),
+        strict=True,
+    ):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    assert int(resumed.method.updates) == 4
+
+
+def test_fit_writes_checkpoint_encoder_metrics_and_plot(tmp_path, small_data):
+    data, queries = small_data
+    trainer = make_trainer(tmp_path, data, queries, "--knn-every", "1")
+    summary = trainer.fit()
+    assert summary["epochs"] == 2 and summary["steps"] == 6
+    for name in ("checkpoint.pt", "encoder.pt", "metrics.json", "training.png"):
+        assert (tmp_path / name).is_file(), name
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["step_in_epoch"] == 0
+    assert [row["epoch"] for row in checkpoint["history"]] == [1, 2]
+    assert 0 <= checkpoint["history"][-1]["knn/top1"] <= checkpoint["history"][-1]["knn/top5"] <= 100
+    # The encoder written in the checkpoint reproduces the trained network's embeddings.
+    for path in (tmp_path / "encoder.pt", tmp_path / "checkpoint.pt"):
+        encoder = Encoder.load(path)
+        assert encoder.embed_dim == 16 and encoder.in_channels == 1 and encoder.input_size == 28
+        network = trainer.method.embedding_network().eval()
+        with torch.no_grad():
+            expected = F.normalize(network((queries.images[:8].float() / 255 - 0.286) / 0.353), dim=1)
+        assert torch.allclose(torch.from_numpy(encoder.embed(queries.images[:8])), expected, atol=1e-5)
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, small_data):
+    data, _ = small_data
+    trainer = make_trainer(tmp_path, data, None)
+    original_step = trainer.train_step
+
+    def step_then_signal(indices):
+        result = original_step(indices)
+        if trainer.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler the engine installed
+        return result
+
+    trainer.train_step = step_then_signal
+    summary = trainer.fit()
+    assert summary["stopped_by"] == "signal" and summary["steps"] == 2
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 2, 2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

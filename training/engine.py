@@ -1,0 +1,506 @@
+"""The one training loop every method shares (single process, or DDP under torchrun).
+
+Per step: a batch of indices from a seeded per-epoch permutation (sharded by rank like
+DistributedSampler, drop_last) -> uint8 images on the device -> the method's augmentation (one
+call per view) -> `Method.forward(views, indices)` -> backward -> optional AGC -> optimiser
+step -> per-step lr schedule -> `method.on_step_end(progress)`.
+
+Learning rate: `--lr` is the base rate for a batch of 256; the rate used is
+lr * global_batch / 256 (the linear scaling rule of Goyal et al., used by MoCo, SimCLR and MoCo v3),
+linear warm-up over `--warmup-epochs`, then cosine decay to 0 per step (or MoCo v1's / InstDisc's
+x0.1 steps at `--lr-steps` epochs with `--lr-schedule step`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from tqdm import tqdm
+
+from training import distributed as dist
+from training.checkpoint import (
+    CHECKPOINT_NAME,
+    capture_rng_states,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng_states,
+    save_checkpoint,
+    save_json,
+)
+from training.data.datasets import ImageDataset
+from training.encoder import make_encoder_record, save_encoder
+from training.knn_monitor import KnnMonitor
+from training.methods.base import Method
+
+CHECKPOINT_FORMAT = "ssl-retrieval/checkpoint/v1"
+# Settings that must match for a resumed run to continue the same sample order and model.
+RESUME_MUST_MATCH = ("method", "data", "subset", "arch", "width", "crop_size", "batch_size", "seed")
+
+Augmentation = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the message says why)."""
+
+
+# --- optimiser and schedule ----------------------------------------------------------------------
+
+
+def is_norm_or_bias(name: str, param: torch.Tensor) -> bool:
+    """BN/LN scales and shifts and all biases: the 1-d parameters (SimCLR / MoCo v3 exclude them)."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool) -> list[dict[str, Any]]:
+    """Trainable parameters; with `exclude_norm_bias`, a second group without weight decay that LARS
+    also leaves unadapted (`lars_exclude`)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if exclude_norm_bias and is_norm_or_bias(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+    return groups
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """Linear scaling rule: base_lr is the rate for a batch of 256."""
+    return base_lr * global_batch / 256
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    exclude = args.wd_exclude_norm_bias
+    if exclude == "auto":  # the papers: SimCLR (LARS) and MoCo v3 (LARS/AdamW) exclude; the SGD codes do not
+        exclude = "yes" if args.optimizer in ("lars", "adamw") else "no"
+    groups = parameter_groups(model, args.weight_decay, exclude == "yes")
+    if args.optimizer == "sgd":
+        for group in groups:
+            group.pop("lars_exclude", None)
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        for group in groups:
+            group.pop("lars_exclude", None)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
+    if args.optimizer == "lars":
+        from training.optim.lars import LARS
+
+        return LARS(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    raise TrainingError(f"unknown optimizer {args.optimizer!r}")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, decay_at: list[int]) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine to 0 or x0.1 steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "step":
+        return 0.1 ** sum(step >= boundary for boundary in decay_at)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# --- data sampling -------------------------------------------------------------------------------
+
+
+def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int, world: int, batch: int) -> torch.Tensor:
+    """This rank's indices for an epoch as steps x batch (DistributedSampler order, drop_last).
+
+    The permutation depends only on (seed, epoch), so a resumed run sees the same order.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator)
+    per_rank = num_samples // world
+    steps = per_rank // batch
+    return order[rank : per_rank * world : world][: steps * batch].view(steps, batch)
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch in progress (or the next one, when step_in_epoch == 0)
+    step_in_epoch: int = 0  # steps of `epoch` already done
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+
+
+class StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop finishes the step, saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no handler, no clean stop
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        flag = self.signal_name is not None
+        if dist.is_distributed():  # every rank must stop after the same step
+            value = torch.tensor([int(flag)])
+            torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+            flag = bool(value.item())
+            if flag and self.signal_name is None:
+                self.signal_name = "a signal on another rank"
+        return flag
+
+
+class Trainer:
+    """Holds the run's pieces; `fit()` trains to the end (or to `--max-steps`, or a signal)."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        method: Method,
+        augment: Augmentation,
+        dataset: ImageDataset,
+        mean: list[float],
+        std: list[float],
+        encoder_spec: dict[str, Any],
+        knn: KnnMonitor | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.args = args
+        self.device = device or torch.device("cpu")
+        self.dataset = dataset
+        self.augment = augment
+        self.mean, self.std = list(mean), list(std)
+        self.encoder_spec = encoder_spec
+        self.knn = knn
+        self.out = Path(args.out)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if args.batch_size % self.world:
+            raise TrainingError(f"--batch-size {args.batch_size} is not divisible by {self.world} processes")
+        self.local_batch = args.batch_size // self.world
+        self.steps_per_epoch = len(dataset) // self.world // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"{len(dataset)} images make no full batch of {args.batch_size}; lower --batch-size"
+            )
+        self.total_steps = self.steps_per_epoch * args.epochs
+        if args.amp == "fp16" and self.device.type != "cuda":
+            raise TrainingError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+        if getattr(method, "global_bn", False) and dist.is_distributed():
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.method = method.to(self.device)
+        if args.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.model: nn.Module = self.method
+        if dist.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids)
+        self.forward = torch.compile(self.model) if args.compile else self.model
+
+        self.peak_lr = scaled_lr(args.lr, args.batch_size)
+        self.optimizer = build_optimizer(args, self.method, self.peak_lr)
+        warmup = round(args.warmup_epochs * self.steps_per_epoch)
+        decay_at = [round(e * self.steps_per_epoch) for e in args.lr_steps]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, self.total_steps, warmup, args.lr_schedule, decay_at),
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+        self.agc_params = self._agc_parameters() if args.agc_clip else []
+        self.state = TrainState()
+        self._saved_at_step = -1
+        # Keep a small data set on the device: sampling is then a gather, with no host copy per step.
+        self.images = dataset.images
+        if self.device.type == "cuda" and dataset.images.numel() <= args.device_data_max_mb * 2**20:
+            self.images = dataset.images.to(self.device)
+        self.log = self._make_logger()
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _agc_parameters(self) -> list[torch.Tensor]:
+        """AGC clips every trainable weight except the final layer's (Brock et al. 2021)."""
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        final = getattr(self.method, "final_layer_parameters", None)
+        excluded = {id(p) for p in final()} if callable(final) else set()
+        if not excluded:  # default: the last Linear of the query branch
+            linears = [m for m in self.method.modules() if isinstance(m, nn.Linear)]
+            excluded = {id(p) for p in linears[-1].parameters()} if linears else set()
+        return [p for p in params if id(p) not in excluded]
+
+    def _make_logger(self):
+        if not dist.is_main_process() or not self.args.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out / "tb"))
+
+    def embedding_network(self) -> nn.Module:
+        return self.method.embedding_network()
+
+    def embed_dim(self) -> int:
+        if hasattr(self.method, "embed_dim"):
+            return int(self.method.embed_dim())
+        network = self.embedding_network()
+        was_training = network.training
+        network.eval()
+        with torch.no_grad():
+            probe = torch.zeros(2, self.dataset.in_channels, self.args.crop_size, self.args.crop_size)
+            dim = network(probe.to(self.device)).shape[1]
+        network.train(was_training)
+        return int(dim)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def encoder_record(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return make_encoder_record(
+            method=self.method.name,
+            network_spec=self.encoder_spec,
+            network=self.embedding_network(),
+            embed_dim=self.embed_dim(),
+            input_size=self.args.crop_size,
+            in_channels=self.dataset.in_channels,
+            mean=self.mean,
+            std=self.std,
+            metrics=metrics,
+        )
+
+    def summary_metrics(self) -> dict[str, Any]:
+        last = self.state.history[-1] if self.state.history else {}
+        metrics = {k: v for k, v in last.items() if k.startswith("knn/") or k == "loss"}
+        metrics.update(epochs=self.state.epoch, steps=self.state.global_step, data=self.args.data)
+        return metrics
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        rng = capture_rng_states()
+        all_rng = [None] * self.world
+        if dist.is_distributed():
+            torch_dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": all_rng,
+            "epoch": self.state.epoch,
+            "step_in_epoch": self.state.step_in_epoch,
+            "global_step": self.state.global_step,
+            "history": self.state.history,
+            "config": config_dict(self.args),
+            "world_size": self.world,
+            "encoder": self.encoder_record(self.summary_metrics()),
+        }
+
+    def save(self) -> None:
+        """Every rank joins (RNG gather); rank 0 writes checkpoint.pt, encoder.pt and metrics.json."""
+        state = self.checkpoint_state()
+        self._saved_at_step = self.state.global_step
+        if dist.is_main_process():
+            save_checkpoint(self.out / CHECKPOINT_NAME, state)
+            save_encoder(self.out / "encoder.pt", state["encoder"])
+            save_json(
+                self.out / "metrics.json", {"history": self.state.history, "final": self.summary_metrics()}
+            )
+        dist.barrier()
+
+    def resume(self, path: Path) -> None:
+        saved = load_checkpoint(path)
+        config = saved.get("config", {})
+        for key in RESUME_MUST_MATCH:
+            if key in config and config[key] != getattr(self.args, key, None):
+                raise TrainingError(
+                    f"--resume: {path} was trained with {key}={config[key]!r}, this run has "
+                    f"{getattr(self.args, key, None)!r}"
+                )
+        if saved.get("world_size", 1) != self.world:
+            raise TrainingError(
+                f"--resume: {path} was written by {saved.get('world_size')} processes, not {self.world}"
+            )
+        self.method.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        restore_rng_states(saved["rng"][self.rank])
+        self.state = TrainState(
+            saved["epoch"], saved["step_in_epoch"], saved["global_step"], list(saved.get("history", []))
+        )
+        self.print(f"resumed from {path} at epoch {self.state.epoch} step {self.state.step_in_epoch}")
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def print(self, message: str) -> None:
+        if dist.is_main_process():
+            tqdm.write(message)
+
+    def train_step(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        batch = self.images[indices.to(self.images.device)].to(self.device, non_blocking=True)  # BxCxSxS
+        views = [self.augment(batch, v) for v in range(self.method.num_views)]  # float BxCxSxS each
+        if self.args.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            output = self.forward(views, indices.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(output.loss).backward()
+        if self.agc_params:
+            from training.optim.agc import adaptive_grad_clip
+
+            self.scaler.unscale_(self.optimizer)
+            adaptive_grad_clip(self.agc_params, self.args.agc_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.state.global_step += 1
+        self.method.on_step_end(self.state.global_step / self.total_steps)
+        return output.loss.detach(), output.metrics
+
+    def fit(self) -> dict[str, Any]:
+        """Train; returns the summary metrics. Saves at every epoch end, on stop and at the end."""
+        args = self.args
+        resume_path = resolve_resume(args.resume, self.out)
+        if resume_path is not None:
+            self.resume(resume_path)
+        self.method.train()
+        max_steps = min(args.max_steps or self.total_steps, self.total_steps)
+        bar = tqdm(
+            total=max_steps * args.batch_size,
+            initial=self.state.global_step * args.batch_size,
+            unit="img",
+            unit_scale=True,
+            desc=self.method.name,
+            disable=not dist.is_main_process() or not args.progress,
+            dynamic_ncols=True,
+        )
+        stopped_by: str | None = None
+        with StopRequested() as stop:
+            while self.state.epoch < args.epochs and self.state.global_step < max_steps:
+                stopped_by = self._run_epoch(bar, stop, max_steps)
+                if stopped_by:
+                    break
+        bar.close()
+        if self._saved_at_step != self.state.global_step:
+            self.save()
+        if stopped_by == "signal":
+            self.print(
+                f"stopped by {stop.signal_name} after step {self.state.global_step}; checkpoint saved to "
+                f"{self.out / CHECKPOINT_NAME} (continue with --resume auto)"
+            )
+        if dist.is_main_process() and self.state.history:
+            plot_history(self.state.history, self.out / "training.png")
+        if self.log:
+            self.log.close()
+        return self.summary_metrics() | {"stopped_by": stopped_by}
+
+    def _run_epoch(self, bar: tqdm, stop: StopRequested, max_steps: int) -> str | None:
+        args, state = self.args, self.state
+        batches = epoch_indices(
+            len(self.dataset), state.epoch, args.seed, self.rank, self.world, self.local_batch
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        steps_done = 0
+        started, images_at_start = time.perf_counter(), state.global_step
+        for step in range(state.step_in_epoch, self.steps_per_epoch):
+            loss, metrics = self.train_step(batches[step])
+            loss_sum += loss
+            steps_done += 1
+            state.step_in_epoch = step + 1
+            bar.update(args.batch_size)
+            if state.global_step % args.log_every == 0 or state.global_step == max_steps:
+                self._log_step(loss, metrics, started, images_at_start)
+            if state.step_in_epoch == self.steps_per_epoch:
+                break  # the epoch's end: record and save below before stopping for any reason
+            if state.global_step >= max_steps:
+                return "max_steps"
+            if stop.requested():
+                return "signal"
+        # Epoch finished: record, monitor, checkpoint.
+        elapsed = time.perf_counter() - started
+        row = {
+            "epoch": state.epoch + 1,
+            "step": state.global_step,
+            "loss": float(loss_sum) / max(steps_done, 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "images_per_s": steps_done * args.batch_size / max(elapsed, 1e-9),
+        }
+        state.epoch += 1
+        state.step_in_epoch = 0
+        if self.knn and args.knn_every and (state.epoch % args.knn_every == 0 or state.epoch == args.epochs):
+            row.update(
+                self.knn.evaluate(self.embedding_network(), self.mean, self.std, self.device, self.amp_dtype)
+            )
+        state.history.append(row)
+        if self.log:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.log.add_scalar(f"epoch/{key}", value, state.global_step)
+        knn_text = (
+            f" kNN top-1 {row['knn/top1']:.2f}% top-5 {row['knn/top5']:.2f}%" if "knn/top1" in row else ""
+        )
+        self.print(f"epoch {state.epoch}/{args.epochs} loss {row['loss']:.4f}{knn_text}")
+        self.save()
+        if state.global_step >= max_steps and state.global_step < self.total_steps:
+            return "max_steps"
+        return "signal" if stop.requested() else None
+
+    def _log_step(self, loss: torch.Tensor, metrics: dict[str, Any], started: float, first_step: int) -> None:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"loss is {value} at step {self.state.global_step}; lower --lr or use --amp none / --agc-clip"
+            )
+        if not self.log:
+            return
+        step = self.state.global_step
+        rate = (step - first_step) * self.args.batch_size / max(time.perf_counter() - started, 1e-9)
+        self.log.add_scalar("train/loss", value, step)
+        self.log.add_scalar("train/lr", self.scheduler.get_last_lr()[0], step)
+        self.log.add_scalar("train/images_per_s", rate, step)
+        for key, metric in metrics.items():
+            self.log.add_scalar(f"train/{key}", float(metric), step)
+
+
+def config_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as JSON-able values (for the checkpoint and metrics.json)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and kNN top-1 per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, loss_axis = plt.subplots(figsize=(7, 4))
+    loss_axis.plot(epochs, [row["loss"] for row in history], "o-", color="tab:blue", label="loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    knn = [(row["epoch"], row["knn/top1"]) for row in history if "knn/top1" in row]
+    if knn:
+        knn_axis = loss_axis.twinx()
+        knn_axis.plot(*zip(*knn, strict=True), "s-", color="tab:orange")
+        knn_axis.set_ylabel("kNN top-1 (%)", color="tab:orange")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,109 @@
+"""Weighted kNN accuracy of an embedding network (Wu et al. 2018): the training monitor and
+`training.evaluate` share it. Memory = labelled train features, queries = test features;
+cosine similarity, top-k neighbours, `index.vote.weighted_vote` with temperature tau.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from index.vote import DEFAULT_K, DEFAULT_TAU, weighted_vote
+from training.data.datasets import ImageDataset
+from training.embed import embed_in_shards
+
+
+def normaliser(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Callable:
+    """uint8 NxCxHxW -> float (x / 255 - mean) / std, exactly as `training.encoder.Encoder` does."""
+    shape = (1, len(mean), 1, 1)
+    mean_t = torch.tensor(list(mean), device=device).view(shape)
+    std_t = torch.tensor(list(std), device=device).view(shape)
+    return lambda images: (images.to(device).float() / 255.0 - mean_t) / std_t
+
+
+def network_embedder(
+    network: nn.Module, mean: Sequence[float], std: Sequence[float], device: torch.device, amp_dtype=None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 batch -> L2-normalised float32 BxD features (eval mode, no gradient)."""
+    normalise = normaliser(mean, std, device)
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            features = network(normalise(images))
+        return F.normalize(features.float(), dim=1)
+
+    return embed
+
+
+@torch.no_grad()
+def knn_accuracy(
+    memory: torch.Tensor,
+    memory_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = DEFAULT_K,
+    tau: float = DEFAULT_TAU,
+    chunk: int = 1024,
+) -> tuple[float, float]:
+    """(top-1, top-5) in percent. memory: NxD, queries: QxD, both L2-normalised; labels -1 ignored."""
+    labelled = query_labels >= 0
+    queries, query_labels = queries[labelled], query_labels[labelled]
+    if queries.shape[0] == 0 or memory.shape[0] == 0:
+        raise ValueError("kNN accuracy needs labelled memory and query features")
+    k = min(k, memory.shape[0])
+    top = min(5, num_classes)
+    correct1 = correct5 = 0
+    for start in range(0, queries.shape[0], chunk):
+        similarity = queries[start : start + chunk] @ memory.T  # QcxN cosine
+        values, neighbours = similarity.topk(k, dim=1)
+        probabilities = weighted_vote(values, memory_labels[neighbours], num_classes, tau)  # QcxC
+        ranked = probabilities.topk(top, dim=1).indices
+        truth = query_labels[start : start + chunk].unsqueeze(1)
+        correct1 += int((ranked[:, :1] == truth).sum())
+        correct5 += int((ranked == truth).any(dim=1).sum())
+    total = queries.shape[0]
+    return 100.0 * correct1 / total, 100.0 * correct5 / total
+
+
+@dataclass
+class KnnMonitor:
+    """Embeds `memory` and `queries` (sharded across ranks) and reports weighted-kNN accuracy."""
+
+    memory: ImageDataset
+    queries: ImageDataset
+    k: int = DEFAULT_K
+    tau: float = DEFAULT_TAU
+    batch_size: int = 512
+
+    def evaluate(
+        self,
+        network: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        amp_dtype=None,
+    ) -> dict[str, float]:
+        was_training = network.training
+        network.eval()
+        try:
+            embed = network_embedder(network, mean, std, device, amp_dtype)
+            memory = embed_in_shards(embed, self.memory.images, self.batch_size, desc="kNN memory")
+            queries = embed_in_shards(embed, self.queries.images, self.batch_size, desc="kNN queries")
+        finally:
+            network.train(was_training)
+        top1, top5 = knn_accuracy(
+            memory,
+            self.memory.labels.to(memory.device),
+            queries,
+            self.queries.labels.to(queries.device),
+            self.memory.num_classes,
+            self.k,
+            self.tau,
+        )
+        return {"knn/top1": top1, "knn/top5": top5}
