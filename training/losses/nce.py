@@ -26,7 +26,8 @@ def sample_noise_indices(
     batch: int, m: int, bank_size: int, positives: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Bx(1+m) int64: column 0 the positive, then m indices drawn uniformly from the bank."""
-    noise = torch.randint(0, bank_size, (batch, m), generator=generator, device="cpu").to(positives.device)
+    device = generator.device if generator is not None else positives.device
+    noise = torch.randint(0, bank_size, (batch, m), generator=generator, device=device).to(positives.device)
     return torch.cat([positives.view(-1, 1), noise], dim=1)
 
 
@@ -57,6 +58,14 @@ def full_softmax_loss(
     return ContrastiveResult(F.cross_entropy(logits, indices), logits, indices)
 
 
-def proximal_term(features: torch.Tensor, previous: torch.Tensor, weight: float) -> torch.Tensor:
-    """lambda * mean_b ||v_b^t - v_b^{t-1}||^2 (previous: the bank's entries, no gradient)."""
-    return weight * (features - previous.detach()).pow(2).sum(dim=1).mean()
+def proximal_term(
+    features: torch.Tensor, previous: torch.Tensor, weight: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """lambda * (1/B) sum_b ||v_b^t - v_b^{t-1}||^2 (previous: the bank's entries, no gradient).
+
+    mask (B bool) keeps only samples that have a previous feature; the others contribute 0.
+    """
+    squared = (features - previous.detach()).pow(2).sum(dim=1)  # B
+    if mask is not None:
+        squared = squared * mask.to(squared.dtype)
+    return weight * squared.mean()

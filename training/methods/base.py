@@ -11,6 +11,7 @@ Buffers registered with `register_buffer` (queue, memory bank, queue pointer) tr
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 import torch
@@ -51,3 +52,42 @@ class Method(nn.Module):
     def embedding_network(self) -> nn.Module:
         """The network whose L2-normalised output is the retrieval embedding (BxD)."""
         raise NotImplementedError
+
+    # Extensions, all backward compatible.
+    # Whether DDP should broadcast buffers from rank 0 each forward (InstDisc's bank: no need).
+    ddp_broadcast_buffers: bool = True
+    # Whether the engine should convert BN to SyncBatchNorm under DDP (SimCLR's global BN, MoCo v3).
+    sync_batch_norm: bool = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the method's hyper-parameters (help names the paper default) and set_defaults for
+        the paper's optimiser/lr/weight-decay/batch/epochs/warm-up/augmentation."""
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int
+    ) -> Method:
+        raise NotImplementedError
+
+    # Methods built on training.models.EmbeddingNetwork get these two for free.
+    # The backbone they were built with, for `encoder_spec`; set by subclasses.
+    arch: str = ""
+    backbone_kwargs: dict = {}  # read-only default; subclasses assign their own in __init__
+
+    def encoder_spec(self) -> dict:
+        """The spec `training.models.build_embedding_network` rebuilds `embedding_network()` from.
+
+        The engine writes the encoder file with
+        `make_encoder_record(m.name, m.encoder_spec(), m.embedding_network(), m.embed_dim(), ...)`.
+        """
+        from training.models import network_spec
+
+        head = getattr(self.embedding_network(), "head", None)
+        return network_spec(self.arch, self.backbone_kwargs, head.spec if head is not None else None)
+
+    def embed_dim(self) -> int:
+        """D, the size of the retrieval embedding."""
+        network = self.embedding_network()
+        head = getattr(network, "head", None)
+        return int(head.out_dim if head is not None else network.backbone.feature_dim)

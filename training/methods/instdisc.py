@@ -1,0 +1,152 @@
+"""InstDisc (Wu et al. 2018, "Non-Parametric Instance Discrimination"; lemniscate.pytorch):
+every image is its own class. Features are 128-d and L2-normalised; a memory bank holds one
+feature per training image; the loss is NCE with m noise samples from the bank (or the exact
+non-parametric softmax for small N), plus the proximal term on the positives (applied to
+instances whose bank entry holds a feature from an earlier visit, not the random init).
+
+Defaults: 128-d, m = 4096, tau = 0.07, bank momentum 0.5, SGD lr 0.03 per 256, momentum 0.9,
+wd 5e-4, batch 256, 200 epochs, the crop/jitter/grayscale/flip augmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.distributed import all_reduce_mean, concat_all_gather
+from training.losses.nce import (
+    estimate_normaliser,
+    full_softmax_loss,
+    nce_loss,
+    proximal_term,
+    sample_noise_indices,
+)
+from training.methods.base import Method, StepOutput
+from training.models import EmbeddingNetwork, build_backbone
+from training.models.heads import LinearHead
+from training.models.memory_bank import MemoryBank
+
+# The paper's Sec. 3.4 shows lambda in {0, 10, 30, 50} (Fig. 3) and names no single default;
+# lemniscate.pytorch omits the term. 50, the paper's strongest setting, is used here.
+PAPER_PROXIMAL_WEIGHT = 50.0
+
+
+class InstDisc(Method):
+    name = "instdisc"
+    num_views = 1
+    # The bank is updated identically on every rank; broadcasting it from rank 0 at every
+    # forward (DDP's broadcast_buffers) would move N x 128 floats per step for nothing.
+    ddp_broadcast_buffers = False
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_samples: int = 1281167,
+        dim: int = 128,
+        nce_k: int = 4096,
+        temperature: float = 0.07,
+        memory_momentum: float = 0.5,
+        proximal_weight: float = PAPER_PROXIMAL_WEIGHT,
+    ) -> None:
+        super().__init__()
+        if nce_k < 0:
+            raise ValueError(f"nce_k must be >= 0 (0 = full softmax), got {nce_k}")
+        self.arch, self.backbone_kwargs = arch, dict(backbone_kwargs or {})
+        self.nce_k = nce_k
+        self.temperature = temperature
+        self.proximal_weight = proximal_weight
+        backbone, feature_dim = build_backbone(arch, **self.backbone_kwargs)
+        self.encoder = EmbeddingNetwork(backbone, LinearHead(feature_dim, dim))
+        self.memory = MemoryBank(num_samples, dim, memory_momentum)
+        # NCE normaliser Z: estimated once on the first batch (< 0 = not yet), then fixed.
+        self.register_buffer("nce_normaliser", torch.tensor(-1.0))
+
+    def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        features = F.normalize(self.encoder(views[0]), dim=1)  # BxD
+        previous = self.memory(indices)  # BxD, v_i^{t-1}
+        if self.nce_k == 0:
+            result = full_softmax_loss(features, self.memory.bank, indices, self.temperature)
+        else:
+            candidates = sample_noise_indices(features.shape[0], self.nce_k, self.memory.size, indices)
+            weights = self.memory(candidates)  # Bx(1+m)xD
+            scores = torch.bmm(weights, features.unsqueeze(2)).squeeze(2)  # Bx(1+m)
+            self._set_normaliser_once(scores)
+            result = nce_loss(scores, self.temperature, self.nce_normaliser, self.memory.size)
+        # Only instances seen before have a v^{t-1}; the random init is not a previous feature.
+        proximal = proximal_term(features, previous, self.proximal_weight, self.memory.visited[indices])
+        self._update_memory_bank(features, indices)
+        metrics = {"loss/instance": result.loss.detach(), "loss/proximal": proximal.detach()}
+        metrics["acc/instance"] = result.accuracy()
+        if self.nce_k:
+            metrics["nce/normaliser"] = self.nce_normaliser.detach()
+        return StepOutput(result.loss + proximal, metrics)
+
+    @torch.no_grad()
+    def _set_normaliser_once(self, scores: torch.Tensor) -> None:
+        """Monte Carlo Z on the first batch, averaged over ranks so all ranks share it."""
+        if self.nce_normaliser.item() < 0:
+            estimate = all_reduce_mean(estimate_normaliser(scores, self.temperature, self.memory.size))
+            self.nce_normaliser.fill_(estimate.item())
+
+    @torch.no_grad()
+    def _update_memory_bank(self, features: torch.Tensor, indices: torch.Tensor) -> None:
+        """Every rank applies every rank's features, so the banks stay identical."""
+        self.memory.update(concat_all_gather(features.detach()), concat_all_gather(indices))
+
+    def embedding_network(self) -> nn.Module:
+        """Backbone + the 128-d linear layer: the space the memory bank and kNN live in."""
+        return self.encoder
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("instdisc (paper defaults)")
+        group.add_argument("--low-dim", type=int, default=128, help="feature dimension (paper: 128)")
+        group.add_argument(
+            "--nce-k",
+            type=int,
+            default=4096,
+            help="NCE noise samples m (paper: 4096); 0 = exact non-parametric softmax (small N)",
+        )
+        group.add_argument("--nce-t", type=float, default=0.07, help="temperature tau (paper: 0.07)")
+        group.add_argument(
+            "--nce-m",
+            type=float,
+            default=0.5,
+            help="memory-bank momentum v <- norm(m v + (1-m) f) (paper: 0.5)",
+        )
+        group.add_argument(
+            "--proximal-lambda",
+            type=float,
+            default=PAPER_PROXIMAL_WEIGHT,
+            help="proximal term weight lambda (paper Fig. 3: 0/10/30/50; default 50; 0 disables)",
+        )
+        parser.set_defaults(
+            optimizer="sgd",
+            lr=0.03,
+            weight_decay=5e-4,
+            momentum=0.9,
+            batch_size=256,
+            epochs=200,
+            warmup_epochs=0,
+            augmentation="instdisc",
+        )
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int
+    ) -> InstDisc:
+        return cls(
+            arch,
+            backbone_kwargs,
+            num_samples=num_samples,
+            dim=args.low_dim,
+            nce_k=args.nce_k,
+            temperature=args.nce_t,
+            memory_momentum=args.nce_m,
+            proximal_weight=args.proximal_lambda,
+        )

@@ -1,0 +1,153 @@
+"""MoCo v3 (Chen, Xie, He 2021): no queue; keys are the momentum encoder's outputs for the other view
+of the same batch (all ranks). base encoder = backbone + projector, plus a predictor on the query
+side; momentum encoder = backbone + projector. Symmetric loss ctr(q1, k2) + ctr(q2, k1) with
+ctr = CE(q·k_all / tau, labels = arange(N) + N*rank) * 2*tau.
+
+Defaults (paper Sec. 4 and facebookresearch/moco-v3):
+  projector 3 layers 4096-BN-ReLU-4096-BN-ReLU-256 with last BN without affine; predictor 2 layers
+  4096-BN-ReLU-256. (The official code uses a 2-layer projector for ResNet-50.) Here the hidden
+  width defaults to min(4096, 8 x backbone feature dim) so small CPU backbones stay small.
+  tau 0.2 (paper; official code: 0.2 for ViT, --moco-t 1.0 in its ResNet-50 recipe).
+  momentum 0.99, raised to 1 on a half-cycle cosine over training (--moco-m-cos).
+  ResNet recipe: LARS, lr 0.6 per 256 (x batch/256), wd 1e-6, batch 4096, 100 epochs, 10 warm-up.
+  ViT recipe: AdamW, lr 1.5e-4 per 256, wd 0.1, 300 epochs, 40 warm-up, frozen patch projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.distributed import concat_all_gather, get_rank
+from training.losses.infonce import in_batch_infonce
+from training.losses.result import ContrastiveResult
+from training.methods.base import Method, StepOutput
+from training.methods.momentum import cosine_momentum, make_momentum_copy, momentum_update
+from training.models import EmbeddingNetwork, build_backbone
+from training.models.heads import PredictionHead, ProjectionHead
+
+PAPER_MLP_DIM = 4096
+
+
+class MoCoV3(Method):
+    name = "moco-v3"
+    num_views = 2
+    sync_batch_norm = True  # the official code converts every BN (heads included) to SyncBN
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        dim: int = 256,
+        mlp_dim: int | None = None,
+        projector_layers: int = 3,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        momentum_cosine: bool = True,
+    ) -> None:
+        super().__init__()
+        self.arch, self.backbone_kwargs = arch, dict(backbone_kwargs or {})
+        self.temperature = temperature
+        self.base_momentum = momentum
+        self.momentum_cosine = momentum_cosine
+        self.current_momentum = momentum
+        backbone, feature_dim = build_backbone(arch, **self.backbone_kwargs)
+        hidden = mlp_dim or min(PAPER_MLP_DIM, 8 * feature_dim)
+        projector = ProjectionHead(feature_dim, hidden, dim, projector_layers, hidden_bn=True, last_bn=True)
+        self.base_encoder = EmbeddingNetwork(backbone, projector)
+        self.predictor = PredictionHead(dim, hidden, dim, num_layers=2, hidden_bn=True, last_bn=False)
+        self.momentum_encoder = make_momentum_copy(self.base_encoder)
+
+    @torch.no_grad()
+    def _update_momentum_encoder(self, momentum: float) -> None:
+        momentum_update(self.base_encoder, self.momentum_encoder, momentum)
+
+    def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> ContrastiveResult:
+        """ctr(q, k): q NxC local queries (with gradient), k NxC local keys (none)."""
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        k_all = concat_all_gather(k)  # (N*world)xC, rank order
+        return in_batch_infonce(q, k_all, self.temperature, get_rank())
+
+    def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        x1, x2 = views
+        q1 = self.predictor(self.base_encoder(x1))  # NxC
+        q2 = self.predictor(self.base_encoder(x2))
+        with torch.no_grad():
+            k1 = self.momentum_encoder(x1)
+            k2 = self.momentum_encoder(x2)
+        first, second = self.contrastive_loss(q1, k2), self.contrastive_loss(q2, k1)
+        accuracy = (first.accuracy() + second.accuracy()) / 2
+        return StepOutput(
+            first.loss + second.loss, {"acc/instance": accuracy, "momentum": self.current_momentum}
+        )
+
+    @torch.no_grad()
+    def on_step_end(self, progress: float) -> None:
+        if self.momentum_cosine:
+            self.current_momentum = cosine_momentum(self.base_momentum, progress)
+        self._update_momentum_encoder(self.current_momentum)
+
+    def embedding_network(self) -> nn.Module:
+        """The backbone ([CLS] token for a ViT, pooled features for a ResNet), before the projector."""
+        return EmbeddingNetwork(self.base_encoder.backbone)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("moco-v3 (paper defaults)")
+        group.add_argument(
+            "--moco-dim", type=int, default=256, help="projector/predictor output (paper: 256)"
+        )
+        group.add_argument(
+            "--moco-mlp-dim",
+            type=int,
+            default=None,
+            help="hidden width of projector and predictor (paper: 4096; default min(4096, 8 x feature dim))",
+        )
+        group.add_argument(
+            "--projector-layers",
+            type=int,
+            default=3,
+            help="projector depth (paper: 3; official ResNet code: 2)",
+        )
+        group.add_argument(
+            "--moco-t",
+            type=float,
+            default=0.2,
+            help="temperature (paper: 0.2; the official ResNet-50 recipe uses 1.0)",
+        )
+        group.add_argument("--moco-m", type=float, default=0.99, help="base momentum (paper: 0.99)")
+        group.add_argument(
+            "--moco-m-cos",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="raise the momentum to 1 on a half-cycle cosine over training (paper: on)",
+        )
+        parser.set_defaults(
+            optimizer="lars",
+            lr=0.6,
+            weight_decay=1e-6,
+            momentum=0.9,
+            batch_size=4096,
+            epochs=100,
+            warmup_epochs=10,
+            augmentation="mocov3",
+        )
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int
+    ) -> MoCoV3:
+        return cls(
+            arch,
+            backbone_kwargs,
+            dim=args.moco_dim,
+            mlp_dim=args.moco_mlp_dim,
+            projector_layers=args.projector_layers,
+            temperature=args.moco_t,
+            momentum=args.moco_m,
+            momentum_cosine=args.moco_m_cos,
+        )

@@ -1,0 +1,114 @@
+"""SimCLR (Chen et al. 2020): two views through one encoder and a projection MLP; NT-Xent over the
+2N views with the other ranks' views as extra negatives (all-gathered with gradient).
+
+Defaults (paper Sec. 2.3, B.9 and google-research/simclr):
+  projection g(h) = W2 ReLU(BN(W1 h)): hidden = feature dim (2048 for R50), out 128.
+  tau 0.5 (the paper's CIFAR-10 default, B.9; its ImageNet runs at batch 4096 use 0.1, Table 5).
+  LARS, lr 0.3 per 256 (4.8 at 4096), wd 1e-6, batch 4096, 100 epochs, 10 warm-up, global BN.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.losses.ntxent import nt_xent
+from training.methods.base import Method, StepOutput
+from training.models import EmbeddingNetwork, build_backbone
+from training.models.heads import ProjectionHead
+
+
+class SimCLR(Method):
+    name = "simclr"
+    num_views = 2
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        dim: int = 128,
+        hidden_dim: int | None = None,
+        temperature: float = 0.5,
+        last_bn: bool = False,
+        global_bn: bool = True,
+        gather_negatives: bool = True,
+    ) -> None:
+        super().__init__()
+        self.arch, self.backbone_kwargs = arch, dict(backbone_kwargs or {})
+        self.temperature = temperature
+        # Global BN: BN statistics over all ranks. The engine converts to SyncBatchNorm under DDP.
+        self.sync_batch_norm = global_bn
+        self.gather_negatives = gather_negatives
+        backbone, feature_dim = build_backbone(arch, **self.backbone_kwargs)
+        projector = ProjectionHead(
+            feature_dim, hidden_dim or feature_dim, dim, 2, hidden_bn=True, last_bn=last_bn
+        )
+        self.encoder = EmbeddingNetwork(backbone, projector)
+
+    def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        x1, x2 = views
+        # one pass over both views, as SimCLR does: BN statistics over all 2N views
+        z = self.encoder(torch.cat([x1, x2], dim=0))  # 2NxC
+        z1, z2 = z.chunk(2, dim=0)
+        result = nt_xent(z1, z2, self.temperature, gather=self.gather_negatives)
+        return StepOutput(result.loss, {"acc/instance": result.accuracy()})
+
+    def embedding_network(self) -> nn.Module:
+        """The backbone h (before the projection head), which SimCLR shows transfers better."""
+        return EmbeddingNetwork(self.encoder.backbone)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("simclr (paper defaults)")
+        group.add_argument("--proj-dim", type=int, default=128, help="projection output (paper: 128)")
+        group.add_argument(
+            "--proj-hidden-dim",
+            type=int,
+            default=None,
+            help="projection hidden width (paper: the feature dim)",
+        )
+        group.add_argument(
+            "--temperature",
+            type=float,
+            default=0.5,
+            help="NT-Xent temperature (paper: 0.5, CIFAR-10 default; 0.1 in its batch-4096 ImageNet runs)",
+        )
+        group.add_argument(
+            "--proj-last-bn",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="BN after the last projection layer (paper's g(h) = W2 ReLU(W1 h): off; on in the TF code)",
+        )
+        group.add_argument(
+            "--global-bn",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="BN statistics over all ranks (SyncBatchNorm under DDP) (paper: on)",
+        )
+        parser.set_defaults(
+            optimizer="lars",
+            lr=0.3,
+            weight_decay=1e-6,
+            momentum=0.9,
+            batch_size=4096,
+            epochs=100,
+            warmup_epochs=10,
+            augmentation="simclr",
+        )
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int
+    ) -> SimCLR:
+        return cls(
+            arch,
+            backbone_kwargs,
+            dim=args.proj_dim,
+            hidden_dim=args.proj_hidden_dim,
+            temperature=args.temperature,
+            last_bn=args.proj_last_bn,
+            global_bn=args.global_bn,
+        )
