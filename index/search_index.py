@@ -20,6 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.omp import omp_threads, threads_for
 from index.rwlock import ReadWriteLock
 from index.vectors import VectorError, as_id_array, as_query_matrix
 
@@ -175,7 +176,8 @@ class SearchIndex:
         if stored == 0 or num_queries == 0:
             return scores, ids
         fetch = min(k + len(self._deleted), stored)
-        found_scores, found_ids = self._faiss.search(matrix, fetch, params=self._faiss_params(params))
+        with omp_threads(threads_for(num_queries)):
+            found_scores, found_ids = self._faiss.search(matrix, fetch, params=self._faiss_params(params))
         if self._deleted:
             found_ids[np.isin(found_ids, self._deleted_array)] = PADDING_ID
         # Move the valid results of each row to its front, keeping their order (stable sort on the mask).
