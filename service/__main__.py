@@ -1,0 +1,38 @@
+"""`python -m service [--host H] [--port P]`: serve the API with uvicorn (settings from the environment)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from service.main import create_app
+from service.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings()
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve the image-retrieval API. Every other setting comes from the environment "
+        "(see service/README.md): MONGO_URI (unset = embedded SecantusDB under DATA_DIR/db), DATA_DIR, "
+        "MODEL_CHECKPOINT, INDEX_DIR, API_KEY, MAX_UPLOAD_BYTES, MAX_PIXELS, SEARCH_MAX_K, "
+        "RELOAD_POLL_SECONDS.",
+    )
+    parser.add_argument(
+        "--host", default=settings.HOST, help=f"bind address (default {settings.HOST}, env HOST)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=settings.PORT, help=f"port (default {settings.PORT}, env PORT)"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The catalogue write and read paths: image bytes in GridFS, one record per image in `images`.
+
+`store_image` is the one function that stores "an image + its record", shared by `POST /images`
+and `python -m service.ingest`. Write order (a crash loses nothing and leaves no orphan that the
+reconcile step cannot repair): GridFS bytes, then the record with status "pending"; the caller
+then adds the vector to the index and only then marks the record "indexed".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from gridfs.errors import NoFile
+from pymongo.errors import DuplicateKeyError
+
+from service.db import Database
+from service.imaging import DecodedImage, decode_image, make_thumbnail
+
+RunInThread = Callable[..., Awaitable[Any]]
+
+PENDING = "pending"
+INDEXED = "indexed"
+
+
+@dataclass
+class ImageMetadata:
+    label: str | None = None
+    tags: tuple[str, ...] = ()
+    source: str | None = None
+
+
+@dataclass
+class Limits:
+    max_bytes: int
+    max_pixels: int
+    thumbnail_size: int
+
+
+@dataclass
+class StoredImage:
+    record: dict[str, Any]
+    created: bool  # False: the same bytes were already stored, `record` is the existing one
+    decoded: DecodedImage
+
+    @property
+    def id(self) -> int:
+        return int(self.record["_id"])
+
+
+@dataclass
+class PreparedImage:
+    """Validated upload, ready to store: nothing has been written yet."""
+
+    data: bytes
+    filename: str
+    decoded: DecodedImage
+    thumbnail: bytes  # PNG
+
+
+def prepare_image(data: bytes, filename: str, limits: Limits) -> PreparedImage:
+    """Validate and decode (CPU work: call from a thread). Raises ImageRejected."""
+    decoded = decode_image(data, limits.max_bytes, limits.max_pixels, filename or "upload")
+    return PreparedImage(data, filename, decoded, make_thumbnail(decoded.image, limits.thumbnail_size))
+
+
+async def store_prepared(db: Database, prepared: PreparedImage, metadata: ImageMetadata) -> StoredImage:
+    """Store bytes + thumbnail + a pending record; the same bytes again return the existing record."""
+    decoded = prepared.decoded
+    existing = await db.images.find_one({"sha256": decoded.sha256})
+    if existing is not None:
+        return StoredImage(existing, False, decoded)
+
+    image_id = await db.allocate_id()
+    await db.content.upload_from_stream_with_id(
+        image_id, prepared.filename, prepared.data, metadata={"contentType": decoded.media_type}
+    )
+    await db.thumbnails.upload_from_stream_with_id(
+        image_id, f"{image_id}.png", prepared.thumbnail, metadata={"contentType": "image/png"}
+    )
+    record = {
+        "_id": image_id,
+        "filename": prepared.filename,
+        "sha256": decoded.sha256,
+        "media_type": decoded.media_type,
+        "width": decoded.width,
+        "height": decoded.height,
+        "size": len(prepared.data),
+        "label": metadata.label,
+        "tags": list(metadata.tags),
+        "source": metadata.source,
+        "created_at": datetime.now(timezone.utc),
+        "status": PENDING,
+        "model_version": None,
+        "index_version": None,
+    }
+    try:
+        await db.images.insert_one(record)
+    except DuplicateKeyError:  # a concurrent upload of the same bytes won the race
+        await delete_files(db, image_id)
+        existing = await db.images.find_one({"sha256": decoded.sha256})
+        if existing is None:
+            raise
+        return StoredImage(existing, False, decoded)
+    return StoredImage(record, True, decoded)
+
+
+async def store_image(
+    db: Database,
+    data: bytes,
+    filename: str,
+    metadata: ImageMetadata,
+    limits: Limits,
+    run_in_thread: RunInThread,
+) -> StoredImage:
+    """Validate, then store (see `store_prepared`). Raises ImageRejected before anything is written."""
+    prepared = await run_in_thread(prepare_image, data, filename, limits)
+    return await store_prepared(db, prepared, metadata)
+
+
+async def mark_indexed(db: Database, ids: list[int], model_version: str, index_version: str) -> None:
+    if ids:
+        await db.images.update_many(
+            {"_id": {"$in": ids}},
+            {"$set": {"status": INDEXED, "model_version": model_version, "index_version": index_version}},
+        )
+
+
+async def delete_files(db: Database, image_id: int) -> None:
+    for bucket in (db.content, db.thumbnails):
+        with contextlib.suppress(NoFile):
+            await bucket.delete(image_id)
+
+
+async def delete_image(db: Database, image_id: int) -> dict[str, Any] | None:
+    """Record first (it disappears from results at once), then the bytes. The caller then removes
+    the index entry; a crash in between leaves an index id without a record, which reconcile removes."""
+    record = await db.images.find_one_and_delete({"_id": image_id})
+    if record is not None:
+        await delete_files(db, image_id)
+    return record
+
+
+async def read_file(db: Database, image_id: int, thumbnail: bool = False) -> tuple[bytes, str] | None:
+    """(bytes, media type) from GridFS, or None when there is no such file."""
+    bucket = db.thumbnails if thumbnail else db.content
+    try:
+        stream = await bucket.open_download_stream(image_id)
+    except NoFile:
+        return None
+    data = await stream.read()
+    media_type = (stream.metadata or {}).get("contentType", "application/octet-stream")
+    return data, media_type
+
+
+async def records_by_id(db: Database, ids: list[int], extra_filter: dict | None = None) -> dict[int, dict]:
+    query: dict[str, Any] = {"_id": {"$in": ids}}
+    if extra_filter:
+        query.update(extra_filter)
+    return {int(doc["_id"]): doc async for doc in db.images.find(query)}
+
+
+def metadata_filter(label: str | None, tags: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
+    """A Mongo filter from already-validated plain strings (never user-supplied operators)."""
+    query: dict[str, Any] = {}
+    if label is not None:
+        query["label"] = label
+    if tags:
+        query["tags"] = {"$all": list(tags)}
+    return query
+
+
+async def list_images(
+    db: Database, label: str | None, tag: str | None, limit: int, cursor: int | None
+) -> tuple[list[dict], int | None]:
+    """A page in _id order after `cursor`; the next cursor is the last _id (None at the end)."""
+    query = metadata_filter(label, [tag] if tag else None)
+    if cursor is not None:
+        query["_id"] = {"$gt": cursor}
+    docs = await db.images.find(query).sort("_id", 1).limit(limit + 1).to_list()
+    next_cursor = int(docs[limit - 1]["_id"]) if len(docs) > limit else None
+    return docs[:limit], next_cursor
+
+
+def public_record(doc: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form of a record."""
+    image_id = int(doc["_id"])
+    created = doc.get("created_at")
+    return {
+        "id": image_id,
+        "filename": doc.get("filename"),
+        "sha256": doc.get("sha256"),
+        "media_type": doc.get("media_type"),
+        "width": doc.get("width"),
+        "height": doc.get("height"),
+        "size": doc.get("size"),
+        "label": doc.get("label"),
+        "tags": doc.get("tags") or [],
+        "source": doc.get("source"),
+        "created_at": created.isoformat() if isinstance(created, datetime) else created,
+        "status": doc.get("status"),
+        "model_version": doc.get("model_version"),
+        "index_version": doc.get("index_version"),
+        "content_url": f"/images/{image_id}/content",
+        "thumbnail_url": f"/images/{image_id}/thumbnail",
+    }

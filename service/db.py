@@ -1,0 +1,83 @@
+"""The MongoDB layer: one client, the `images` collection, GridFS buckets, indexes and id allocation.
+
+pymongo's native async API (`AsyncMongoClient`) is used rather than the sync client in a thread
+pool: database calls are I/O waits, so they belong on the event loop, and the thread pool stays
+free for the CPU work (decoding, inference, FAISS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gridfs import AsyncGridFSBucket
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+IMAGES = "images"
+COUNTERS = "counters"
+CONTENT_BUCKET = "content"
+THUMBNAIL_BUCKET = "thumbnails"
+IMAGE_ID_COUNTER = "image_id"
+
+
+@dataclass
+class Database:
+    client: AsyncMongoClient
+    db: AsyncDatabase
+
+    @classmethod
+    def connect(cls, uri: str, name: str, timeout_ms: int) -> Database:
+        client: AsyncMongoClient = AsyncMongoClient(
+            uri,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=max(timeout_ms * 15, 30_000),
+            appname="ssl-retrieval-service",
+            tz_aware=True,
+        )
+        return cls(client, client[name])
+
+    @property
+    def images(self) -> AsyncCollection:
+        return self.db[IMAGES]
+
+    @property
+    def counters(self) -> AsyncCollection:
+        return self.db[COUNTERS]
+
+    @property
+    def content(self) -> AsyncGridFSBucket:
+        return AsyncGridFSBucket(self.db, bucket_name=CONTENT_BUCKET)
+
+    @property
+    def thumbnails(self) -> AsyncGridFSBucket:
+        return AsyncGridFSBucket(self.db, bucket_name=THUMBNAIL_BUCKET)
+
+    async def ping(self) -> None:
+        await self.client.admin.command("ping")
+
+    async def prepare(self) -> None:
+        """Indexes and the id counter, created up front (idempotent).
+
+        The counter document must exist before concurrent `find_one_and_update($inc)` calls race on
+        it: two upserts of a missing document can both insert.
+        """
+        await self.images.create_index([("sha256", ASCENDING)], unique=True, name="sha256_unique")
+        await self.images.create_index([("label", ASCENDING)], name="label")
+        await self.images.create_index([("tags", ASCENDING)], name="tags")
+        await self.images.create_index([("status", ASCENDING)], name="status")
+        await self.counters.update_one({"_id": IMAGE_ID_COUNTER}, {"$setOnInsert": {"seq": 0}}, upsert=True)
+
+    async def allocate_id(self) -> int:
+        """A fresh positive 64-bit image id (atomic increment: safe under concurrency)."""
+        counter = await self.counters.find_one_and_update(
+            {"_id": IMAGE_ID_COUNTER}, {"$inc": {"seq": 1}}, return_document=ReturnDocument.AFTER
+        )
+        if counter is None:  # dropped behind our back: recreate, then retry once
+            await self.prepare()
+            return await self.allocate_id()
+        return int(counter["seq"])
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,67 @@
+"""Request dependencies as `Annotated` aliases (full-stack-fastapi-template style)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+
+from service.db import Database
+from service.engine import Engine, Loaded
+from service.settings import Settings
+from service.state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_db(state: StateDep) -> Database:
+    return state.db
+
+
+def get_engine(state: StateDep) -> Engine:
+    return state.engine
+
+
+def get_loaded(state: StateDep) -> Loaded:
+    """The model + index snapshot this request runs on to the end (503 when none is loaded)."""
+    return state.engine.require()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DatabaseDep = Annotated[Database, Depends(get_db)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+LoadedDep = Annotated[Loaded, Depends(get_loaded)]
+ApiKeyHeader = Annotated[str | None, Header(alias="X-API-Key", description="needed when API_KEY is set")]
+
+
+def _check_key(expected: str | None, given: str | None) -> None:
+    if expected is None:
+        return
+    if not given:
+        raise HTTPException(401, "missing X-API-Key header", headers={"WWW-Authenticate": "ApiKey"})
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(403, "invalid API key")
+
+
+def require_write_key(settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
+    """Writes and admin: the key is needed whenever API_KEY is set."""
+    _check_key(settings.API_KEY, x_api_key)
+
+
+def require_read_key(settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
+    """Reads: open unless PROTECT_READS is true."""
+    _check_key(settings.API_KEY if settings.PROTECT_READS else None, x_api_key)
+
+
+WriteAccess = Depends(require_write_key)
+ReadAccess = Depends(require_read_key)

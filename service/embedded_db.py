@@ -1,0 +1,116 @@
+"""The embedded database: SecantusDB (a MongoDB-wire-protocol server) as a SEPARATE child process.
+
+SecantusDB is GPL-2.0, so it is never imported: it runs as `secantusd-py` from the venv's bin
+directory and the service talks to it over TCP with pymongo, exactly as it would to mongod.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+log = logging.getLogger("service.embedded_db")
+
+
+class EmbeddedDatabaseError(RuntimeError):
+    """The embedded database could not be started (message says why)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def secantusd_executable() -> str:
+    candidate = Path(sys.executable).parent / "secantusd-py"
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which("secantusd-py")
+    if found is None:
+        raise EmbeddedDatabaseError(
+            "MONGO_URI is unset and secantusd-py is not installed: pip install '.[embedded]' or set MONGO_URI"
+        )
+    return found
+
+
+def wait_for_ping(uri: str, process: subprocess.Popen | None, timeout_s: float) -> None:
+    """Poll with `ping` until the server answers (or the process dies, or time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    client: MongoClient = MongoClient(uri, serverSelectionTimeoutMS=250, connectTimeoutMS=250)
+    try:
+        while True:
+            if process is not None and process.poll() is not None:
+                raise EmbeddedDatabaseError(f"secantusd-py exited with code {process.returncode}")
+            try:
+                client.admin.command("ping")
+                return
+            except PyMongoError as exc:
+                if time.monotonic() > deadline:
+                    raise EmbeddedDatabaseError(
+                        f"no answer from {uri} after {timeout_s:.0f} s: {exc}"
+                    ) from exc
+    finally:
+        client.close()
+
+
+class EmbeddedDatabase:
+    """Start with `start()`, stop with `stop()`; `uri` is what pymongo connects to."""
+
+    def __init__(
+        self, storage_path: str | Path, port: int = 0, host: str = "127.0.0.1", cache_size: str = "256M"
+    ) -> None:
+        self.storage_path = str(storage_path)
+        self.host = host
+        self.port = port or free_port(host)
+        self.cache_size = cache_size
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?directConnection=true"
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        if self.storage_path != ":memory:":
+            Path(self.storage_path).mkdir(parents=True, exist_ok=True)
+        command = [
+            secantusd_executable(),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--storage-path", self.storage_path,
+            "--cache-size", self.cache_size,
+            "--log-level", "WARNING",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        try:
+            wait_for_ping(self.uri, self.process, timeout_s)
+        except EmbeddedDatabaseError:
+            self.stop()
+            raise
+        log.info(
+            "MONGO_URI unset: started embedded SecantusDB (pid %d) on %s:%d, data in %s",
+            self.process.pid, self.host, self.port, self.storage_path,
+        )  # fmt: skip
+        return self.uri
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM and wait, so that the server checkpoints its data (a kill -9 can lose it)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("embedded SecantusDB did not stop within %.0f s; killing it", timeout_s)
+            self.process.kill()
+            self.process.wait()
+        log.info("stopped embedded SecantusDB")

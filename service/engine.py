@@ -1,0 +1,219 @@
+"""The loaded model + index, and everything that changes them: bootstrap, reload, add, remove, publish.
+
+`Loaded` is an immutable snapshot (encoder, index, version). A request takes one reference at its
+start and finishes on it; a reload builds the next snapshot fully, then swaps the single
+reference (an atomic assignment), so in-flight requests never see a half-loaded version.
+Index mutations (add/remove) happen in place on the loaded index and are republished, debounced,
+as a new version through `IndexStore.publish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from index.search_index import SearchIndex
+from index.store import IndexStore
+from service.batcher import EmbeddingBatcher
+from service.settings import Settings
+from training.encoder import Encoder, EncoderError, read_encoder_record
+
+log = logging.getLogger("service.engine")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    encoder: Encoder
+    index: SearchIndex
+    version: str  # the index version this in-memory index was loaded from or last published as
+
+    @property
+    def model_version(self) -> str:
+        return self.encoder.version
+
+
+class NotReady(RuntimeError):
+    """No model/index is loaded yet (message says why): HTTP 503."""
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = IndexStore(settings.index_dir)
+        self.executor = ThreadPoolExecutor(settings.INFERENCE_THREADS, thread_name_prefix="inference")
+        self.batcher = EmbeddingBatcher(self.executor, settings.EMBED_BATCH_MAX)
+        self.loaded: Loaded | None = None
+        self.problem: str | None = "the model and index are not loaded yet"
+        # Serialises version changes (bootstrap, reload, publish) with each other.
+        self.version_lock = asyncio.Lock()
+        # Held while the index is mutated or written to disk, so a publish never sees half an add.
+        self.mutation_lock = asyncio.Lock()
+        self._changed_at: float | None = None  # monotonic time of the first unpublished change
+        self._last_change: float = 0.0
+
+    # ----------------------------------------------------------------- threads
+    async def run_in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """CPU work (decoding, inference, FAISS) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    def require(self) -> Loaded:
+        loaded = self.loaded
+        if loaded is None:
+            raise NotReady(self.problem or "the model and index are not loaded")
+        return loaded
+
+    # ----------------------------------------------------------------- loading
+    async def load_current(self) -> bool:
+        """Load the newest published version if it differs from the loaded one; bootstrap an empty
+        index when none exists but a model does. Returns True when a new snapshot was swapped in."""
+        async with self.version_lock:
+            version = await self.run_in_thread(self.store.current_version)
+            if version is None:
+                version = await self._bootstrap()
+                if version is None:
+                    return False
+            if self.loaded is not None and self.loaded.version == version:
+                return False
+            try:
+                loaded = await self.run_in_thread(self._load_version, version)
+            except Exception as exc:  # a broken version must not take the service down
+                self.problem = f"index version {version} could not be loaded: {exc}"
+                log.error("%s", self.problem)
+                return False
+            previous, self.loaded, self.problem = self.loaded, loaded, None
+            self._changed_at = None
+            log.info(
+                "loaded index version %s (%s, %d vectors, dim %d) with model %s%s",
+                version, loaded.index.index_type, loaded.index.ntotal, loaded.index.dim, loaded.model_version,
+                f" (was {previous.version})" if previous else "",
+            )  # fmt: skip
+            return True
+
+    def _load_version(self, version: str) -> Loaded:
+        index = self.store.load(version)
+        encoder_path = index.encoder_path
+        if encoder_path is None:
+            raise EncoderError(f"index version {version} has no encoder file")
+        encoder = Encoder.load(encoder_path)
+        if encoder.embed_dim != index.dim:
+            raise EncoderError(f"encoder dimension {encoder.embed_dim} != index dimension {index.dim}")
+        return Loaded(encoder, index, version)
+
+    async def _bootstrap(self) -> str | None:
+        """No index version yet: publish an empty flat index of the model's dimension (the catalogue
+        then fills it through reconcile). Without a model, say so for readiness."""
+        checkpoint = self.settings.model_checkpoint
+        if not checkpoint.is_file():
+            self.problem = (
+                f"no model: no index version in {self.settings.index_dir} and no encoder file at "
+                f"{checkpoint} (train one, e.g. python -m training.moco, or set MODEL_CHECKPOINT)"
+            )
+            return None
+        try:
+            record = await self.run_in_thread(read_encoder_record, checkpoint)
+        except EncoderError as exc:
+            self.problem = str(exc)
+            return None
+        empty = SearchIndex.empty_flat(int(record["embed_dim"]))
+        version = await self.run_in_thread(
+            self._publish_blocking, empty, checkpoint, {"created_by": "bootstrap"}
+        )
+        log.info(
+            "no index version existed: published an empty flat index %s for model %s",
+            version,
+            record["version"],
+        )
+        return version
+
+    def _publish_blocking(self, index: SearchIndex, encoder_path: Any, extra: dict[str, Any]) -> str:
+        result = self.store.publish(index, encoder_path=encoder_path, extra_manifest=extra)
+        return result if isinstance(result, str) else str(self.store.current_version())
+
+    # ----------------------------------------------------------------- embedding and mutation
+    async def embed(self, loaded: Loaded, images: torch.Tensor) -> np.ndarray:
+        """float32 NxD for uint8 NxCxSxS images (micro-batched with concurrent requests)."""
+        return await self.batcher.embed(loaded.encoder, images)
+
+    async def add(self, loaded: Loaded, vectors: np.ndarray, ids: list[int]) -> list[int]:
+        """Add the vectors whose ids are not in the index yet; returns the ids added."""
+        async with self.mutation_lock:
+            current = self.loaded
+            if current is None or current.index is not loaded.index:
+                return []  # swapped meanwhile: the reconcile after the swap adds them
+            present = await self.run_in_thread(loaded.index.contains, np.asarray(ids, dtype=np.int64))
+            keep = [i for i, p in enumerate(present.tolist()) if not p]
+            if keep:
+                await self.run_in_thread(
+                    loaded.index.add, vectors[keep], np.asarray(ids, dtype=np.int64)[keep]
+                )
+                self._note_change()
+            return [ids[i] for i in keep]
+
+    async def remove(self, ids: list[int]) -> int:
+        loaded = self.loaded
+        if loaded is None or not ids:
+            return 0
+        async with self.mutation_lock:
+            removed = await self.run_in_thread(loaded.index.remove, np.asarray(ids, dtype=np.int64))
+            if removed:
+                self._note_change()
+            return int(removed)
+
+    def _note_change(self) -> None:
+        now = time.monotonic()
+        self._last_change = now
+        if self._changed_at is None:
+            self._changed_at = now
+
+    @property
+    def has_unpublished_changes(self) -> bool:
+        return self._changed_at is not None
+
+    # ----------------------------------------------------------------- publishing
+    async def publish_if_due(self, force: bool = False) -> str | None:
+        """Republish the in-memory index as a new version once changes have been quiet for
+        PUBLISH_DEBOUNCE_SECONDS (or 6x that since the first change, so a steady stream still gets
+        published), or at once with `force` (shutdown)."""
+        if self._changed_at is None:
+            return None
+        now, debounce = time.monotonic(), self.settings.PUBLISH_DEBOUNCE_SECONDS
+        quiet = now - self._last_change >= debounce
+        overdue = now - self._changed_at >= 6 * debounce
+        if not (force or quiet or overdue):
+            return None
+        async with self.version_lock:
+            loaded = self.loaded
+            if loaded is None or self._changed_at is None:
+                return None
+            current = await self.run_in_thread(self.store.current_version)
+            if current != loaded.version:
+                # Someone else published meanwhile: theirs wins; reload + reconcile re-add our changes.
+                log.warning(
+                    "not republishing: CURRENT moved to %s under us (loaded %s)", current, loaded.version
+                )
+                return None
+            async with self.mutation_lock:
+                self._changed_at = None
+                encoder_path = loaded.index.encoder_path
+                extra = {
+                    "created_by": "service",
+                    "based_on": loaded.version,
+                    "model_version": loaded.model_version,
+                }
+                version = await self.run_in_thread(self._publish_blocking, loaded.index, encoder_path, extra)
+            # The in-memory index now *is* that version: no reload needed for our own publish.
+            self.loaded = replace(loaded, version=version)
+            log.info("published index version %s (%d vectors)", version, loaded.index.ntotal)
+            return version
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

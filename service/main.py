@@ -1,0 +1,69 @@
+"""The FastAPI application: `create_app(settings)`; `python -m service` serves it with uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service import lifecycle
+from service.errors import install_error_handlers, json_error
+from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.routes import admin, classify, health, images, metrics, search, version
+from service.settings import Settings
+
+DESCRIPTION = """Image retrieval over self-supervised embeddings.
+
+Upload images to the catalogue (`POST /images`), search by image, id or vector (`POST /search`),
+classify by weighted kNN (`POST /classify`). Errors are JSON: `{"detail": "..."}`.
+Writes and admin need `X-API-Key` when `API_KEY` is set."""
+
+
+class BodySizeLimit:
+    """413 before reading a body whose Content-Length is over the limit (the per-file limit is
+    checked again after parsing, for chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                response = json_error(
+                    413, f"request body of {int(length)} bytes is over the limit of {self.max_bytes}"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service_metrics = ServiceMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await lifecycle.start(settings, service_metrics)
+        app.state.service = state
+        loop_task = asyncio.create_task(lifecycle.maintenance_loop(state))
+        try:
+            yield
+        finally:
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+            await lifecycle.stop(state)
+
+    app = FastAPI(title="ssl-retrieval", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (images, search, classify, health, admin, version, metrics):
+        app.include_router(module.router)
+    app.add_middleware(MetricsMiddleware, metrics=service_metrics)
+    max_body = settings.MAX_UPLOAD_BYTES * settings.MAX_FILES_PER_REQUEST + 1024 * 1024
+    app.add_middleware(BodySizeLimit, max_bytes=max_body)
+    return app

@@ -1,0 +1,25 @@
+"""GET /metrics: Prometheus text format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import StateDep
+
+router = APIRouter(tags=["meta"])
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(state: StateDep) -> Response:
+    loaded, m = state.engine.loaded, state.metrics
+    m.index_size.set(loaded.index.ntotal if loaded else 0)
+    m.versions.info(
+        {
+            "model_version": loaded.model_version if loaded else "",
+            "index_version": loaded.version if loaded else "",
+        }
+    )
+    m.embed_batches.set(state.engine.batcher.batches_run)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

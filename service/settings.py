@@ -1,0 +1,60 @@
+"""Every setting of the service, read from the environment (or a `.env` file) by pydantic-settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Storage. Without MONGO_URI the service runs SecantusDB as a child process under DATA_DIR/db.
+    MONGO_URI: str | None = Field(None, description="mongodb:// URI; unset = embedded SecantusDB")
+    MONGO_DB: str = Field("retrieval", description="database name")
+    MONGO_TIMEOUT_MS: int = Field(2000, ge=100, description="server selection / connect timeout")
+    EMBEDDED_DB_PORT: int = Field(0, ge=0, le=65535, description="port of the embedded DB, 0 = a free one")
+    DATA_DIR: Path = Field(Path("data"), description="root of the database, model and index files")
+    MODEL_CHECKPOINT: Path | None = Field(
+        None, description="encoder file used when no index version exists yet (default DATA_DIR/model.pt)"
+    )
+    INDEX_DIR: Path | None = Field(None, description="IndexStore root (default DATA_DIR/index)")
+
+    # HTTP.
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8000, ge=0, le=65535)
+    API_KEY: str | None = Field(None, description="when set, writes and admin need X-API-Key")
+    PROTECT_READS: bool = Field(False, description="when true (and API_KEY set), reads need the key too")
+
+    # Limits.
+    MAX_UPLOAD_BYTES: int = Field(20 * 1024 * 1024, ge=1, description="per uploaded file")
+    MAX_FILES_PER_REQUEST: int = Field(64, ge=1)
+    MAX_PIXELS: int = Field(40_000_000, ge=1, description="width*height limit (decompression bombs)")
+    SEARCH_MAX_K: int = Field(1000, ge=1)
+    THUMBNAIL_SIZE: int = Field(128, ge=8, description="longer side of stored thumbnails, pixels")
+
+    # Classifier: weighted kNN of Wu et al. 2018 (InstDisc), k = 200, tau = 0.07.
+    CLASSIFY_K: int = Field(200, ge=1)
+    CLASSIFY_TAU: float = Field(0.07, gt=0)
+
+    # Index life cycle.
+    RELOAD_POLL_SECONDS: float = Field(
+        5.0, gt=0, description="how often CURRENT is checked for a new version"
+    )
+    PUBLISH_DEBOUNCE_SECONDS: float = Field(10.0, ge=0, description="quiet time before republishing changes")
+    EMBED_BATCH_MAX: int = Field(64, ge=1, description="largest micro-batch of concurrent embeddings")
+    INFERENCE_THREADS: int = Field(2, ge=1, description="thread pool for decode, inference and FAISS")
+
+    @property
+    def index_dir(self) -> Path:
+        return self.INDEX_DIR or self.DATA_DIR / "index"
+
+    @property
+    def model_checkpoint(self) -> Path:
+        return self.MODEL_CHECKPOINT or self.DATA_DIR / "model.pt"
+
+    @property
+    def db_dir(self) -> Path:
+        return self.DATA_DIR / "db"

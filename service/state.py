@@ -1,0 +1,31 @@
+"""What one running service holds: settings, the database, the engine, metrics (app.state.service)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from service.catalogue import Limits
+from service.db import Database
+from service.embedded_db import EmbeddedDatabase
+from service.engine import Engine
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    db: Database
+    engine: Engine
+    metrics: ServiceMetrics
+    embedded_db: EmbeddedDatabase | None = None
+    db_prepared: bool = False  # indexes and the id counter exist
+    needs_reconcile: bool = True  # set on every swap, cleared by a successful reconcile
+    # Serialises refreshes (poller, POST /admin/reload, start-up): load + reconcile run as one.
+    refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(max_bytes=s.MAX_UPLOAD_BYTES, max_pixels=s.MAX_PIXELS, thumbnail_size=s.THUMBNAIL_SIZE)
