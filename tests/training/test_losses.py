@@ -122,3 +122,11 @@ def test_proximal_term_matches_formula():
         for c, p in zip(current, previous, strict=True)
     )
     assert proximal_term(current, previous, 50.0).item() == pytest.approx(50.0 * expected / 3, rel=1e-6)
+
+
+def test_proximal_term_mask_drops_unvisited_samples():
+    current, previous = unit(3, 4, seed=12), unit(3, 4, seed=13)
+    mask = torch.tensor([True, False, True])
+    full = [float(((c - p) ** 2).sum()) for c, p in zip(current, previous, strict=True)]
+    expected = 2.0 * (full[0] + full[2]) / 3
+    assert proximal_term(current, previous, 2.0, mask).item() == pytest.approx(expected, rel=1e-6)

@@ -79,12 +79,12 @@ class MoCo(Method):
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         """Enqueue the keys of every rank (rank order), overwriting the oldest; wraps around K."""
         keys = concat_all_gather(keys)  # (N*world)xC
-        if keys.shape[0] > self.queue_size:  # only the newest K keys can survive
-            keys = keys[-self.queue_size :]
+        total = keys.shape[0]
+        skipped = max(0, total - self.queue_size)  # more keys than slots: only the newest K survive
         ptr = int(self.queue_ptr)
-        positions = (ptr + torch.arange(keys.shape[0], device=keys.device)) % self.queue_size
-        self.queue.index_copy_(0, positions, keys.to(self.queue.dtype))
-        self.queue_ptr[0] = (ptr + keys.shape[0]) % self.queue_size
+        positions = (ptr + skipped + torch.arange(total - skipped, device=keys.device)) % self.queue_size
+        self.queue.index_copy_(0, positions, keys[skipped:].to(self.queue.dtype))
+        self.queue_ptr[0] = (ptr + total) % self.queue_size
 
     @torch.no_grad()
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
