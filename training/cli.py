@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -34,8 +34,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's effective default (after the method's set_defaults) unless its help names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
@@ -65,8 +71,7 @@ def run_guarded(run: Callable[[], int]) -> int:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.models import ARCH_NAMES
-
+    """The engine's flags; the backbone's (--arch, --width, --small-stem, ...) come with the method's."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data", default="fashion-mnist", help="fashion-mnist | fashion-mnist:test | folder:PATH (recursive)"
@@ -82,28 +87,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads"
     )
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="resnet50", choices=ARCH_NAMES, help="backbone")
-    model.add_argument(
-        "--width", type=float, default=1.0, help="ResNet width multiplier (64*width base channels)"
-    )
-    model.add_argument(
-        "--small-stem",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="CIFAR-style 3x3 stride-1 stem without max-pool; default: on for crops <= 64 px",
-    )
-
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=200)
+    optim.add_argument("--epochs", type=int, default=200, help="training epochs")
     optim.add_argument("--batch-size", type=int, default=256, help="global batch (all processes together)")
     optim.add_argument(
         "--lr", type=float, default=0.03, help="base lr for a batch of 256; used: lr * batch-size / 256"
     )
-    optim.add_argument("--optimizer", default="sgd", choices=["sgd", "lars", "adamw"])
+    optim.add_argument("--optimizer", default="sgd", choices=["sgd", "lars", "adamw"], help="optimiser")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD / LARS momentum")
     optim.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    optim.add_argument("--weight-decay", type=float, default=1e-4)
+    optim.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     optim.add_argument(
         "--wd-exclude-norm-bias",
         default="auto",
@@ -126,11 +119,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if any")
     run.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision")
     run.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     run.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seeds sampling order, initialisation, augmentation")
     run.add_argument("--out", type=Path, default=None, help="output folder; default: runs/<method>")
     run.add_argument(
         "--resume", default=None, help="checkpoint path or folder, or `auto` (out/checkpoint.pt)"
@@ -158,16 +151,25 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     knn.add_argument("--knn-every", type=int, default=1, help="every E epochs (0: off)")
     knn.add_argument("--knn-subset", type=int, default=None, help="at most N memory and N query images")
-    knn.add_argument("--knn-k", type=int, default=200)
-    knn.add_argument("--knn-tau", type=float, default=0.07)
+    knn.add_argument("--knn-k", type=int, default=200, help="neighbours (paper: 200)")
+    knn.add_argument("--knn-tau", type=float, default=0.07, help="vote temperature (paper: 0.07)")
 
 
-def build_parser(method_name: str, prog: str, description: str) -> argparse.ArgumentParser:
-    from training.methods import METHODS
+def build_parser(
+    method_name: str,
+    prog: str,
+    description: str,
+    paper_defaults: dict[str, Any] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.ArgumentParser:
+    from training.methods import add_method_arguments
 
     parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    if extra:
+        extra(parser)
     add_engine_arguments(parser)
-    METHODS[method_name].add_arguments(parser)  # the paper's hyper-parameters and defaults
+    add_method_arguments(parser, method_name)  # backbone flags, the paper's hyper-parameters and defaults
+    parser.set_defaults(**(paper_defaults or {}))
     return parser
 
 
@@ -175,8 +177,6 @@ def resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     """Fill the data-dependent defaults and reject incompatible flags (usage errors, exit 2)."""
     if args.crop_size is None:
         args.crop_size = 28 if args.data.startswith("fashion-mnist") else 224
-    if args.small_stem is None:
-        args.small_stem = args.crop_size <= 64
     if args.out is None:
         args.out = Path("runs") / args.method
     if args.augmentation is None:
@@ -194,14 +194,22 @@ def resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} is not divisible by {world} processes")
     splits = getattr(args, "num_splits", None)
-    if getattr(args, "norm", None) == "split_bn" and splits and (args.batch_size // world) % splits:
+    if getattr(args, "shuffle_bn", False) and world == 1 and splits and args.batch_size % splits:
         parser.error(
-            f"split BN: the per-process batch {args.batch_size // world} does not divide into {splits} splits"
+            f"--batch-size {args.batch_size} does not divide into --num-splits {splits} (shuffling-BN splits)"
         )
 
 
-def train_main(method_name: str, argv: list[str] | None, prog: str, description: str) -> int:
-    parser = build_parser(method_name, prog, description)
+def train_main(
+    method_name: str,
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    paper_defaults: dict[str, Any] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Parse, check and train; the return value is the process exit code."""
+    parser = build_parser(method_name, prog, description, paper_defaults, extra)
     args = parser.parse_args(argv)
     args.method = method_name
     resolve_defaults(args, parser)
@@ -275,7 +283,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     args.in_channels = train_set.in_channels
     args.num_samples = len(train_set)
     mean, std = normalisation(args.augmentation, args.data, train_set.in_channels)
-    method = build_method(args.method, args, len(train_set))
+    method = build_method(args.method, args, len(train_set), train_set.in_channels, args.crop_size)
     augment = build_augmentation(args.augmentation, args.crop_size, train_set.in_channels, mean, std)
     torch.manual_seed(args.seed + 1 + dist.get_rank())  # augmentation randomness: different per rank
     return Trainer(args, method, augment, train_set, mean, std, method.encoder_spec(), knn, device)

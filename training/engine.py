@@ -205,7 +205,7 @@ class Trainer:
             raise TrainingError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
-        if getattr(method, "global_bn", False) and dist.is_distributed():
+        if getattr(method, "sync_batch_norm", False) and dist.is_distributed():
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method.to(self.device)
         if args.channels_last:
@@ -213,7 +213,9 @@ class Trainer:
         self.model: nn.Module = self.method
         if dist.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids)
+            self.model = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=ids, broadcast_buffers=getattr(method, "ddp_broadcast_buffers", True)
+            )
         self.forward = torch.compile(self.model) if args.compile else self.model
 
         self.peak_lr = scaled_lr(args.lr, args.batch_size)

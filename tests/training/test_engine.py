@@ -19,6 +19,7 @@ from training.engine import Trainer, epoch_indices, lr_factor, parameter_groups,
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method, StepOutput
 from training.models import EmbeddingNetwork, build_backbone, network_spec
+from training.models.arguments import add_backbone_arguments
 from training.models.heads import LinearHead
 
 BACKBONE = {"in_channels": 1, "small_stem": True, "width": 0.0625}
@@ -66,6 +67,7 @@ def tiny_augment(batch: torch.Tensor, view: int) -> torch.Tensor:
 def engine_args(out: Path, *extra: str):
     parser = OneLineParser()
     add_engine_arguments(parser)
+    add_backbone_arguments(parser)
     args = parser.parse_args(
         ["--out", str(out), "--epochs", "2", "--batch-size", "32", "--crop-size", "28", "--lr", "0.5"]
         + ["--augmentation", "tiny", "--no-tensorboard", "--no-progress", "--arch", "resnet18", *extra]

@@ -11,6 +11,7 @@ so the training loop samples batches by indexing and augments them on the device
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -177,8 +178,12 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def _fashion_mnist_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images NxHxW uint8, labels N) from the Debian files, else torchvision's download."""
+    return _fashion_mnist_from(Path(os.environ.get(FASHION_MNIST_ENV, FASHION_MNIST_DIR)), split)
+
+
+@functools.lru_cache(maxsize=4)  # read-only arrays: the training set and its kNN test split load once
+def _fashion_mnist_from(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     prefix = "train" if split == "train" else "t10k"
-    directory = Path(os.environ.get(FASHION_MNIST_ENV, FASHION_MNIST_DIR))
     images_path = directory / f"{prefix}-images-idx3-ubyte.gz"
     labels_path = directory / f"{prefix}-labels-idx1-ubyte.gz"
     if images_path.is_file() and labels_path.is_file():

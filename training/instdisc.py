@@ -1,0 +1,24 @@
+"""InstDisc (Wu et al. 2018): `python -m training.instdisc --data fashion-mnist --arch resnet18 ...`
+
+The paper's schedule (lemniscate.pytorch): lr 0.03 per 256, x0.1 at epochs 120 and 160 of 200.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from training.cli import train_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train_main(
+        "instdisc",
+        argv,
+        prog="python -m training.instdisc",
+        description=__doc__,
+        paper_defaults={"lr_schedule": "step", "lr_steps": [120, 160]},
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""MoCo v1 / v2 / v3: `python -m training.moco --version 2 --data fashion-mnist --arch resnet18 ...`
+
+`--version` picks the method and its paper's defaults (shown by `--version N --help`):
+  1  He et al. 2019: linear head, tau 0.07; lr 0.03 per 256, x0.1 at epochs 120 and 160 of 200
+  2  Chen et al. 2020: MLP head, tau 0.2, blur augmentation; cosine schedule
+  3  Chen, Xie, He 2021: no queue, predictor, momentum schedule; LARS (ResNet) with warm-up
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from training.cli import OneLineParser, train_main
+
+VERSIONS = {1: "moco-v1", 2: "moco-v2", 3: "moco-v3"}
+# Defaults of the paper's schedule that are the engine's (the method sets optimiser, lr, ...).
+SCHEDULES = {1: {"lr_schedule": "step", "lr_steps": [120, 160]}, 2: {}, 3: {}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = OneLineParser(prog="python -m training.moco", add_help=False)
+    pre.add_argument("--version", type=int, choices=sorted(VERSIONS), default=2)
+    known, _ = pre.parse_known_args(argv)
+    name = VERSIONS[known.version]
+    return train_main(
+        name,
+        argv,
+        prog=f"python -m training.moco --version {known.version}",
+        description=__doc__,
+        paper_defaults=SCHEDULES[known.version],
+        extra=lambda parser: add_version_argument(parser, known.version),
+    )
+
+
+def add_version_argument(parser: argparse.ArgumentParser, version: int) -> None:
+    parser.add_argument(
+        "--version",
+        type=int,
+        choices=sorted(VERSIONS),
+        default=version,
+        help="MoCo version (sets the paper defaults)",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
