@@ -42,8 +42,7 @@ async def classify_image(
         "label": result.label,
         "probabilities": [{"label": name, "probability": round(p, 6)} for name, p in result.probabilities],
         "neighbours": [
-            {"id": h.id, "score": round(h.score, 6), "label": h.record.get("label")}
-            for h in result.neighbours
+            {"id": h.id, "score": h.score, "label": h.record.get("label")} for h in result.neighbours
         ],
         "k": k,
         "tau": tau,

@@ -50,7 +50,7 @@ async def search(request: Request, state: StateDep) -> dict:
         "results": [
             {
                 "id": hit.id,
-                "score": round(hit.score, 6),
+                "score": hit.score,
                 "label": hit.record.get("label"),
                 "tags": hit.record.get("tags") or [],
                 "content_url": f"/images/{hit.id}/content",

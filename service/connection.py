@@ -1,0 +1,88 @@
+"""Which MongoDB a process of this project talks to, shared by the service, ingest and refresh.
+
+`MONGO_URI` when set. Otherwise the embedded SecantusDB under `DATA_DIR/db`: a storage directory
+can be opened by one server only, so the process that starts it records its address in
+`DATA_DIR/db.json`, and the others (a refresh or an ingest while the service runs) attach to that
+server instead of starting a second one on the same files. A file lock makes check-and-start atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from service.embedded_db import EmbeddedDatabase, EmbeddedDatabaseError, wait_for_ping
+from service.settings import Settings
+
+
+def _discovery_file(settings: Settings) -> Path:
+    return settings.DATA_DIR / "db.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SharedEmbeddedDatabase(EmbeddedDatabase):
+    """An EmbeddedDatabase that announces itself in DATA_DIR/db.json while it runs."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.db_dir, port=settings.EMBEDDED_DB_PORT)
+        self.discovery = _discovery_file(settings)
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        uri = super().start(timeout_s)
+        tmp = self.discovery.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"uri": uri, "pid": self.process.pid, "owner": os.getpid()}))
+        os.replace(tmp, self.discovery)
+        return uri
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if json.loads(self.discovery.read_text()).get("owner") == os.getpid():
+                self.discovery.unlink()
+        super().stop(timeout_s)
+
+
+def attach_or_start(settings: Settings) -> tuple[str, EmbeddedDatabase | None]:
+    """(uri, the server this process started or None). The caller stops a server it started."""
+    if settings.MONGO_URI:
+        return settings.MONGO_URI, None
+    settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    with open(settings.DATA_DIR / "db.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        discovery = _discovery_file(settings)
+        if discovery.is_file():
+            with contextlib.suppress(ValueError, KeyError, EmbeddedDatabaseError):
+                running = json.loads(discovery.read_text())
+                if _alive(int(running["pid"])):
+                    wait_for_ping(running["uri"], None, timeout_s=5.0)
+                    return running["uri"], None
+            discovery.unlink(missing_ok=True)  # left by a process that died
+        server = SharedEmbeddedDatabase(settings)
+        return server.start(), server
+
+
+@contextlib.contextmanager
+def catalogue_connection(uri: str | None = None) -> Iterator[tuple[str, Settings]]:
+    """(uri, settings) for a command-line tool; a server started here is stopped on exit."""
+    settings = Settings()
+    if uri:
+        yield uri, settings
+        return
+    resolved, started = attach_or_start(settings)
+    try:
+        yield resolved, settings
+    finally:
+        if started is not None:
+            started.stop()

@@ -1,0 +1,137 @@
+"""Helpers for the service tests: a tiny random encoder, Fashion-MNIST as PNG bytes, and the
+service running under uvicorn on a free port in a background thread (real HTTP)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+import uvicorn
+from PIL import Image
+
+from service.embedded_db import free_port
+from service.main import create_app
+from service.settings import Settings
+from training.data.datasets import load_fashion_mnist
+from training.encoder import make_encoder_record, save_encoder
+from training.models import build_embedding_network
+
+TINY_SPEC = {
+    "arch": "resnet18",
+    "kwargs": {"in_channels": 1, "small_stem": True, "width": 0.25},
+    "head": None,
+}
+
+
+def make_tiny_encoder(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised ResNet-18 (width 1/4, small stem, 1 channel, 28 px) encoder file.
+
+    (Random conv features already give a weighted kNN far above chance on Fashion-MNIST.)"""
+    torch.manual_seed(seed)
+    network = build_embedding_network(TINY_SPEC).eval()  # eval: a probe pass must not touch BN stats
+    with torch.no_grad():
+        embed_dim = int(network(torch.zeros(1, 1, 28, 28)).shape[1])
+    record = make_encoder_record(
+        "random", TINY_SPEC, network, embed_dim, input_size=28, in_channels=1, mean=[0.286], std=[0.353]
+    )
+    save_encoder(path, record)
+    return path
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_FMNIST: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+
+
+def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images Nx28x28 uint8, labels N, class names), cached per process."""
+    if split not in _FMNIST:
+        dataset = load_fashion_mnist(split, 28)
+        _FMNIST[split] = (dataset.images[:, 0].numpy(), dataset.labels.numpy(), list(dataset.class_names))
+    return _FMNIST[split]
+
+
+def fashion_mnist_pngs(start: int, count: int, split: str = "test") -> list[tuple[bytes, str]]:
+    images, labels, names = fashion_mnist(split)
+    return [(png_bytes(images[i]), names[int(labels[i])]) for i in range(start, start + count)]
+
+
+def service_settings(tmp_path: Path, mongo_uri: str | None, db_name: str, **overrides) -> Settings:
+    values = {
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": db_name,
+        "DATA_DIR": tmp_path,
+        "RELOAD_POLL_SECONDS": 0.5,
+        "PUBLISH_DEBOUNCE_SECONDS": 0.5,
+        "MONGO_TIMEOUT_MS": 1000,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@contextmanager
+def running_service(settings: Settings, timeout_s: float = 60.0) -> Iterator[str]:
+    """Serve the app over real HTTP on a free loopback port; yields the base URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:  # uvicorn exposes no start event; poll its flag with a deadline
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the service did not start (see the log above)")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value (returned) or fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def upload(client: httpx.Client, items: list[tuple[bytes, str]], label: str | None = None, **form) -> dict:
+    files = [("files", (name, data, "image/png")) for data, name in items]
+    data = dict(form)
+    if label is not None:
+        data["label"] = label
+    response = client.post("/images", files=files, data=data)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+CATALOGUE_SIZE = 300
+
+
+@dataclass
+class Catalogue:
+    client: httpx.Client
+    ids: list[int]  # catalogue ids in Fashion-MNIST test-split order 0..CATALOGUE_SIZE-1
+    labels: list[str]
+    images: list[bytes]
+    data_dir: Path
