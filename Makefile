@@ -30,6 +30,11 @@ data:
 	      || echo "warning: could not install dataset-fashion-mnist with apt-get"; \
 	  else echo "note: no apt-get; Fashion-MNIST will be downloaded by torchvision on first use"; fi; \
 	fi
+	@# docker-compose validates docker-compose.yml in tests/service (skipped with a reason without it).
+	@if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null; then \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq docker-compose >/dev/null) \
+	    || echo "warning: could not install docker-compose with apt-get"; \
+	fi
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     PUBLISH_DEBOUNCE_SECONDS: float = Field(10.0, ge=0, description="quiet time before republishing changes")
     EMBED_BATCH_MAX: int = Field(64, ge=1, description="largest micro-batch of concurrent embeddings")
     INFERENCE_THREADS: int = Field(2, ge=1, description="thread pool for decode, inference and FAISS")
+
+    @field_validator("MONGO_URI", "API_KEY", "MODEL_CHECKPOINT", "INDEX_DIR", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`API_KEY=` (as docker compose passes an unset variable) means unset, not an empty key."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def index_dir(self) -> Path:
