@@ -13,37 +13,19 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
 import uvicorn
 from PIL import Image
 
 from service.embedded_db import free_port
 from service.main import create_app
+from service.random_model import write_random_encoder
 from service.settings import Settings
 from training.data.datasets import load_fashion_mnist
-from training.encoder import make_encoder_record, save_encoder
-from training.models import build_embedding_network
-
-TINY_SPEC = {
-    "arch": "resnet18",
-    "kwargs": {"in_channels": 1, "small_stem": True, "width": 0.25},
-    "head": None,
-}
 
 
 def make_tiny_encoder(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised ResNet-18 (width 1/4, small stem, 1 channel, 28 px) encoder file.
-
-    (Random conv features already give a weighted kNN far above chance on Fashion-MNIST.)"""
-    torch.manual_seed(seed)
-    network = build_embedding_network(TINY_SPEC).eval()  # eval: a probe pass must not touch BN stats
-    with torch.no_grad():
-        embed_dim = int(network(torch.zeros(1, 1, 28, 28)).shape[1])
-    record = make_encoder_record(
-        "random", TINY_SPEC, network, embed_dim, input_size=28, in_channels=1, mean=[0.286], std=[0.353]
-    )
-    save_encoder(path, record)
-    return path
+    """A randomly initialised ResNet-18 (width 1/4, small stem, 1 channel, 28 px) encoder file."""
+    return write_random_encoder(path, width=0.25, seed=seed)
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
