@@ -14,10 +14,11 @@ import argparse
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import all_reduce_mean, concat_all_gather
+from training.distributed import all_reduce_mean, concat_all_gather, is_distributed
 from training.losses.nce import (
     estimate_normaliser,
     full_softmax_loss,
@@ -65,8 +66,22 @@ class InstDisc(Method):
         self.memory = MemoryBank(num_samples, dim, memory_momentum)
         # NCE normaliser Z: estimated once on the first batch (< 0 = not yet), then fixed.
         self.register_buffer("nce_normaliser", torch.tensor(-1.0))
+        self._bank_synchronised = False
+
+    @torch.no_grad()
+    def _broadcast_memory_bank(self) -> None:
+        """Start every rank from rank 0's bank (ranks may have been seeded differently); from
+        then on identical updates keep the banks equal without per-step broadcasts."""
+        if is_distributed():
+            dist.broadcast(self.memory.bank, src=0)
+            visited = self.memory.visited.to(torch.uint8)  # gloo has no bool broadcast
+            dist.broadcast(visited, src=0)
+            self.memory.visited.copy_(visited.bool())
+        self._bank_synchronised = True
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        if not self._bank_synchronised:
+            self._broadcast_memory_bank()
         features = F.normalize(self.encoder(views[0]), dim=1)  # BxD
         previous = self.memory(indices)  # BxD, v_i^{t-1}
         if self.nce_k == 0:
