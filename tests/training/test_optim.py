@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.optim.agc import adaptive_gradient_clip_, final_linear_names, unitwise_norm
-from training.optim.lars import LARS, lars_param_groups
+from training.optim.agc import adaptive_gradient_clip_, unitwise_norm
+from training.optim.lars import LARS
 
 
 def norm(values: list[float]) -> float:
@@ -50,14 +50,6 @@ def test_lars_trust_ratio_is_one_for_zero_weights():
     torch.testing.assert_close(weight.detach(), torch.full((3,), -0.1))
 
 
-def test_lars_param_groups_exclude_biases_and_norms():
-    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2, bias=False))
-    decayed, excluded = lars_param_groups(model, 1e-6)
-    assert [p.shape for p in decayed["params"]] == [(3, 4), (2, 3)]
-    assert len(excluded["params"]) == 3 and excluded["exclude_from_wd_and_lars"]
-    assert decayed["weight_decay"] == 1e-6 and excluded["weight_decay"] == 0.0
-
-
 def test_agc_clips_per_unit_with_formula_and_skips_named_layers():
     layer = nn.Linear(2, 2)
     with torch.no_grad():
@@ -74,9 +66,7 @@ def test_agc_clips_per_unit_with_formula_and_skips_named_layers():
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
     for param in model.parameters():
         param.grad = torch.full_like(param, 100.0)
-    skip = final_linear_names(model)
-    assert skip == ["2.weight", "2.bias"]
-    adaptive_gradient_clip_(model, skip=skip)
+    adaptive_gradient_clip_(model, skip=["2.weight", "2.bias"])
     assert torch.equal(model[2].weight.grad, torch.full((1, 2), 100.0))
     assert (unitwise_norm(model[0].weight.grad) <= 0.01 * unitwise_norm(model[0].weight) + 1e-6).all()
 

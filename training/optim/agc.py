@@ -4,7 +4,8 @@ For each unit i (an output row of a weight: a Linear's row, a conv filter) with 
 gradient G_i:
     if ||G_i|| / max(||W_i||, eps) > clip:   G_i <- clip * max(||W_i||, eps) / ||G_i|| * G_i
 Biases and other 0-/1-d parameters are one unit. The paper clips every layer except the final
-linear layer (clip 0.01 at its batch sizes, eps 1e-3); pass that layer's names in `skip`.
+linear layer (clip 0.01 at its batch sizes, eps 1e-3); pass that layer's names in `skip`
+(training.engine finds them: the last trainable Linear).
 """
 
 from __future__ import annotations
@@ -39,14 +40,3 @@ def adaptive_gradient_clip_(
         grad_norm = unitwise_norm(param.grad)
         scale = max_norm / grad_norm.clamp_min(1e-6)
         param.grad.mul_(torch.where(grad_norm > max_norm, scale, torch.ones_like(scale)))
-
-
-def final_linear_names(model: nn.Module) -> list[str]:
-    """Parameter names of the last nn.Linear registered in `model` (the layer the paper leaves unclipped)."""
-    last = None
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = module_name
-    if last is None:
-        return []
-    return [f"{last}.{name}" for name, _ in model.get_submodule(last).named_parameters()]

@@ -6,7 +6,7 @@ Per parameter w with gradient g, in a group with lr, momentum mu, weight decay w
     v <- mu * v + lr * trust * g
     w <- w - v
 Groups with `exclude_from_wd_and_lars=True` (biases and BN parameters, as in SimCLR) get neither
-weight decay nor the trust ratio: plain momentum SGD.
+weight decay nor the trust ratio: plain momentum SGD. (training.engine.parameter_groups builds them.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
 from torch.optim import Optimizer
 
 
@@ -72,20 +71,3 @@ class LARS(Optimizer):
                 update = group["momentum"] * buffer + scaled_lr * grad if group["nesterov"] else buffer
                 param.sub_(update)
         return loss
-
-
-def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
-    """SimCLR excludes batch-norm parameters and biases (here: every 0-/1-d parameter)."""
-    return param.ndim <= 1 or name.endswith(".bias")
-
-
-def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, adapted) and biases/norm parameters (excluded)."""
-    decayed, excluded = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (excluded if is_bias_or_norm(name, param) else decayed).append(param)
-    return [
-        {"params": decayed, "weight_decay": weight_decay},
-        {"params": excluded, "weight_decay": 0.0, "exclude_from_wd_and_lars": True},
-    ]
