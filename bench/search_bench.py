@@ -1,0 +1,268 @@
+"""Latency and throughput of `POST /search` (image upload) over loopback, against the in-process floor.
+
+The service runs as its own process (uvicorn, `python -m service`) on a catalogue of Fashion-MNIST
+images ingested through the API; a load generator sends image-upload searches at concurrency 1, 4
+and 16 (bounded in count and time). The floor is what one search costs without HTTP or the
+database, measured in the same run: decode + embed + FAISS search for one image in this process.
+Goal: p50 / floor <= 1.5x at concurrency 1.
+
+    python bench/search_bench.py                     # defaults below; appends to bench/RESULTS.md
+    python bench/search_bench.py --catalogue 5000 --requests 500 --no-append
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from index.search_index import SearchIndex  # noqa: E402
+from service.embedded_db import EmbeddedDatabase, free_port  # noqa: E402
+from service.random_model import write_random_encoder  # noqa: E402
+from tests.service.service_helpers import fashion_mnist, png_bytes  # noqa: E402
+from training.encoder import Encoder  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION = "## Service: POST /search (bench/search_bench.py)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--catalogue", type=int, default=2000, help="images ingested (default 2000)")
+    parser.add_argument(
+        "--requests", type=int, default=300, help="searches per concurrency level (default 300)"
+    )
+    parser.add_argument("--max-seconds", type=float, default=30.0, help="time cap per level (default 30)")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="levels (default 1 4 16)"
+    )
+    parser.add_argument("--k", type=int, default=10, help="results per search (default 10)")
+    parser.add_argument(
+        "--model", type=Path, help="encoder file (default: an untrained ResNet-18 width 0.25)"
+    )
+    parser.add_argument(
+        "--floor-repeats", type=int, default=200, help="repetitions of the floor (default 200)"
+    )
+    parser.add_argument("--no-append", action="store_true", help=f"do not append to {RESULTS}")
+    return parser.parse_args(argv)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def measure_floor(model: Path, queries: list[bytes], catalogue_size: int, k: int, repeats: int) -> float:
+    """Median ms of decode + embed + FAISS search for one image, in-process (no HTTP, no database)."""
+    encoder = Encoder.load(model)
+    index = SearchIndex.empty_flat(encoder.embed_dim)
+    vectors = np.random.default_rng(0).normal(size=(catalogue_size, encoder.embed_dim)).astype(np.float32)
+    index.add(vectors, np.arange(1, catalogue_size + 1))
+    timings = []
+    for i in range(repeats + 10):
+        started = time.perf_counter()
+        image = encoder.prepare(queries[i % len(queries)])
+        vector = encoder.embed(image[None])
+        index.search(vector, k)
+        if i >= 10:  # warm-up excluded
+            timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+def start_service(data_dir: Path, mongo_uri: str, port: int) -> subprocess.Popen:
+    env = dict(
+        os.environ, MONGO_URI=mongo_uri, MONGO_DB="bench", DATA_DIR=str(data_dir), PYTHONPATH=str(REPO)
+    )
+    command = [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"]
+    return subprocess.Popen(command, env=env, cwd=REPO)
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the service exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the service was not ready after {timeout_s:.0f} s")
+
+
+def ingest(url: str, images: list[bytes], labels: list[str]) -> None:
+    with (
+        httpx.Client(base_url=url, timeout=120) as client,
+        tqdm(total=len(images), desc="ingest", unit="img") as bar,
+    ):
+        for start in range(0, len(images), 64):
+            chunk = range(start, min(start + 64, len(images)))
+            for label in sorted({labels[i] for i in chunk}):
+                files = [("files", (f"{i}.png", images[i], "image/png")) for i in chunk if labels[i] == label]
+                reply = client.post("/images", files=files, data={"label": label})
+                reply.raise_for_status()
+                bar.update(len(files))
+
+
+async def load(url: str, queries: list[bytes], concurrency: int, count: int, max_s: float, k: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    deadline = time.monotonic() + max_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < count and time.monotonic() < deadline:
+                data = queries[issued % len(queries)]
+                issued += 1
+                started = time.perf_counter()
+                reply = await client.post(
+                    "/search", files={"file": ("q.png", data, "image/png")}, data={"k": str(k)}
+                )
+                elapsed = (time.perf_counter() - started) * 1000
+                if reply.status_code == 200:
+                    latencies.append(elapsed)
+                else:
+                    errors += 1
+
+        for _ in range(min(20, count)):  # warm-up (connections, caches), not measured
+            await client.post("/search", files={"file": ("q.png", queries[0], "image/png")})
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "p99": percentile(latencies, 99),
+        "rps": len(latencies) / wall,
+    }
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{model}, {os.cpu_count()} cores (load average {load} at the end: other jobs share them), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
+
+
+def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict]) -> str:
+    floor_ms = min(floors_ms)  # the less disturbed measurement: the conservative ratio
+    ratio = rows[0]["p50"] / floor_ms if rows and rows[0]["concurrency"] == 1 else float("nan")
+    lines = [
+        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- machine: {machine()}",
+        f"- command: `python bench/search_bench.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        f"- catalogue: {args.catalogue} Fashion-MNIST PNGs, flat index, k={args.k}, "
+        f"{'MONGO_URI' if os.environ.get('MONGO_URI') else 'embedded SecantusDB'}, loopback HTTP",
+        f"- floor (in-process decode + embed + FAISS search of one image, median of {args.floor_repeats}; "
+        f"before / after the load): {' / '.join(f'{f:.2f}' for f in floors_ms)} ms, "
+        f"using **{floor_ms:.2f} ms**",
+        "",
+        "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | requests/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['concurrency']} | {row['requests']} | {row['errors']} | {row['p50']:.2f} "
+            f"| {row['p95']:.2f} | {row['p99']:.2f} | {row['rps']:.1f} |"
+        )
+    lines += ["", f"p50 / floor at concurrency 1: **{ratio:.2f}x** (goal <= 1.5x)", ""]
+    return "\n".join(lines)
+
+
+def append_results(block: str) -> None:
+    """Insert the block at the end of the service section (created at the end of the file if missing)."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}"
+    else:
+        start = text.index(SECTION) + len(SECTION)
+        next_section = text.find("\n## ", start)
+        end = len(text) if next_section < 0 else next_section + 1
+        text = text[:end].rstrip("\n") + f"\n\n{block}\n" + text[end:]
+    RESULTS.write_text(text.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    images, labels, names = fashion_mnist("test")
+    count = min(args.catalogue, len(images))
+    pngs = [png_bytes(images[i]) for i in range(count)]
+    label_names = [names[int(labels[i])] for i in range(count)]
+    queries = [png_bytes(images[-1 - i]) for i in range(100)]  # not in the catalogue
+
+    with tempfile.TemporaryDirectory(prefix="search-bench-") as tmp:
+        data_dir = Path(tmp)
+        model = args.model or write_random_encoder(data_dir / "model.pt")
+        if args.model:
+            (data_dir / "model.pt").write_bytes(args.model.read_bytes())
+        floors = [measure_floor(model, queries, count, args.k, args.floor_repeats)]
+        print(f"floor (decode + embed + search, in-process): {floors[0]:.2f} ms")
+
+        database = None
+        mongo_uri = os.environ.get("MONGO_URI")
+        if not mongo_uri:
+            database = EmbeddedDatabase(data_dir / "db")
+            mongo_uri = database.start()
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        process = start_service(data_dir, mongo_uri, port)
+        rows = []
+        try:
+            wait_ready(url, process)
+            ingest(url, pngs, label_names)
+            for concurrency in args.concurrency:
+                row = asyncio.run(load(url, queries, concurrency, args.requests, args.max_seconds, args.k))
+                rows.append(row)
+                print(
+                    f"concurrency {concurrency:>2}: p50 {row['p50']:.2f} ms, p95 {row['p95']:.2f} ms, "
+                    f"p99 {row['p99']:.2f} ms, {row['rps']:.1f} req/s, {row['errors']} errors"
+                )
+        finally:
+            process.terminate()
+            process.wait(60)
+            if database is not None:
+                database.stop()
+        floors.append(measure_floor(model, queries, count, args.k, args.floor_repeats))
+        print(f"floor again after the load: {floors[1]:.2f} ms")
+
+    block = report(args, floors, rows)
+    print("\n" + block)
+    if not args.no_append:
+        append_results(block)
+        print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
