@@ -1,0 +1,97 @@
+"""`python -m service.ingest`: idempotent, resumable after a kill, shares the upload write path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from pymongo import MongoClient
+from service_helpers import png_bytes, running_service, service_settings, wait_until
+
+from index.store import IndexStore
+from service.ingest import main as ingest_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def ingest_env(monkeypatch, data_dir, mongo_uri, mongo_db_name) -> dict[str, str]:
+    env = {"MONGO_URI": mongo_uri, "MONGO_DB": mongo_db_name, "DATA_DIR": str(data_dir)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def test_fashion_mnist_ingest_is_idempotent(ingest_env, data_dir, mongo_uri, mongo_db_name, capsys) -> None:
+    assert ingest_main(["--fashion-mnist", "--limit", "30", "--no-progress"]) == 0
+    assert "added 30, already present 0, skipped 0" in capsys.readouterr().out
+    assert ingest_main(["--fashion-mnist", "--limit", "40", "--no-progress"]) == 0
+    assert "added 10, already present 30, skipped 0" in capsys.readouterr().out
+    assert IndexStore(data_dir / "index").load().ntotal == 40
+    settings = service_settings(data_dir, mongo_uri, mongo_db_name)
+    with running_service(settings) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/health/ready").json()["index_size"] == 40
+        records = client.get("/images", params={"limit": 40}).json()["items"]
+        assert {r["status"] for r in records} == {"indexed"}
+        assert records[0]["label"] == "Ankle boot" and records[0]["source"] == "fashion-mnist:test"
+
+
+def test_folder_ingest_with_labels_and_unreadable_files(ingest_env, tmp_path, capsys) -> None:
+    root = tmp_path / "photos"
+    for label, value in (("cats", 10), ("dogs", 200)):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            (root / label / f"{i}.png").write_bytes(png_bytes(np.full((20, 20), value + i, np.uint8)))
+    (root / "dogs" / "broken.png").write_bytes(b"not really a png")
+    assert ingest_main([str(root), "--labels-from-dirs", "--tags", "pets", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "added 6, already present 0, skipped 1" in out and "dogs/broken.png" in out
+    with MongoClient(ingest_env["MONGO_URI"]) as mongo:
+        records = list(mongo[ingest_env["MONGO_DB"]].images.find({}, {"label": 1, "tags": 1, "status": 1}))
+    assert sorted(r["label"] for r in records) == ["cats"] * 3 + ["dogs"] * 3
+    assert all(r["tags"] == ["pets"] and r["status"] == "indexed" for r in records)
+
+
+def test_bad_arguments_give_one_line_errors(ingest_env, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        ingest_main([])
+    assert exit_info.value.code == 2 and "PATH or --fashion-mnist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ingest_main([str(tmp_path / "missing")])
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert ingest_main([str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == "error: no images found"
+
+
+@pytest.mark.slow
+def test_ingest_resumes_after_a_kill(ingest_env, data_dir, capsys) -> None:
+    env = dict(os.environ, **ingest_env, PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "service.ingest", "--fashion-mnist", "--limit", "400", "--no-progress"]
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    with MongoClient(ingest_env["MONGO_URI"]) as mongo:
+        images = mongo[ingest_env["MONGO_DB"]].images
+        try:
+            wait_until(lambda: images.count_documents({}) >= 100, timeout_s=120, what="the first records")
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        stored_before = images.count_documents({})
+        assert 100 <= stored_before < 400, "the kill should land mid-run"
+    assert ingest_main(["--fashion-mnist", "--limit", "400", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"added {400 - stored_before}, already present {stored_before}, skipped 0" in out
+    index = IndexStore(data_dir / "index").load()
+    assert index.ntotal == 400
+    with MongoClient(ingest_env["MONGO_URI"]) as mongo:
+        images = mongo[ingest_env["MONGO_DB"]].images
+        assert images.count_documents({"status": "indexed"}) == 400
+        assert sorted(index.ids().tolist()) == sorted(d["_id"] for d in images.find({}, {"_id": 1}))
