@@ -67,6 +67,7 @@ class InstDisc(Method):
         # NCE normaliser Z: estimated once on the first batch (< 0 = not yet), then fixed.
         self.register_buffer("nce_normaliser", torch.tensor(-1.0))
         self._bank_synchronised = False
+        self._normaliser_known = False
 
     @torch.no_grad()
     def _broadcast_memory_bank(self) -> None:
@@ -104,9 +105,12 @@ class InstDisc(Method):
     @torch.no_grad()
     def _set_normaliser_once(self, scores: torch.Tensor) -> None:
         """Monte Carlo Z on the first batch, averaged over ranks so all ranks share it."""
-        if self.nce_normaliser.item() < 0:
+        if self._normaliser_known:  # skip the device sync of reading the buffer every step
+            return
+        if self.nce_normaliser.item() < 0:  # not restored from a checkpoint either
             estimate = all_reduce_mean(estimate_normaliser(scores, self.temperature, self.memory.size))
             self.nce_normaliser.fill_(estimate.item())
+        self._normaliser_known = True
 
     @torch.no_grad()
     def _update_memory_bank(self, features: torch.Tensor, indices: torch.Tensor) -> None:
