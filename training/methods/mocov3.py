@@ -97,7 +97,12 @@ class MoCoV3(Method):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("moco-v3 (paper defaults)")
+        group = parser.add_argument_group(
+            "moco-v3 (paper defaults)",
+            "Defaults are the ResNet-50 recipe (LARS, lr 0.6, wd 1e-6, 100 epochs, 10 warm-up). For a ViT "
+            "(--arch vit_small) the paper uses --optimizer adamw --lr 1.5e-4 --weight-decay 0.1 --epochs 300 "
+            "--warmup-epochs 40; the patch projection is frozen (its stability trick).",
+        )
         group.add_argument(
             "--moco-dim", type=int, default=256, help="projector/predictor output (paper: 256)"
         )
