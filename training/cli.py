@@ -131,6 +131,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many steps (tests, benchmarks)"
     )
+    run.add_argument(
+        "--time-budget", type=float, default=None, help="stop cleanly (and save) after this many seconds"
+    )
     run.add_argument("--log-every", type=int, default=10, help="TensorBoard scalars every N steps")
     run.add_argument(
         "--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="write out/tb"
@@ -186,6 +189,8 @@ def resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.max_steps is not None and args.max_steps <= 0:
         parser.error("--max-steps must be positive")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error("--time-budget must be positive")
     if args.subset is not None and args.subset <= 0:
         parser.error("--subset must be positive")
     if args.lr_schedule == "step" and not args.lr_steps:
@@ -218,8 +223,9 @@ def train_main(
 
 def train(args: argparse.Namespace) -> int:
     from training import distributed as dist
-    from training.engine import build_trainer
+    from training.checkpoint import resolve_resume
 
+    resolve_resume(args.resume, Path(args.out))  # a missing checkpoint fails before any data loads
     device = dist.init_distributed(args.device)
     trainer = build_trainer(args, device)
     summary = trainer.fit()
@@ -256,14 +262,13 @@ def knn_sets(args: argparse.Namespace, train_set: ImageDataset) -> tuple[ImageDa
     return train_set, KnnMonitor(memory, queries, k=args.knn_k, tau=args.knn_tau)
 
 
-def normalisation(augmentation: str, data: str, in_channels: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std for the data (the augmentation module's defaults)."""
+def normalisation(data: str, in_channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std: Fashion-MNIST's own, else ImageNet's (the papers')."""
     from training.data.augment import NORMALISATION
 
-    key = "fashion-mnist" if data.startswith("fashion-mnist") else "imagenet"
-    mean, std = NORMALISATION[key]
+    mean, std = NORMALISATION["fashion-mnist" if data.startswith("fashion-mnist") else "imagenet"]
     if len(mean) != in_channels:
-        mean, std = NORMALISATION["grey" if in_channels == 1 else "imagenet"]
+        raise ValueError(f"no {in_channels}-channel normalisation for {data}")
     return list(mean), list(std)
 
 
@@ -278,11 +283,11 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     from training.methods import build_method
 
     torch.manual_seed(args.seed)  # model initialisation: identical on every rank
-    train_set = load_dataset(args.data, args.crop_size, args.subset, seed=args.seed)
+    train_set = load_dataset(args.data, args.crop_size, args.subset, seed=args.seed, workers=args.workers)
     train_set, knn = knn_sets(args, train_set)
     args.in_channels = train_set.in_channels
     args.num_samples = len(train_set)
-    mean, std = normalisation(args.augmentation, args.data, train_set.in_channels)
+    mean, std = normalisation(args.data, train_set.in_channels)
     method = build_method(args.method, args, len(train_set), train_set.in_channels, args.crop_size)
     augment = build_augmentation(args.augmentation, args.crop_size, train_set.in_channels, mean, std)
     torch.manual_seed(args.seed + 1 + dist.get_rank())  # augmentation randomness: different per rank

@@ -48,6 +48,7 @@ CHECKPOINT_FORMAT = "ssl-retrieval/checkpoint/v1"
 RESUME_MUST_MATCH = ("method", "data", "subset", "arch", "width", "crop_size", "batch_size", "seed")
 
 Augmentation = Callable[[torch.Tensor, int], torch.Tensor]
+LARS_EXCLUDE = "exclude_from_wd_and_lars"  # LARS's group flag: no weight decay, no trust ratio
 
 
 class TrainingError(RuntimeError):
@@ -64,7 +65,7 @@ def is_norm_or_bias(name: str, param: torch.Tensor) -> bool:
 
 def parameter_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool) -> list[dict[str, Any]]:
     """Trainable parameters; with `exclude_norm_bias`, a second group without weight decay that LARS
-    also leaves unadapted (`lars_exclude`)."""
+    also leaves unadapted (training/optim/lars.py's group flag)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -72,7 +73,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: b
         (no_decay if exclude_norm_bias and is_norm_or_bias(name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+        groups.append({"params": no_decay, "weight_decay": 0.0, LARS_EXCLUDE: True})
     return groups
 
 
@@ -88,11 +89,11 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> to
     groups = parameter_groups(model, args.weight_decay, exclude == "yes")
     if args.optimizer == "sgd":
         for group in groups:
-            group.pop("lars_exclude", None)
+            group.pop(LARS_EXCLUDE, None)
         return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     if args.optimizer == "adamw":
         for group in groups:
-            group.pop("lars_exclude", None)
+            group.pop(LARS_EXCLUDE, None)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
     if args.optimizer == "lars":
         from training.optim.lars import LARS
@@ -138,10 +139,12 @@ class TrainState:
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop finishes the step, saves and exits cleanly."""
+    """SIGTERM/SIGINT (or the end of `--time-budget`) set a reason; the loop finishes the step,
+    saves and exits cleanly. Under torchrun the ranks agree, so all stop after the same step."""
 
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
+    def __init__(self, time_budget_s: float | None = None) -> None:
+        self.reason: str | None = None
+        self._deadline = time.monotonic() + time_budget_s if time_budget_s else None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
@@ -155,16 +158,18 @@ class StopRequested:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signal_name = signal.Signals(signum).name
+        self.reason = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        flag = self.signal_name is not None
-        if dist.is_distributed():  # every rank must stop after the same step
+        if self.reason is None and self._deadline is not None and time.monotonic() > self._deadline:
+            self.reason = "the time budget"
+        flag = self.reason is not None
+        if dist.is_distributed():
             value = torch.tensor([int(flag)])
             torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
             flag = bool(value.item())
-            if flag and self.signal_name is None:
-                self.signal_name = "a signal on another rank"
+            if flag and self.reason is None:
+                self.reason = "a stop on another rank"
         return flag
 
 
@@ -227,7 +232,7 @@ class Trainer:
             lambda step: lr_factor(step, self.total_steps, warmup, args.lr_schedule, decay_at),
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-        self.agc_params = self._agc_parameters() if args.agc_clip else []
+        self.agc_skip = self._agc_skip()
         self.state = TrainState()
         self._saved_at_step = -1
         # Keep a small data set on the device: sampling is then a gather, with no host copy per step.
@@ -238,15 +243,16 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def _agc_parameters(self) -> list[torch.Tensor]:
-        """AGC clips every trainable weight except the final layer's (Brock et al. 2021)."""
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        final = getattr(self.method, "final_layer_parameters", None)
-        excluded = {id(p) for p in final()} if callable(final) else set()
-        if not excluded:  # default: the last Linear of the query branch
-            linears = [m for m in self.method.modules() if isinstance(m, nn.Linear)]
-            excluded = {id(p) for p in linears[-1].parameters()} if linears else set()
-        return [p for p in params if id(p) not in excluded]
+    def _agc_skip(self) -> list[str]:
+        """AGC clips every layer but the final one (Brock et al. 2021): here the last trainable Linear
+        (the query branch's last projection/prediction layer; a momentum copy has no gradient)."""
+        last = None
+        for name, module in self.method.named_modules():
+            if isinstance(module, nn.Linear) and module.weight.requires_grad:
+                last = name
+        if last is None:
+            return []
+        return [f"{last}.{name}" for name, _ in self.method.get_submodule(last).named_parameters()]
 
     def _make_logger(self):
         if not dist.is_main_process() or not self.args.tensorboard:
@@ -364,16 +370,16 @@ class Trainer:
             output = self.forward(views, indices.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(output.loss).backward()
-        if self.agc_params:
-            from training.optim.agc import adaptive_grad_clip
+        if self.args.agc_clip:
+            from training.optim.agc import adaptive_gradient_clip_
 
             self.scaler.unscale_(self.optimizer)
-            adaptive_grad_clip(self.agc_params, self.args.agc_clip)
+            adaptive_gradient_clip_(self.method, self.args.agc_clip, skip=self.agc_skip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.state.global_step += 1
-        self.method.on_step_end(self.state.global_step / self.total_steps)
+        self.method.on_step_end(min(1.0, self.state.global_step / self.total_steps))
         return output.loss.detach(), output.metrics
 
     def fit(self) -> dict[str, Any]:
@@ -394,7 +400,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         stopped_by: str | None = None
-        with StopRequested() as stop:
+        with StopRequested(args.time_budget) as stop:
             while self.state.epoch < args.epochs and self.state.global_step < max_steps:
                 stopped_by = self._run_epoch(bar, stop, max_steps)
                 if stopped_by:
@@ -404,7 +410,7 @@ class Trainer:
             self.save()
         if stopped_by == "signal":
             self.print(
-                f"stopped by {stop.signal_name} after step {self.state.global_step}; checkpoint saved to "
+                f"stopped by {stop.reason} after step {self.state.global_step}; checkpoint saved to "
                 f"{self.out / CHECKPOINT_NAME} (continue with --resume auto)"
             )
         if dist.is_main_process() and self.state.history:

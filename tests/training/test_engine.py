@@ -15,7 +15,7 @@ from torch import nn
 from training.cli import OneLineParser, add_engine_arguments
 from training.data.datasets import load_dataset
 from training.encoder import Encoder
-from training.engine import Trainer, epoch_indices, lr_factor, parameter_groups, scaled_lr
+from training.engine import LARS_EXCLUDE, Trainer, epoch_indices, lr_factor, parameter_groups, scaled_lr
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method, StepOutput
 from training.models import EmbeddingNetwork, build_backbone, network_spec
@@ -131,7 +131,7 @@ def test_weight_decay_groups_exclude_norm_and_bias_only_when_asked():
     assert decayed == {id(model[0].weight), id(model[3].weight)}
     assert not_decayed == {id(model[0].bias), id(model[1].bias), id(model[3].bias)}
     assert excluded[0]["weight_decay"] == 1e-4
-    assert excluded[1]["weight_decay"] == 0.0 and excluded[1]["lars_exclude"]
+    assert excluded[1]["weight_decay"] == 0.0 and excluded[1][LARS_EXCLUDE]
     everything = parameter_groups(model, 1e-4, exclude_norm_bias=False)
     assert len(everything) == 1 and len(everything[0]["params"]) == 5
 

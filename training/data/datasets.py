@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -112,6 +114,8 @@ class ImageDataset:
 # A loader gets the text after the prefix (e.g. "test" or a path) and the crop size.
 Loader = Callable[[str, int], ImageDataset]
 SOURCES: dict[str, Loader] = {}
+# Sources in modules of their own (heavier imports), registered when first named.
+SOURCE_MODULES = {"catalogue": "training.data.catalogue"}
 
 
 def register_source(prefix: str) -> Callable[[Loader], Loader]:
@@ -125,17 +129,27 @@ def register_source(prefix: str) -> Callable[[Loader], Loader]:
 
 
 def load_dataset(
-    spec: str, crop_size: int, subset: int | None = None, seed: int = 0, in_channels: int | None = None
+    spec: str,
+    crop_size: int,
+    subset: int | None = None,
+    seed: int = 0,
+    in_channels: int | None = None,
+    workers: int | None = None,
 ) -> ImageDataset:
     """Load a `--data` spec (see the module docstring); `subset` keeps a seeded random part;
-    `in_channels` converts (RGB <-> grey) to what an encoder expects."""
+    `in_channels` converts (RGB <-> grey) to what an encoder expects; `workers` decoding threads
+    for the sources that decode files."""
     prefix, _, rest = spec.partition(":")
+    if prefix not in SOURCES and prefix in SOURCE_MODULES:
+        importlib.import_module(SOURCE_MODULES[prefix])  # its @register_source runs on import
     if prefix not in SOURCES:
         known = ", ".join(f"{p}[:...]" for p in sorted(SOURCES))
         raise DataError(f"unknown data spec {spec!r}; expected one of: {known}")
     if crop_size <= 0:
         raise DataError(f"crop size must be positive, got {crop_size}")
-    dataset = SOURCES[prefix](rest, crop_size)
+    loader = SOURCES[prefix]
+    options = {"workers": workers} if workers and "workers" in inspect.signature(loader).parameters else {}
+    dataset = loader(rest, crop_size, **options)
     if in_channels is not None and in_channels != dataset.in_channels:
         dataset = replace(dataset, images=convert_channels(dataset.images, in_channels))
     return dataset.subset(subset, seed) if subset else dataset
