@@ -76,7 +76,8 @@ def init(rank: int, port: int) -> None:
 
 def _equivalence_worker(rank: int, port: int, out_dir: str, name: str) -> None:
     init(rank, port)
-    method = convert_global_batchnorm(build(name))
+    method = build(name)  # under gloo the method makes its BN global itself (SyncBatchNorm needs CUDA)
+    assert not method.sync_batch_norm and any(isinstance(m, GlobalBatchNorm) for m in method.modules())
     model = DistributedDataParallel(method)
     local = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     views = [v[local] for v in global_views()]

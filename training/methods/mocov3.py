@@ -28,6 +28,7 @@ from training.losses.result import ContrastiveResult
 from training.methods.base import Method, StepOutput
 from training.methods.momentum import cosine_momentum, make_momentum_copy, momentum_update
 from training.models import EmbeddingNetwork, build_backbone
+from training.models.global_bn import collectives_without_sync_bn, convert_global_batchnorm
 from training.models.heads import PredictionHead, ProjectionHead
 
 PAPER_MLP_DIM = 4096
@@ -61,6 +62,9 @@ class MoCoV3(Method):
         self.base_encoder = EmbeddingNetwork(backbone, projector)
         self.predictor = PredictionHead(dim, hidden, dim, num_layers=2, hidden_bn=True, last_bn=False)
         self.momentum_encoder = make_momentum_copy(self.base_encoder)
+        if collectives_without_sync_bn():
+            convert_global_batchnorm(self)  # gloo/CPU: torch's SyncBatchNorm needs CUDA
+            self.sync_batch_norm = False  # already global: nothing left for the engine to convert
 
     @torch.no_grad()
     def _update_momentum_encoder(self, momentum: float) -> None:

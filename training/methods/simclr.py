@@ -18,6 +18,7 @@ from torch import nn
 from training.losses.ntxent import nt_xent
 from training.methods.base import Method, StepOutput
 from training.models import EmbeddingNetwork, build_backbone
+from training.models.global_bn import collectives_without_sync_bn, convert_global_batchnorm
 from training.models.heads import ProjectionHead
 
 
@@ -47,6 +48,9 @@ class SimCLR(Method):
             feature_dim, hidden_dim or feature_dim, dim, 2, hidden_bn=True, last_bn=last_bn
         )
         self.encoder = EmbeddingNetwork(backbone, projector)
+        if global_bn and collectives_without_sync_bn():
+            convert_global_batchnorm(self)  # gloo/CPU: torch's SyncBatchNorm needs CUDA
+            self.sync_batch_norm = False  # already global: nothing left for the engine to convert
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         x1, x2 = views

@@ -55,6 +55,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.momentum if self.momentum is not None else 0.1,
                 self.eps,
             )
+        out_dtype = input.dtype
+        input = input.float()  # statistics in fp32, as autocast runs batch_norm
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
         count = torch.tensor([input.numel() / input.shape[1]], dtype=input.dtype, device=input.device)
@@ -73,7 +75,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(unbiased.detach(), alpha=momentum)
                 self.num_batches_tracked.add_(1)
-        return out
+        return out.to(out_dtype)
 
 
 def convert_global_batchnorm(module: nn.Module) -> nn.Module:
@@ -98,6 +100,11 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         converted.add_module(name, convert_global_batchnorm(child))
     return converted
+
+
+def collectives_without_sync_bn() -> bool:
+    """True under a process group whose backend torch's SyncBatchNorm cannot use (gloo: CPU)."""
+    return is_distributed() and dist.get_backend() != "nccl"
 
 
 def to_global_batchnorm(module: nn.Module, device: torch.device | str) -> nn.Module:
