@@ -24,6 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from index.search_index import SearchIndex  # noqa: E402
 from service.embedded_db import EmbeddedDatabase, free_port  # noqa: E402
 from service.random_model import write_random_encoder  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from tests.service.service_helpers import fashion_mnist, png_bytes  # noqa: E402
 from training.encoder import Encoder  # noqa: E402
 
@@ -69,6 +71,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure_floor(model: Path, queries: list[bytes], catalogue_size: int, k: int, repeats: int) -> float:
     """Median ms of decode + embed + FAISS search for one image, in-process (no HTTP, no database)."""
+    faiss.omp_set_num_threads(Settings().FAISS_THREADS)  # as the service runs it
     encoder = Encoder.load(model)
     index = SearchIndex.empty_flat(encoder.embed_dim)
     vectors = np.random.default_rng(0).normal(size=(catalogue_size, encoder.embed_dim)).astype(np.float32)

@@ -156,11 +156,16 @@ async def read_file(db: Database, image_id: int, thumbnail: bool = False) -> tup
     return data, media_type
 
 
+SEARCH_FIELDS = {"label": 1, "tags": 1}  # what a search result shows: less to send and decode
+
+
 async def records_by_id(db: Database, ids: list[int], extra_filter: dict | None = None) -> dict[int, dict]:
+    """{id: record (label and tags only)} for the ids that exist and pass `extra_filter`."""
     query: dict[str, Any] = {"_id": {"$in": ids}}
     if extra_filter:
         query.update(extra_filter)
-    return {int(doc["_id"]): doc async for doc in db.images.find(query)}
+    cursor = db.images.find(query, SEARCH_FIELDS, batch_size=max(len(ids), 1))
+    return {int(doc["_id"]): doc async for doc in cursor}
 
 
 def metadata_filter(label: str | None, tags: list[str] | tuple[str, ...] | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+import faiss
 import numpy as np
 import torch
 
@@ -48,6 +49,9 @@ class NotReady(RuntimeError):
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # FAISS's idle OpenMP threads spin and starve torch's on a small machine (a 1-query search
+        # gains nothing from them); request concurrency comes from the thread pool instead.
+        faiss.omp_set_num_threads(settings.FAISS_THREADS)
         self.store = IndexStore(settings.index_dir)
         self.executor = ThreadPoolExecutor(settings.INFERENCE_THREADS, thread_name_prefix="inference")
         self.batcher = EmbeddingBatcher(self.executor, settings.EMBED_BATCH_MAX)

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     PUBLISH_DEBOUNCE_SECONDS: float = Field(10.0, ge=0, description="quiet time before republishing changes")
     EMBED_BATCH_MAX: int = Field(64, ge=1, description="largest micro-batch of concurrent embeddings")
     INFERENCE_THREADS: int = Field(2, ge=1, description="thread pool for decode, inference and FAISS")
+    FAISS_THREADS: int = Field(
+        1, ge=1, description="OpenMP threads per FAISS call (1: no spin-wait contention with torch)"
+    )
 
     @field_validator("MONGO_URI", "API_KEY", "MODEL_CHECKPOINT", "INDEX_DIR", mode="before")
     @classmethod
