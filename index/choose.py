@@ -20,6 +20,7 @@ ID_BYTES = 8
 # Each HNSW level-0 node keeps 2*M int32 neighbours; upper levels add ~1/M of that again.
 HNSW_LINK_BYTES_PER_M = 2 * 4 * 1.1
 PQ_SUBQUANTIZER_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4)
+MIN_PQ_SUBVECTOR = 2  # 1-dimensional sub-quantizers compress nothing worth their training time
 DEFAULT_MAX_MEMORY = "4G"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -70,7 +71,7 @@ def choose_index(
         candidates["ivfpq"] = pq
     if index_type != "auto":
         if index_type == "ivfpq" and pq is None:
-            pq = {"nlist": nlist, "pq_m": _divisors_of(dim)[-1], "pq_nbits": 8}
+            pq = {"nlist": nlist, "pq_m": _divisors_of(dim)[-1], "pq_nbits": 8, "opq": True}
             candidates["ivfpq"] = pq
         return index_type, candidates[index_type]
 
@@ -92,14 +93,15 @@ def choose_index(
 
 
 def _divisors_of(dim: int) -> list[int]:
-    """PQ sub-quantizer counts that divide D, largest first (smallest last)."""
-    return [m for m in PQ_SUBQUANTIZER_CHOICES if m <= dim and dim % m == 0] or [1]
+    """PQ sub-quantizer counts that divide D into sub-vectors of >= MIN_PQ_SUBVECTOR dimensions,
+    largest first."""
+    return [m for m in PQ_SUBQUANTIZER_CHOICES if dim % m == 0 and dim // m >= MIN_PQ_SUBVECTOR] or [1]
 
 
 def _fitting_pq(num_vectors: int, dim: int, nlist: int, budget: int) -> dict[str, Any] | None:
     """The largest (most accurate) PQ code that fits the budget, or None."""
     for m in _divisors_of(dim):
-        params = {"nlist": nlist, "pq_m": m, "pq_nbits": 8}
+        params = {"nlist": nlist, "pq_m": m, "pq_nbits": 8, "opq": True}
         if estimated_bytes("ivfpq", num_vectors, dim, params) <= budget:
             return params
     return None

@@ -2,7 +2,7 @@
 
   flat   IndexIDMap2(IndexFlatIP)                       exact
   ivf    IndexIVFFlat, native ids                        params: nlist, nprobe
-  ivfpq  IndexPreTransform(OPQ, IndexIVFPQ), native ids  params: nlist, nprobe, pq_m, pq_nbits
+  ivfpq  IndexPreTransform(OPQ, IndexIVFPQ), native ids  params: nlist, nprobe, pq_m, pq_nbits, opq
   hnsw   IndexIDMap2(IndexHNSWFlat)                      params: M, efConstruction, efSearch
 
 Training and adding run on the GPU when the installed FAISS has one (`faiss.get_num_gpus() > 0`);
@@ -46,7 +46,9 @@ def new_faiss_index(index_type: str, dim: int, params: dict[str, Any]) -> faiss.
         return faiss.index_factory(dim, f"IVF{int(params['nlist'])},Flat", faiss.METRIC_INNER_PRODUCT)
     if index_type == "ivfpq":
         m, nbits = int(params["pq_m"]), int(params.get("pq_nbits", 8))
-        spec = f"OPQ{m},IVF{int(params['nlist'])},PQ{m}x{nbits}"
+        # "np": no polysemous training (slow, and only useful for Hamming-filtered search).
+        rotation = f"OPQ{m}," if params.get("opq", True) else ""
+        spec = f"{rotation}IVF{int(params['nlist'])},PQ{m}x{nbits}np"
         return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     raise ValueError(f"unknown index type {index_type!r}; expected one of {INDEX_TYPES}")
 
