@@ -20,8 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_VERSION = "test-0123456789ab"
 
 
-def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m module args...` from the repository root; capture output."""
+def _run_module(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
@@ -31,6 +30,23 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> su
         text=True,
         timeout=120,
     )
+
+
+@pytest.fixture()
+def run_module():
+    """`run_module("index.build", "--out", d, env={...})`: run `python -m` from the repository root
+    with one OpenMP thread, capturing output."""
+    return _run_module
+
+
+@pytest.fixture()
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture()
+def model_version() -> str:
+    return MODEL_VERSION
 
 
 @pytest.fixture(autouse=True)
