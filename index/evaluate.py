@@ -23,7 +23,7 @@ from index.embeddings import load_embeddings
 from index.search_index import SearchIndex
 from index.store import INDEX_FILE, IndexStore
 from index.tune import DEFAULT_NUM_QUERIES, exact_neighbours, recall_at_k, sample_queries, time_search
-from index.vectors import VectorError, normalise_rows
+from index.vectors import VectorError, as_query_matrix, normalise_rows
 
 RECALL_CUTS = (1, 10, 100)
 
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if base_ids.size == 0:
         raise VectorError(f"none of the ids in {source} are in the index")
     if args.queries:
-        queries = load_embeddings(args.queries).vectors[: args.num_queries]
+        queries = as_query_matrix(
+            load_embeddings(args.queries).vectors[: args.num_queries], index.dim, "queries"
+        )
     else:
         queries = base_vectors[sample_queries(base_vectors.shape[0], args.num_queries)]
     result = evaluate_index(index, base_vectors, base_ids, queries)

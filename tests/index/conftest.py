@@ -82,5 +82,11 @@ def write_encoder_file(path: Path, version: str) -> Path:
 
 
 @pytest.fixture()
+def make_encoder():
+    """`make_encoder(path, version)` writes a minimal encoder file."""
+    return write_encoder_file
+
+
+@pytest.fixture()
 def encoder_file(tmp_path: Path) -> Path:
     return write_encoder_file(tmp_path / "encoder.pt", MODEL_VERSION)
