@@ -236,6 +236,8 @@ def test_instdisc_full_softmax_loss_and_proximal_term_equal_formula():
         proximal += 50.0 * float(((f[b] - bank[i]) ** 2).sum()) / 4
     assert out.metrics["loss/proximal"].item() == pytest.approx(proximal, rel=1e-4)
     assert out.loss.item() == pytest.approx(nll + proximal, rel=1e-4)
+    out.loss.backward()  # the in-place bank update must not break the graph
+    assert model.encoder.head.fc.weight.grad.abs().sum() > 0
     expected_bank = F.normalize(0.5 * bank[indices] + 0.5 * f, dim=1)
     torch.testing.assert_close(model.memory.bank[indices], expected_bank)
 

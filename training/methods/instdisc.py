@@ -86,7 +86,8 @@ class InstDisc(Method):
         features = F.normalize(self.encoder(views[0]), dim=1)  # BxD
         previous = self.memory(indices)  # BxD, v_i^{t-1}
         if self.nce_k == 0:
-            result = full_softmax_loss(features, self.memory.bank, indices, self.temperature)
+            # a copy: backward needs the bank as it was, and the update below is in place
+            result = full_softmax_loss(features, self.memory.bank.clone(), indices, self.temperature)
         else:
             candidates = sample_noise_indices(features.shape[0], self.nce_k, self.memory.size, indices)
             weights = self.memory(candidates)  # Bx(1+m)xD
