@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from training.refresh import add_refresh_arguments
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 EXIT_RUNTIME_ERROR = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3  # the refresh's quality guard kept the current version
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -54,10 +57,14 @@ def run_guarded(run: Callable[[], int]) -> int:
     from training.data.datasets import DataError
     from training.encoder import EncoderError
     from training.engine import TrainingError
+    from training.refresh import RefreshRefused
 
     warnings.formatwarning = _one_line_warning
     try:
         return run()
+    except RefreshRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except (DataError, TrainingError, CheckpointError, EncoderError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
@@ -74,7 +81,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine's flags; the backbone's (--arch, --width, --small-stem, ...) come with the method's."""
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--data", default="fashion-mnist", help="fashion-mnist | fashion-mnist:test | folder:PATH (recursive)"
+        "--data",
+        default=None,
+        help="fashion-mnist | fashion-mnist:test | folder:PATH (recursive) | catalogue[:MONGO_URI]; "
+        "not given: refresh from the catalogue (see below)",
     )
     data.add_argument("--subset", type=int, default=None, help="train on a seeded random N images only")
     data.add_argument(
@@ -171,13 +181,32 @@ def build_parser(
     if extra:
         extra(parser)
     add_engine_arguments(parser)
+    add_refresh_arguments(parser)
     add_method_arguments(parser, method_name)  # backbone flags, the paper's hyper-parameters and defaults
     parser.set_defaults(**(paper_defaults or {}))
     return parser
 
 
+def resolve_catalogue_defaults(args: argparse.Namespace) -> None:
+    """Catalogue mode: data from the service's database, outputs under DATA_DIR/refresh/<method>,
+    and the crop size of the model currently serving (so a refresh keeps the catalogue's scale)."""
+    from service.settings import Settings
+    from training.refresh import current_input_size
+
+    settings = Settings()
+    args.catalogue = True
+    if args.data is None or not args.data.startswith("catalogue"):
+        args.data = "catalogue"
+    if args.out is None:
+        args.out = settings.DATA_DIR / "refresh" / args.method
+    if args.crop_size is None:
+        args.crop_size = current_input_size(settings.index_dir) or 224
+
+
 def resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fill the data-dependent defaults and reject incompatible flags (usage errors, exit 2)."""
+    if args.data is None or args.catalogue or args.data.startswith("catalogue"):
+        resolve_catalogue_defaults(args)
     if args.crop_size is None:
         args.crop_size = 28 if args.data.startswith("fashion-mnist") else 224
     if args.out is None:
@@ -222,6 +251,10 @@ def train_main(
 
 
 def train(args: argparse.Namespace) -> int:
+    if args.catalogue:
+        from training.refresh import run_refresh
+
+        return run_refresh(args)
     from training import distributed as dist
     from training.checkpoint import resolve_resume
 
@@ -262,14 +295,18 @@ def knn_sets(args: argparse.Namespace, train_set: ImageDataset) -> tuple[ImageDa
     return train_set, KnnMonitor(memory, queries, k=args.knn_k, tau=args.knn_tau)
 
 
-def normalisation(data: str, in_channels: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std: Fashion-MNIST's own, else ImageNet's (the papers')."""
+def normalisation(data: str, images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std: Fashion-MNIST's own, ImageNet's (the papers') for other RGB data,
+    and measured on (up to 10k of) the images themselves for other greyscale data."""
     from training.data.augment import NORMALISATION
 
-    mean, std = NORMALISATION["fashion-mnist" if data.startswith("fashion-mnist") else "imagenet"]
-    if len(mean) != in_channels:
-        raise ValueError(f"no {in_channels}-channel normalisation for {data}")
-    return list(mean), list(std)
+    in_channels = images.shape[1]
+    key = "fashion-mnist" if data.startswith("fashion-mnist") else "imagenet"
+    mean, std = NORMALISATION[key]
+    if len(mean) == in_channels:
+        return list(mean), list(std)
+    sample = images[:10_000].float().div(255.0).transpose(0, 1).reshape(in_channels, -1)  # Cx(N*H*W)
+    return sample.mean(1).tolist(), sample.std(1).clamp_min(1e-3).tolist()
 
 
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
@@ -287,7 +324,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     train_set, knn = knn_sets(args, train_set)
     args.in_channels = train_set.in_channels
     args.num_samples = len(train_set)
-    mean, std = normalisation(args.data, train_set.in_channels)
+    mean, std = normalisation(args.data, train_set.images)
     method = build_method(args.method, args, len(train_set), train_set.in_channels, args.crop_size)
     augment = build_augmentation(args.augmentation, args.crop_size, train_set.in_channels, mean, std)
     torch.manual_seed(args.seed + 1 + dist.get_rank())  # augmentation randomness: different per rank

@@ -1,0 +1,259 @@
+"""The refresh loop: `python -m training.moco` (or simclr / instdisc) with no `--data`, or `--catalogue`.
+
+    train on the catalogue -> re-embed the whole catalogue -> build an index version (not current)
+    -> evaluate it against the current version -> publish (switch CURRENT) -> the service swaps
+
+Every stage records its result in `<out>/refresh.json` before the next one starts, so a killed
+refresh resumes where it stopped (training itself resumes from its checkpoint), and nothing the
+service reads changes until the last stage: a kill at any point leaves it on the previous version.
+
+The quality guard compares weighted kNN top-1 (k=200, tau=0.07) of the new and the current model
+on the same held-out slice of the labelled catalogue (memory: the other labelled records), and
+refuses to publish a model that is worse by more than `--quality-margin` unless `--force-publish`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training import distributed as dist
+
+STATE_FILE = "refresh.json"
+EMBEDDINGS_FILE = "embeddings.npz"
+ENCODER_FILE = "encoder.pt"
+
+
+class RefreshRefused(RuntimeError):
+    """The quality guard kept the current version (message says why)."""
+
+
+def add_refresh_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "catalogue refresh (the default when --data is not given)",
+        "train on the catalogue in MongoDB (MONGO_URI, or the embedded database under DATA_DIR), "
+        "re-embed it, build, evaluate and publish a new index version that the service picks up",
+    )
+    group.add_argument(
+        "--catalogue", action="store_true", help="refresh from the catalogue (implied without --data)"
+    )
+    group.add_argument(
+        "--no-publish", action="store_true", help="stop after evaluation; the new version is not made current"
+    )
+    group.add_argument(
+        "--force-publish", action="store_true", help="publish even when the quality guard says worse"
+    )
+    group.add_argument(
+        "--quality-margin",
+        type=float,
+        default=0.01,
+        help="largest drop in held-out kNN top-1 (absolute, 0.01 = 1 point) still published",
+    )
+    group.add_argument("--index-type", default="auto", help="index.build --type for the new version")
+    group.add_argument("--target-recall", type=float, default=0.95, help="index.build --target-recall")
+
+
+def current_input_size(index_dir: Path) -> int | None:
+    """The input size of the encoder in the current index version (None when there is none)."""
+    from index.store import IndexStore, IndexStoreError
+    from training.encoder import EncoderError, read_encoder_record
+
+    try:
+        encoder_path = IndexStore(index_dir).load().encoder_path
+        return int(read_encoder_record(encoder_path)["input_size"]) if encoder_path else None
+    except (IndexStoreError, EncoderError, OSError):
+        return None
+
+
+class RefreshState:
+    """`<out>/refresh.json`: which stages are done and what they produced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data.get("stages", {})
+
+    def result(self, stage: str) -> dict[str, Any]:
+        return self.data["stages"][stage]
+
+    def record(self, stage: str, result: dict[str, Any]) -> None:
+        self.data.setdefault("stages", {})[stage] = result
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def start_or_resume(out: Path) -> RefreshState:
+    """Resume an unfinished refresh in `out`; after a finished one, archive it and start afresh."""
+    state = RefreshState(out / STATE_FILE)
+    if state.done("publish") or state.done("refused"):
+        history = out.parent / "refresh-history.jsonl"
+        with open(history, "a") as f:
+            f.write(json.dumps(state.data, default=str) + "\n")
+        shutil.rmtree(out)
+        state = RefreshState(out / STATE_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    if not state.data:
+        state.data = {"started_at": datetime.now(timezone.utc).isoformat(), "stages": {}}
+    return state
+
+
+def held_out_accuracy(
+    vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray, k: int, tau: float
+) -> float | None:
+    """Weighted kNN top-1 of the held-out labelled slice against the other labelled rows (None when
+    there are too few labels). The split is `training.data.datasets.split_held_out`'s, by id."""
+    from index.knn import KNNClassifier
+
+    labelled = labels >= 0
+    held = labelled & ((ids % 1000) < 100)
+    memory = labelled & ~held
+    if held.sum() < 10 or memory.sum() < 10:
+        return None
+    classifier = KNNClassifier.from_vectors(vectors[memory], labels[memory], k=k, tau=tau)
+    return classifier.evaluate(vectors[held], labels[held])["top1"]
+
+
+def embed_catalogue(encoder_path: Path, data_spec: str, device: torch.device) -> tuple[Any, np.ndarray, str]:
+    """(data set, NxD vectors, model version): the whole catalogue, sharded over ranks."""
+    from training.data.datasets import load_dataset
+    from training.embed import embed_in_shards
+    from training.encoder import Encoder
+
+    encoder = Encoder.load(encoder_path, device)
+    data = load_dataset(data_spec, encoder.input_size, in_channels=encoder.in_channels)
+    vectors = embed_in_shards(
+        lambda batch: torch.from_numpy(encoder.embed(batch)), data.images, desc=f"embedding {data.name}"
+    )
+    return data, vectors.cpu().numpy(), encoder.version
+
+
+def run_refresh(args: argparse.Namespace) -> int:
+    from index.embeddings import Embeddings, load_embeddings, save_embeddings
+    from service.settings import Settings
+    from training.cli import build_trainer
+
+    settings = Settings()
+    device = dist.init_distributed(args.device)
+    out = Path(args.out)
+    state = start_or_resume(out) if dist.is_main_process() else RefreshState(out / STATE_FILE)
+    dist.barrier()
+    say = print if dist.is_main_process() else (lambda *a, **k: None)
+
+    # 1. Train (the engine resumes from <out>/checkpoint.pt after a kill).
+    if not state.done("train"):
+        args.resume = "auto"
+        summary = build_trainer(args, device).fit()
+        if summary.get("stopped_by") == "signal":
+            return 130
+        if dist.is_main_process():
+            state.record("train", {k: v for k, v in summary.items() if k != "history"})
+    dist.barrier()
+    encoder_path = out / ENCODER_FILE
+
+    # 2. Re-embed the whole catalogue (including images added while training ran).
+    embeddings_path = out / EMBEDDINGS_FILE
+    if not RefreshState(out / STATE_FILE).done("embed"):
+        data, vectors, model_version = embed_catalogue(encoder_path, args.data, device)
+        if dist.is_main_process():
+            save_embeddings(
+                embeddings_path,
+                Embeddings(
+                    vectors, data.ids.numpy(), model_version, data.labels.numpy(), data.class_names or None
+                ),
+            )
+            state.record("embed", {"vectors": len(data), "model_version": model_version})
+            say(f"embedded {len(data)} catalogue images with {model_version}")
+    dist.barrier()
+    if not dist.is_main_process():
+        return 0
+
+    from index.build import build_tuned_index
+    from index.choose import DEFAULT_MAX_MEMORY, parse_bytes
+    from index.store import IndexStore
+
+    store = IndexStore(settings.index_dir)
+    emb = load_embeddings(embeddings_path)
+
+    # 3. Build and write a new version, not yet current.
+    if not state.done("index"):
+        index = build_tuned_index(
+            emb.vectors, emb.ids, labels=emb.labels, class_names=emb.class_names,
+            index_type=args.index_type, max_memory_bytes=parse_bytes(DEFAULT_MAX_MEMORY),
+            target_recall=args.target_recall,
+        )  # fmt: skip
+        version = store.publish(
+            index,
+            encoder_path=encoder_path,
+            extra_manifest={"created_by": f"refresh ({args.method})", "train": state.result("train")},
+            make_current=False,
+        )
+        state.record(
+            "index", {"version": version, "recall": index.manifest.get("recall", {}).get("measured")}
+        )
+        say(f"built index version {version} ({index.index_type}, {index.ntotal} vectors)")
+    version = state.result("index")["version"]
+
+    # 4. Evaluate against the current version on the same held-out slice.
+    if not state.done("evaluate"):
+        state.record("evaluate", evaluate_against_current(store, emb, args, device))
+    verdict = state.result("evaluate")
+    say(verdict["summary"])
+    if args.no_publish:
+        say(f"--no-publish: version {version} is written but not current (index.store set_current to use it)")
+        return 0
+    if not verdict["better_or_equal"] and not args.force_publish:
+        state.record("refused", {"at": datetime.now(timezone.utc).isoformat()})
+        raise RefreshRefused(
+            f"not published: {verdict['summary']}; the service stays on {verdict['current_version']} "
+            "(--force-publish to publish anyway)"
+        )
+
+    # 5. Publish: one atomic switch of CURRENT; the service notices it and swaps.
+    store.set_current(version)
+    state.record("publish", {"version": version, "at": datetime.now(timezone.utc).isoformat()})
+    say(f"published index version {version}; the running service swaps to it within its poll interval")
+    return 0
+
+
+def evaluate_against_current(store: Any, emb: Any, args: argparse.Namespace, device: torch.device) -> dict:
+    """kNN top-1 of the new embeddings and of the current version's model on the same catalogue."""
+    started = time.perf_counter()
+    k, tau = args.knn_k, args.knn_tau
+    new = held_out_accuracy(emb.vectors, emb.labels, emb.ids, k, tau) if emb.labels is not None else None
+    current_version = store.current_version()
+    current = None
+    if current_version is not None and new is not None:
+        encoder_path = store.load(current_version).encoder_path
+        if encoder_path is not None:
+            data, vectors, _ = embed_catalogue(encoder_path, args.data, device)
+            current = held_out_accuracy(vectors, data.labels.numpy(), data.ids.numpy(), k, tau)
+    better = new is None or current is None or new >= current - args.quality_margin
+    if new is None:
+        text = "quality guard skipped: too few labelled catalogue images to hold out"
+    elif current is None:
+        text = f"held-out kNN top-1 {new:.2%} (no current model to compare with)"
+    else:
+        text = (
+            f"held-out kNN top-1: new {new:.2%} vs current {current:.2%} "
+            f"({'within' if better else 'worse than'} the {args.quality_margin:.2%} margin)"
+        )
+    return {
+        "new_top1": new,
+        "current_top1": current,
+        "current_version": current_version,
+        "better_or_equal": better,
+        "summary": text,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
