@@ -125,7 +125,11 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=1_000_000, help="synthetic vectors")
     parser.add_argument("--dim", type=int, default=128, help="synthetic dimension")
     parser.add_argument("--clusters", type=int, default=1000, help="synthetic clusters")
-    parser.add_argument("--spread", type=float, default=0.6, help="synthetic noise (larger = harder search)")
+    parser.add_argument(
+        "--spread",
+        default="0.6",
+        help="synthetic noise, comma-separated for several data sets (larger = harder)",
+    )
     parser.add_argument("--real", help="also benchmark these real embeddings (.npz from training.embed)")
     parser.add_argument("--types", default="flat,ivf,hnsw,ivfpq", help="comma-separated index types")
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries")
@@ -140,9 +144,11 @@ def main() -> int:
     args.types.insert(0, "flat")
 
     started = time.perf_counter()
-    vectors, _ = clustered_vectors(args.n, args.dim, num_clusters=args.clusters, spread=args.spread, seed=0)
-    rows = bench_dataset(f"synthetic {args.n // 1000}k x {args.dim} (spread {args.spread})", vectors, args)
-    del vectors
+    rows = []
+    for spread in map(float, args.spread.split(",")):
+        vectors, _ = clustered_vectors(args.n, args.dim, num_clusters=args.clusters, spread=spread, seed=0)
+        rows += bench_dataset(f"synthetic {args.n // 1000}k x {args.dim} (spread {spread})", vectors, args)
+        del vectors
     if args.real:
         real = load_embeddings(args.real)
         rows += bench_dataset(

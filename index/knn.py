@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--eval", action="store_true", required=True, help="evaluate top-1/top-5 accuracy")
     parser.add_argument("--index", required=True, help="index directory")
-    parser.add_argument("--version", help="index version (default: the current one)")
+    parser.add_argument("--version", help="index version (omit for the current one)")
     parser.add_argument("--queries", required=True, help="labelled embeddings .npz (e.g. the test split)")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours that vote (paper: 200)")
     parser.add_argument(

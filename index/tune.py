@@ -18,6 +18,7 @@ DEFAULT_TARGET_RECALL = 0.95
 DEFAULT_K = 10
 DEFAULT_NUM_QUERIES = 1000
 EXACT_BATCH = 4096
+PLATEAU_TOLERANCE = 0.005
 
 
 def exact_neighbours(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -91,7 +92,9 @@ def tune_search(
     progress: bool = True,
 ) -> TuneResult:
     """Find the smallest nprobe / efSearch with recall@k >= target: doubling until reached, then a
-    binary search between the last miss and the first hit (recall grows with the knob)."""
+    binary search between the last miss and the first hit (recall grows with the knob). When even
+    the largest value misses the target, the result says so (reached=False) and holds the smallest
+    value within PLATEAU_TOLERANCE of the best recall."""
     knob = SEARCH_KNOB[index.index_type]
 
     def measure(value: int | None) -> float:
@@ -113,20 +116,24 @@ def tune_search(
             return recall
 
         # HNSW searches with max(efSearch, k), so efSearch values below k are all the same.
-        low, value = (0, 1) if knob == "nprobe" else (k - 1, max(16, k))
-        value = min(value, ceiling)
+        value = min(1 if knob == "nprobe" else max(16, k), ceiling)
+        doubling = [(k - 1 if knob == "efSearch" else 0, 0.0)]
         while (recall := tried(value)) < target_recall and value < ceiling:
-            low, value = value, min(2 * value, ceiling)
-        if recall < target_recall:  # the ceiling itself misses the target: report the best we have
-            params = {knob: value}
-            return TuneResult(knob, value, recall, False, time_search(index, queries, k, params), curve)
-        high, best = value, recall
+            doubling.append((value, recall))
+            value = min(2 * value, ceiling)
+        doubling.append((value, recall))
+        reached = recall >= target_recall
+        # Unreachable target (lossy PQ codes): settle for the smallest value within PLATEAU_TOLERANCE of
+        # the best recall seen rather than searching every list.
+        goal = target_recall if reached else max(r for _, r in doubling) - PLATEAU_TOLERANCE
+        first_hit = next(i for i in range(1, len(doubling)) if doubling[i][1] >= goal)
+        (low, _), (high, best) = doubling[first_hit - 1], doubling[first_hit]
         while high - low > 1:
             middle = (low + high) // 2
             middle_recall = tried(middle)
-            if middle_recall >= target_recall:
+            if middle_recall >= goal:
                 high, best = middle, middle_recall
             else:
                 low = middle
     params = {knob: high}
-    return TuneResult(knob, high, best, True, time_search(index, queries, k, params), curve)
+    return TuneResult(knob, high, best, reached, time_search(index, queries, k, params), curve)

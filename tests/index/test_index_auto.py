@@ -8,8 +8,9 @@ import pytest
 
 from index.build import build_tuned_index
 from index.choose import choose_index, estimated_bytes, parse_bytes
+from index.factory import build_index
 from index.synthetic import clustered_vectors, random_ids
-from index.tune import sample_queries
+from index.tune import PLATEAU_TOLERANCE, exact_neighbours, sample_queries, tune_search
 
 TARGET = 0.95
 K = 10
@@ -89,3 +90,16 @@ def test_choose_index_rules():
     assert parse_bytes("1.5G") == int(1.5 * 2**30) and parse_bytes("512M") == 512 * 2**20
     with pytest.raises(ValueError):
         parse_bytes("lots")
+
+
+def test_unreachable_target_is_reported_and_settles_on_the_plateau(small_data):
+    vectors, ids, _ = small_data
+    params = {"nlist": 64, "pq_m": 4, "pq_nbits": 8, "opq": False}  # 4-byte codes: lossy
+    index = build_index(vectors, ids, "ivfpq", params, progress=False)
+    queries = vectors[sample_queries(len(vectors), 300)]
+    truth = exact_neighbours(vectors, ids, queries, K)
+    result = tune_search(index, queries, truth, K, target_recall=1.0, progress=False)
+    curve = dict(result.curve)
+    assert not result.reached and result.recall < 1.0
+    assert result.recall >= max(curve.values()) - PLATEAU_TOLERANCE
+    assert result.value < 64 and curve[result.value - 1] < max(curve.values()) - PLATEAU_TOLERANCE
