@@ -69,22 +69,29 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def measure_floor(model: Path, queries: list[bytes], catalogue_size: int, k: int, repeats: int) -> float:
-    """Median ms of decode + embed + FAISS search for one image, in-process (no HTTP, no database)."""
-    faiss.omp_set_num_threads(Settings().FAISS_THREADS)  # as the service runs it
-    encoder = Encoder.load(model)
-    index = SearchIndex.empty_flat(encoder.embed_dim)
-    vectors = np.random.default_rng(0).normal(size=(catalogue_size, encoder.embed_dim)).astype(np.float32)
-    index.add(vectors, np.arange(1, catalogue_size + 1))
-    timings = []
-    for i in range(repeats + 10):
+class Floor:
+    """decode + embed + FAISS search of one image in this process (no HTTP, no database)."""
+
+    def __init__(self, model: Path, catalogue_size: int, k: int) -> None:
+        faiss.omp_set_num_threads(Settings().FAISS_THREADS)  # as the service runs it
+        self.encoder = Encoder.load(model)
+        self.index = SearchIndex.empty_flat(self.encoder.embed_dim)
+        vectors = np.random.default_rng(0).normal(size=(catalogue_size, self.encoder.embed_dim))
+        self.index.add(vectors.astype(np.float32), np.arange(1, catalogue_size + 1))
+        self.k = k
+
+    def sample(self, query: bytes) -> float:
+        """Milliseconds for one image."""
         started = time.perf_counter()
-        image = encoder.prepare(queries[i % len(queries)])
-        vector = encoder.embed(image[None])
-        index.search(vector, k)
-        if i >= 10:  # warm-up excluded
-            timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings)
+        image = self.encoder.prepare(query)  # CxSxS uint8
+        vector = self.encoder.embed(image[None])  # 1xD
+        self.index.search(vector, self.k)
+        return (time.perf_counter() - started) * 1000
+
+    def median(self, queries: list[bytes], repeats: int) -> float:
+        for query in queries[:10]:  # warm-up
+            self.sample(query)
+        return statistics.median(self.sample(queries[i % len(queries)]) for i in range(repeats))
 
 
 def start_service(data_dir: Path, mongo_uri: str, port: int) -> subprocess.Popen:
@@ -123,8 +130,17 @@ def ingest(url: str, images: list[bytes], labels: list[str]) -> None:
                 bar.update(len(files))
 
 
-async def load(url: str, queries: list[bytes], concurrency: int, count: int, max_s: float, k: int) -> dict:
+async def load(
+    url: str,
+    queries: list[bytes],
+    concurrency: int,
+    count: int,
+    max_s: float,
+    k: int,
+) -> dict:
+    """Latencies of up to `count` searches by `concurrency` workers, and the service's own stage timings."""
     latencies: list[float] = []
+    stages: dict[str, list[float]] = {}
     errors = 0
     issued = 0
     deadline = time.monotonic() + max_s
@@ -143,6 +159,8 @@ async def load(url: str, queries: list[bytes], concurrency: int, count: int, max
                 elapsed = (time.perf_counter() - started) * 1000
                 if reply.status_code == 200:
                     latencies.append(elapsed)
+                    for stage, ms in reply.json()["timing_ms"].items():
+                        stages.setdefault(stage, []).append(ms)
                 else:
                     errors += 1
 
@@ -159,6 +177,7 @@ async def load(url: str, queries: list[bytes], concurrency: int, count: int, max
         "p95": percentile(latencies, 95),
         "p99": percentile(latencies, 99),
         "rps": len(latencies) / wall,
+        "stages": {stage: statistics.median(values) for stage, values in stages.items()},
     }
 
 
@@ -179,8 +198,10 @@ def machine() -> str:
 
 
 def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict]) -> str:
-    floor_ms = min(floors_ms)  # the less disturbed measurement: the conservative ratio
-    ratio = rows[0]["p50"] / floor_ms if rows and rows[0]["concurrency"] == 1 else float("nan")
+    floor_ms = min(floors_ms)  # the less disturbed of the two: the conservative ratio
+    first = rows[0] if rows and rows[0]["concurrency"] == 1 else None
+    ratio = first["p50"] / floor_ms if first else float("nan")
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in first["stages"].items()) if first else "n/a"
     lines = [
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
@@ -188,9 +209,10 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict]) -
         f"- command: `python bench/search_bench.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         f"- catalogue: {args.catalogue} Fashion-MNIST PNGs, flat index, k={args.k}, "
         f"{'MONGO_URI' if os.environ.get('MONGO_URI') else 'embedded SecantusDB'}, loopback HTTP",
-        f"- floor (in-process decode + embed + FAISS search of one image, median of {args.floor_repeats}; "
-        f"before / after the load): {' / '.join(f'{f:.2f}' for f in floors_ms)} ms, "
-        f"using **{floor_ms:.2f} ms**",
+        "- floor: in-process decode + embed + FAISS search of one image, median of "
+        f"{args.floor_repeats}, measured just before / just after the concurrency-1 level: "
+        f"{' / '.join(f'{f:.2f}' for f in floors_ms)} ms, using **{floor_ms:.2f} ms**",
+        f"- the service's own stage medians at concurrency 1 (timing_ms): {stages} ms",
         "",
         "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | requests/s |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -230,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         model = args.model or write_random_encoder(data_dir / "model.pt")
         if args.model:
             (data_dir / "model.pt").write_bytes(args.model.read_bytes())
-        floors = [measure_floor(model, queries, count, args.k, args.floor_repeats)]
-        print(f"floor (decode + embed + search, in-process): {floors[0]:.2f} ms")
+        floor = Floor(model, count, args.k)
+        floors: list[float] = []
 
         database = None
         mongo_uri = os.environ.get("MONGO_URI")
@@ -246,7 +268,12 @@ def main(argv: list[str] | None = None) -> None:
             wait_ready(url, process)
             ingest(url, pngs, label_names)
             for concurrency in args.concurrency:
+                if concurrency == 1:
+                    floors.append(floor.median(queries, args.floor_repeats))
                 row = asyncio.run(load(url, queries, concurrency, args.requests, args.max_seconds, args.k))
+                if concurrency == 1:
+                    floors.append(floor.median(queries, args.floor_repeats))
+                    print(f"floor (in-process decode + embed + search) before / after: {floors} ms")
                 rows.append(row)
                 print(
                     f"concurrency {concurrency:>2}: p50 {row['p50']:.2f} ms, p95 {row['p95']:.2f} ms, "
@@ -257,10 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             process.wait(60)
             if database is not None:
                 database.stop()
-        floors.append(measure_floor(model, queries, count, args.k, args.floor_repeats))
-        print(f"floor again after the load: {floors[1]:.2f} ms")
 
-    block = report(args, floors, rows)
+    block = report(args, floors or [float("nan")], rows)
     print("\n" + block)
     if not args.no_append:
         append_results(block)
