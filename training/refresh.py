@@ -8,8 +8,15 @@ refresh resumes where it stopped (training itself resumes from its checkpoint), 
 service reads changes until the last stage: a kill at any point leaves it on the previous version.
 
 The quality guard compares weighted kNN top-1 (k=200, tau=0.07) of the new and the current model
-on the same held-out slice of the labelled catalogue (memory: the other labelled records), and
-refuses to publish a model that is worse by more than `--quality-margin` unless `--force-publish`.
+on the same held-out slice of the labelled catalogue (a hashed 10% of the ids; memory: the other
+labelled records), and refuses to publish a model that is worse by more than `--quality-margin`
+unless `--force-publish`.
+A run ends in `publish`, `refused` or `not_published` (`--no-publish`); the next run archives it to
+`refresh-history.jsonl` and starts afresh, except that `--force-publish` after a refusal publishes
+the refused version (as the refusal message promises) instead of training another model.
+
+For crash testing, REFRESH_CRASH_AFTER=<stage> (train, embed, index, evaluate) makes the process
+`os._exit(CRASH_EXIT_CODE)` right after that stage is recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ from training import distributed as dist
 STATE_FILE = "refresh.json"
 EMBEDDINGS_FILE = "embeddings.npz"
 ENCODER_FILE = "encoder.pt"
+FINAL_STAGES = ("publish", "refused", "not_published")
+CRASH_ENV = "REFRESH_CRASH_AFTER"
+CRASH_EXIT_CODE = 75
+HELD_OUT_FRACTION = 0.1
+MIN_HELD_OUT = 10  # fewer labelled queries (or memory rows) than this: the guard is skipped
 
 
 class RefreshRefused(RuntimeError):
@@ -92,12 +104,24 @@ class RefreshState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
         os.replace(tmp, self.path)
+        if os.environ.get(CRASH_ENV) == stage:
+            os._exit(CRASH_EXIT_CODE)
+
+    def forget(self, stage: str) -> None:
+        self.data.get("stages", {}).pop(stage, None)
+
+    @property
+    def finished(self) -> bool:
+        return any(self.done(stage) for stage in FINAL_STAGES)
 
 
-def start_or_resume(out: Path) -> RefreshState:
-    """Resume an unfinished refresh in `out`; after a finished one, archive it and start afresh."""
+def start_or_resume(out: Path, force_publish: bool = False) -> RefreshState:
+    """Resume an unfinished refresh in `out`; after a finished one, archive it and start afresh.
+    `force_publish` after a refusal resumes instead, so the refused version gets published."""
     state = RefreshState(out / STATE_FILE)
-    if state.done("publish") or state.done("refused"):
+    if force_publish and state.done("refused") and not state.done("publish"):
+        state.forget("refused")
+    if state.finished:
         history = out.parent / "refresh-history.jsonl"
         with open(history, "a") as f:
             f.write(json.dumps(state.data, default=str) + "\n")
@@ -109,17 +133,31 @@ def start_or_resume(out: Path) -> RefreshState:
     return state
 
 
+def held_out_mask(ids: np.ndarray, fraction: float = HELD_OUT_FRACTION) -> np.ndarray:
+    """bool N: a stable ~`fraction` of the ids, spread evenly over any id pattern.
+
+    Catalogue ids are a counter (1, 2, 3, ...) and catalogues are uploaded class by class, so
+    `id % 1000 < 100` would hold out the first 99 uploads: whole classes missing from the memory
+    and the guard comparing 0% with 0%. The ids are mixed first (splitmix64's finaliser)."""
+    mixed = np.asarray(ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash intends
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    mixed ^= mixed >> np.uint64(31)
+    return (mixed % np.uint64(10_000)) < np.uint64(round(fraction * 10_000))
+
+
 def held_out_accuracy(
     vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray, k: int, tau: float
 ) -> float | None:
-    """Weighted kNN top-1 of the held-out labelled slice against the other labelled rows (None when
-    there are too few labels). The split is `training.data.datasets.split_held_out`'s, by id."""
+    """Weighted kNN top-1 of the held-out labelled slice (`held_out_mask`) against the other
+    labelled rows (None when there are too few labels on either side)."""
     from index.knn import KNNClassifier
 
     labelled = labels >= 0
-    held = labelled & ((ids % 1000) < 100)
+    held = labelled & held_out_mask(ids)
     memory = labelled & ~held
-    if held.sum() < 10 or memory.sum() < 10:
+    if held.sum() < MIN_HELD_OUT or memory.sum() < MIN_HELD_OUT:
         return None
     classifier = KNNClassifier.from_vectors(vectors[memory], labels[memory], k=k, tau=tau)
     return classifier.evaluate(vectors[held], labels[held])["top1"]
@@ -147,7 +185,10 @@ def run_refresh(args: argparse.Namespace) -> int:
     settings = Settings()
     device = dist.init_distributed(args.device)
     out = Path(args.out)
-    state = start_or_resume(out) if dist.is_main_process() else RefreshState(out / STATE_FILE)
+    if dist.is_main_process():
+        state = start_or_resume(out, force_publish=args.force_publish)
+    else:
+        state = RefreshState(out / STATE_FILE)
     dist.barrier()
     say = print if dist.is_main_process() else (lambda *a, **k: None)
 
@@ -211,6 +252,7 @@ def run_refresh(args: argparse.Namespace) -> int:
     verdict = state.result("evaluate")
     say(verdict["summary"])
     if args.no_publish:
+        state.record("not_published", {"at": datetime.now(timezone.utc).isoformat()})
         say(f"--no-publish: version {version} is written but not current (index.store set_current to use it)")
         return 0
     if not verdict["better_or_equal"] and not args.force_publish:
