@@ -6,13 +6,23 @@ import argparse
 import logging
 
 import uvicorn
+from pydantic import ValidationError
 
+from service.embedded_db import EmbeddedDatabaseError, secantusd_executable
 from service.main import create_app
 from service.settings import Settings
 
 
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:  # one line per bad variable, not a traceback
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"error: invalid settings: {problems}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings()
+    settings = load_settings()
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Serve the image-retrieval API. Every other setting comes from the environment "
@@ -31,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not settings.MONGO_URI:
+        try:  # fail before uvicorn starts, with one line instead of a lifespan traceback
+            secantusd_executable()
+        except EmbeddedDatabaseError as exc:
+            parser.exit(2, f"error: {exc}\n")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
 
 

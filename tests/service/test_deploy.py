@@ -90,3 +90,14 @@ def test_cli_help_documents_the_settings() -> None:
     assert result.returncode == 0, result.stderr
     assert "--host" in result.stdout and "--port" in result.stdout and "default 8000" in result.stdout
     assert "MONGO_URI" in result.stdout
+
+
+def test_cli_rejects_bad_settings_in_one_line() -> None:
+    env = {"PATH": "/usr/bin:/bin", "MAX_UPLOAD_BYTES": "lots", "MONGO_URI": "mongodb://127.0.0.1:1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid settings: MAX_UPLOAD_BYTES: ")
+    assert "valid integer" in lines[0]
