@@ -32,7 +32,7 @@ from index.tune import (
     single_query_latency,
     tune_search,
 )
-from index.vectors import normalise_rows
+from index.vectors import VectorError, as_id_array, as_query_matrix
 
 
 def build_tuned_index(
@@ -49,9 +49,14 @@ def build_tuned_index(
     seed: int = 0,
     progress: bool = True,
 ) -> SearchIndex:
-    """Choose, build and tune an index over float32 NxD unit vectors; the tuned knob goes into
-    `index.params` and the measurements into `index.manifest`."""
+    """Choose, build and tune an index over float32 NxD vectors (re-normalised here; NaN/inf and
+    duplicate ids rejected with VectorError); the tuned knob goes into `index.params` and the
+    measurements into `index.manifest`."""
+    if np.ndim(vectors) != 2 or len(vectors) == 0:
+        raise VectorError(f"expected a non-empty NxD matrix, got shape {np.shape(vectors)}")
     num_vectors, dim = vectors.shape
+    vectors = as_query_matrix(vectors, dim, "vectors")  # a normalised float32 copy
+    ids = as_id_array(ids, num_vectors)
     chosen, params = choose_index(num_vectors, dim, max_memory_bytes, index_type)
     query_rows = sample_queries(num_vectors, num_queries, seed)
     started = time.perf_counter()
@@ -162,11 +167,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     embeddings: Embeddings = load_embeddings(args.embeddings)
-    vectors = normalise_rows(embeddings.vectors.copy())
     if args.encoder:
         check_encoder(args.encoder, embeddings.model_version)
     index = build_tuned_index(
-        vectors,
+        embeddings.vectors,
         embeddings.ids,
         labels=embeddings.labels,
         class_names=embeddings.class_names,

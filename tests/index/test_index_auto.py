@@ -11,6 +11,7 @@ from index.choose import choose_index, estimated_bytes, parse_bytes
 from index.factory import build_index
 from index.synthetic import clustered_vectors, random_ids
 from index.tune import PLATEAU_TOLERANCE, exact_neighbours, sample_queries, tune_search
+from index.vectors import VectorError
 
 TARGET = 0.95
 K = 10
@@ -103,3 +104,16 @@ def test_unreachable_target_is_reported_and_settles_on_the_plateau(small_data):
     assert not result.reached and result.recall < 1.0
     assert result.recall >= max(curve.values()) - PLATEAU_TOLERANCE
     assert result.value < 64 and curve[result.value - 1] < max(curve.values()) - PLATEAU_TOLERANCE
+
+
+def test_build_renormalises_and_rejects_non_finite_vectors(small_data):
+    vectors, ids, _ = small_data
+    index = build_tuned_index(3.0 * vectors[:500], ids[:500], progress=False)
+    scores = index.search(vectors[:5], 1)[0]
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)  # cosine, not 3x inner product
+    bad = vectors[:500].copy()
+    bad[10, 0] = np.inf
+    with pytest.raises(VectorError, match="NaN or infinity"):
+        build_tuned_index(bad, ids[:500], progress=False)
+    with pytest.raises(VectorError, match="duplicate ids"):
+        build_tuned_index(vectors[:3], np.array([1, 2, 1]), progress=False)
