@@ -50,7 +50,7 @@ else
   DATA=()
   BATCH=256
 fi
-COMMON=(--device "$DEVICE" --amp bf16 "${MODEL[@]}")
+COMMON=(--data fashion-mnist --device "$DEVICE" --amp bf16 "${MODEL[@]}")
 
 echo "== 1. training step throughput: full vs bare, 1 vs $NGPU GPU(s) =="
 NPROC_FLAG=()

@@ -139,6 +139,8 @@ def main() -> None:
     training_argv = [a for a in training_argv if a != "--"]
     if not any(a.startswith("--arch") for a in training_argv):
         training_argv = CPU_DEFAULTS + training_argv
+    if not any(a.startswith("--data") for a in training_argv):
+        training_argv = ["--data", "fashion-mnist", *training_argv]
     if bench.worker:
         result = worker(bench, training_argv)
         if dist.is_main_process():

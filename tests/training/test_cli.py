@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,23 @@ from PIL import Image
 from training import instdisc, moco, simclr
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--arch", "resnet18", "--width", "0.0625", "--no-tensorboard", "--no-progress", "--knn-every", "0"]
+TINY = [
+    "--data",
+    "fashion-mnist",
+    "--arch",
+    "resnet18",
+    "--width",
+    "0.0625",
+    "--no-tensorboard",
+    "--no-progress",
+]
+TINY += ["--knn-every", "0"]
 
 
 def run_command(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # busy shared cores: one thread is many times faster
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
     )
 
 
@@ -77,7 +89,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, messag
 def test_usage_errors_exit_2_with_one_line(tmp_path):
     unknown_arch = run_command("training.simclr", "--arch", "resnet9000", "--out", str(tmp_path))
     assert_one_line_error(unknown_arch, 2, "argument --arch: invalid choice: 'resnet9000'")
-    splits = run_command("training.moco", "--version", "2", "--batch-size", "100", "--num-splits", "8")
+    splits = run_command("training.moco", *TINY, "--batch-size", "100", "--num-splits", "8")
     assert_one_line_error(splits, 2, "--batch-size 100 does not divide into --num-splits 8")
     assert not (tmp_path / "checkpoint.pt").exists()
 

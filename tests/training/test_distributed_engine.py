@@ -13,12 +13,13 @@ import torch
 
 from index.embeddings import load_embeddings
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 # 96 images, global batch 32: 16 per rank, 3 steps per epoch; shuffling BN across the 2 ranks.
 TRAIN = [
-    "--version", "2", "--arch", "resnet18", "--width", "0.0625", "--subset", "96", "--batch-size", "32",
+    "--data", "fashion-mnist", "--version", "2", "--arch", "resnet18", "--width", "0.0625",
+    "--subset", "96", "--batch-size", "32",
     "--moco-k", "64", "--epochs", "2", "--knn-every", "0", "--no-tensorboard", "--no-progress",
     "--device", "cpu",
 ]  # fmt: skip
@@ -83,6 +84,7 @@ def test_two_rank_resume_continues_exactly_and_embed_matches_one_rank(tmp_path):
     single = subprocess.run(
         [sys.executable, "-m", "training.embed", *common, "--out", str(tmp_path / "one.npz")],
         cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=300,
