@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from index.search_index import SearchIndex
-from index.store import IndexStore
+from index.store import ENCODER_FILE, IndexStore
 from service.batcher import EmbeddingBatcher
 from service.settings import Settings
 from training.encoder import Encoder, EncoderError, read_encoder_record
@@ -215,7 +215,13 @@ class Engine:
                 }
                 version = await self.run_in_thread(self._publish_blocking, loaded.index, encoder_path, extra)
             # The in-memory index now *is* that version: no reload needed for our own publish.
+            loaded.index.manifest["version"] = version  # the parent of our next publish
+            # Our next publish copies the encoder from this version, so older ones can be pruned.
+            loaded.index.encoder_path = self.store.version_dir(version) / ENCODER_FILE
             self.loaded = replace(loaded, version=version)
+            pruned = await self.run_in_thread(self.store.prune, self.settings.INDEX_KEEP_VERSIONS)
+            if pruned:
+                log.info("pruned %d old index version(s)", len(pruned))
             log.info("published index version %s (%d vectors)", version, loaded.index.ntotal)
             return version
 

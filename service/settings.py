@@ -44,6 +44,7 @@ class Settings(BaseSettings):
         5.0, gt=0, description="how often CURRENT is checked for a new version"
     )
     PUBLISH_DEBOUNCE_SECONDS: float = Field(10.0, ge=0, description="quiet time before republishing changes")
+    INDEX_KEEP_VERSIONS: int = Field(5, ge=1, description="index versions kept on disk after a publish")
     EMBED_BATCH_MAX: int = Field(64, ge=1, description="largest micro-batch of concurrent embeddings")
     INFERENCE_THREADS: int = Field(2, ge=1, description="thread pool for decode, inference and FAISS")
     FAISS_THREADS: int = Field(

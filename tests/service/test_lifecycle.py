@@ -187,4 +187,21 @@ def test_changes_are_published_debounced_and_on_shutdown(start_service, data_dir
     after = store.current_version()
     assert after != before
     assert store.load(after).contains(image_id)[0]
-    assert store.read_manifest(after)["based_on"] == before
+    manifest = store.read_manifest(after)
+    assert manifest["based_on"] == before and manifest["parent_version"] == before
+
+
+def test_republishing_prunes_old_versions(start_service, data_dir) -> None:
+    store = IndexStore(data_dir / "index")
+    items = fashion_mnist_pngs(0, 4)
+    with start_service(PUBLISH_DEBOUNCE_SECONDS=0, INDEX_KEEP_VERSIONS=2) as client:
+        published = [store.current_version()]
+        for data, _ in items:
+            upload(client, [(data, "x.png")])
+            published.append(
+                wait_until(lambda: (store.current_version() != published[-1]) and store.current_version())
+            )
+        assert len(set(published)) == 5
+        assert store.versions() == sorted(published)[-2:]
+        parents = [store.read_manifest(v)["parent_version"] for v in store.versions()]
+        assert parents == sorted(published)[-3:-1]
