@@ -25,6 +25,15 @@ from training.models.heads import LinearHead
 BACKBONE = {"in_channels": 1, "small_stem": True, "width": 0.0625}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Oversubscribed cores (other processes busy) slow torch's OpenMP regions ~30x: use one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyContrastive(Method):
     """Throw-away method: SimCLR-style loss on two views, a bank buffer, and random draws in forward."""
 
@@ -225,15 +234,6 @@ SHORT_RUN_METHODS = {
 MIN_GAIN = 4.0
 
 
-@pytest.fixture
-def one_thread():
-    """Oversubscribed cores (other processes busy) slow torch's OpenMP regions ~30x: use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def short_run(method: str, out: Path, seed: int = 0) -> tuple[float, float]:
     from training.cli import build_parser, build_trainer, resolve_defaults
 
@@ -259,8 +259,44 @@ INSTDISC_DIVERGES = pytest.mark.xfail(
     "method",
     [pytest.param(m, marks=INSTDISC_DIVERGES) if m == "instdisc" else m for m in sorted(SHORT_RUN_METHODS)],
 )
-def test_short_real_run_beats_the_random_encoder(method, tmp_path, one_thread):
+def test_short_real_run_beats_the_random_encoder(method, tmp_path):
     seed = int(os.environ.get("SHORT_RUN_SEED", "0"))
     before, after = short_run(method, tmp_path, seed)
     print(f"{method}: kNN top-1 {before:.1f}% -> {after:.1f}%")
     assert after >= before + MIN_GAIN, f"{method}: kNN top-1 {before:.1f}% -> {after:.1f}%"
+
+
+def method_trainer(method: str, out: Path, *extra: str) -> Trainer:
+    from training.cli import build_parser, build_trainer, resolve_defaults
+
+    parser = build_parser(method, "test", "resume")
+    argv = ["--data", "fashion-mnist", "--subset", "96", "--batch-size", "32", "--epochs", "2"]
+    argv += [
+        "--arch",
+        "resnet18",
+        "--width",
+        "0.0625",
+        "--knn-every",
+        "0",
+        "--no-tensorboard",
+        "--no-progress",
+    ]
+    args = parser.parse_args([*argv, *extra, "--out", str(out)])
+    args.method = method
+    resolve_defaults(args, parser)
+    return build_trainer(args, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("moco-v2", ["--moco-k", "64", "--num-splits", "4"]), ("instdisc", ["--nce-k", "32"])],
+)
+def test_real_methods_resume_exactly_with_queue_and_memory_bank(method, extra, tmp_path):
+    straight = method_trainer(method, tmp_path / "straight", *extra, "--max-steps", "4")
+    straight.fit()
+    method_trainer(method, tmp_path / "split", *extra, "--max-steps", "2").fit()
+    resumed = method_trainer(method, tmp_path / "split", *extra, "--max-steps", "4", "--resume", "auto")
+    resumed.fit()
+    assert_same_state(straight.method, resumed.method)  # includes the queue / memory bank buffers
+    buffers = dict(resumed.method.named_buffers())
+    assert ("queue" in buffers) if method == "moco-v2" else any("bank" in name for name in buffers)
