@@ -18,6 +18,8 @@ from pathlib import Path
 from service.embedded_db import EmbeddedDatabase, EmbeddedDatabaseError, wait_for_ping
 from service.settings import Settings
 
+ATTACH_TIMEOUT_S = 5.0  # a running server that does not answer within this is an error, not "gone"
+
 
 def _discovery_file(settings: Settings) -> Path:
     return settings.DATA_DIR / "db.json"
@@ -54,6 +56,15 @@ class SharedEmbeddedDatabase(EmbeddedDatabase):
         super().stop(timeout_s)
 
 
+def _read_discovery(path: Path) -> tuple[str, int] | None:
+    """(uri, server pid) from DATA_DIR/db.json, or None when there is none or it is unreadable."""
+    try:
+        running = json.loads(path.read_text())
+        return str(running["uri"]), int(running["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def attach_or_start(settings: Settings) -> tuple[str, EmbeddedDatabase | None]:
     """(uri, the server this process started or None). The caller stops a server it started."""
     if settings.MONGO_URI:
@@ -62,13 +73,19 @@ def attach_or_start(settings: Settings) -> tuple[str, EmbeddedDatabase | None]:
     with open(settings.DATA_DIR / "db.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         discovery = _discovery_file(settings)
-        if discovery.is_file():
-            with contextlib.suppress(ValueError, KeyError, EmbeddedDatabaseError):
-                running = json.loads(discovery.read_text())
-                if _alive(int(running["pid"])):
-                    wait_for_ping(running["uri"], None, timeout_s=5.0)
-                    return running["uri"], None
-            discovery.unlink(missing_ok=True)  # left by a process that died
+        running = _read_discovery(discovery)
+        if running is not None and _alive(running[1]):
+            uri, pid = running
+            try:
+                wait_for_ping(uri, None, timeout_s=ATTACH_TIMEOUT_S)
+            except EmbeddedDatabaseError as exc:
+                # Never a second server on the same files: that could corrupt them.
+                raise EmbeddedDatabaseError(
+                    f"the embedded database announced in {discovery} (pid {pid}, {uri}) is running but "
+                    f"does not answer ({exc}); stop it, or delete {discovery.name} if pid {pid} is not it"
+                ) from exc
+            return uri, None
+        discovery.unlink(missing_ok=True)  # left by a process that died
         server = SharedEmbeddedDatabase(settings)
         return server.start(), server
 

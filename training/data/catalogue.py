@@ -129,8 +129,12 @@ def load_catalogue_spec(uri: str, crop_size: int) -> ImageDataset:
     """`catalogue` uses the service's settings (MONGO_URI, or the embedded database under DATA_DIR);
     `catalogue:mongodb://...` names a server directly."""
     from service.connection import catalogue_connection
+    from service.embedded_db import EmbeddedDatabaseError
 
-    with catalogue_connection(uri or None) as (resolved_uri, settings):
-        return load_catalogue(
-            resolved_uri, settings.MONGO_DB, crop_size, cache_dir=settings.DATA_DIR / "cache"
-        )
+    try:
+        with catalogue_connection(uri or None) as (resolved_uri, settings):
+            return load_catalogue(
+                resolved_uri, settings.MONGO_DB, crop_size, cache_dir=settings.DATA_DIR / "cache"
+            )
+    except EmbeddedDatabaseError as exc:  # one line and exit 1, not a traceback
+        raise DataError(f"cannot open the catalogue database: {exc}") from exc
