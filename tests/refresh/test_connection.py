@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from pymongo import MongoClient
+from service_helpers import fashion_mnist_pngs, running_service, service_settings, upload
 
 import service.connection as connection
 from service.embedded_db import EmbeddedDatabaseError, free_port
@@ -78,3 +81,20 @@ def test_a_running_server_that_does_not_answer_is_an_error_not_a_second_server(
         load_dataset("catalogue", 28)
     assert not embedded_env.db_dir.exists()
     assert json.loads((embedded_env.DATA_DIR / "db.json").read_text()) == silent
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=DataError,
+    reason="service/lifecycle.py starts its embedded database without announcing it (it does not use "
+    "service.connection.attach_or_start), so a refresh cannot attach and its own server finds the files busy",
+)
+def test_refresh_attaches_to_the_running_services_embedded_database(
+    embedded_env: Settings, encoder_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copyfile(encoder_file, embedded_env.DATA_DIR / "model.pt")
+    monkeypatch.setenv("MONGO_DB", "embedded")
+    settings = service_settings(embedded_env.DATA_DIR, None, "embedded", EMBEDDED_DB_PORT=free_port())
+    with running_service(settings) as url, httpx.Client(base_url=url) as client:
+        image_id = upload(client, fashion_mnist_pngs(0, 1))["ids"][0]
+        assert load_dataset("catalogue", 28).ids.tolist() == [image_id]
