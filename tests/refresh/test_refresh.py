@@ -191,6 +191,7 @@ def test_quality_guard_refuses_a_worse_model_then_force_publish_publishes_it(
         # top-1 against ~70% for the served 1/4-width random encoder: a genuinely worse model.
         refused = run_refresh(data_dir, catalogue, "--knn-k", str(GUARD_K))
         assert refused.returncode == 3, refused.stderr
+        assert "Traceback" not in refused.stderr
         message = refused.stderr.strip().splitlines()[-1]
         assert message.startswith("refused: not published: held-out kNN top-1: new ")
         assert f"stays on {before['index_version']}" in message and "--force-publish" in message
