@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import math
 import signal
 import time
@@ -219,7 +220,7 @@ class Trainer:
         if dist.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(
-                self.method, device_ids=ids, broadcast_buffers=getattr(method, "ddp_broadcast_buffers", True)
+                self.method, device_ids=ids, **self._buffer_sync()
             )
         self.forward = torch.compile(self.model) if args.compile else self.model
 
@@ -253,6 +254,13 @@ class Trainer:
         if last is None:
             return []
         return [f"{last}.{name}" for name, _ in self.method.get_submodule(last).named_parameters()]
+
+    def _buffer_sync(self) -> dict[str, bool]:
+        """DDP's per-forward buffer broadcast from rank 0, as the method asks (InstDisc's bank: off).
+        Newer torch renames the flag; both still sync buffers once at construction."""
+        sync = bool(getattr(self.method, "ddp_broadcast_buffers", True))
+        parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        return {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": sync}
 
     def _make_logger(self):
         if not dist.is_main_process() or not self.args.tensorboard:
