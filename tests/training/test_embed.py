@@ -129,3 +129,27 @@ def test_embed_cli_converts_rgb_folders_for_a_grey_encoder_and_reports_bad_input
         assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]
         assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_evaluate_cli_reports_the_weighted_knn_of_the_encoder(tmp_path):
+    import json
+
+    encoder_path = tiny_encoder_file(tmp_path / "encoder.pt")
+    out = tmp_path / "eval.json"
+    result = run_module(
+        "training.evaluate", "--checkpoint", str(encoder_path), "--data", "fashion-mnist:test",
+        "--subset", "400", "--linear", "--linear-epochs", "3", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "weighted kNN (k=200, tau=0.07)" in result.stdout and "linear probe" in result.stdout
+    report = json.loads(out.read_text())
+    encoder = Encoder.load(encoder_path)
+    memory = load_dataset("fashion-mnist", 28).subset(400)
+    queries = load_dataset("fashion-mnist:test", 28).subset(400)
+    expected = knn_accuracy(
+        torch.from_numpy(encoder.embed(memory.images)), memory.labels,
+        torch.from_numpy(encoder.embed(queries.images)), queries.labels, 10,
+    )  # fmt: skip
+    assert (report["knn/top1"], report["knn/top5"]) == pytest.approx(expected, abs=1e-6)
+    assert 0 <= report["linear/top1"] <= report["linear/top5"] <= 100
+    assert report["memory_size"] == report["query_size"] == 400
