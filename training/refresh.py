@@ -41,7 +41,6 @@ ENCODER_FILE = "encoder.pt"
 FINAL_STAGES = ("publish", "refused", "not_published")
 CRASH_ENV = "REFRESH_CRASH_AFTER"
 CRASH_EXIT_CODE = 75
-HELD_OUT_FRACTION = 0.1
 MIN_HELD_OUT = 10  # fewer labelled queries (or memory rows) than this: the guard is skipped
 
 
@@ -133,26 +132,13 @@ def start_or_resume(out: Path, force_publish: bool = False) -> RefreshState:
     return state
 
 
-def held_out_mask(ids: np.ndarray, fraction: float = HELD_OUT_FRACTION) -> np.ndarray:
-    """bool N: a stable ~`fraction` of the ids, spread evenly over any id pattern.
-
-    Catalogue ids are a counter (1, 2, 3, ...) and catalogues are uploaded class by class, so
-    `id % 1000 < 100` would hold out the first 99 uploads: whole classes missing from the memory
-    and the guard comparing 0% with 0%. The ids are mixed first (splitmix64's finaliser)."""
-    mixed = np.asarray(ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash intends
-        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    mixed ^= mixed >> np.uint64(31)
-    return (mixed % np.uint64(10_000)) < np.uint64(round(fraction * 10_000))
-
-
 def held_out_accuracy(
     vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray, k: int, tau: float
 ) -> float | None:
     """Weighted kNN top-1 of the held-out labelled slice (`held_out_mask`) against the other
     labelled rows (None when there are too few labels on either side)."""
     from index.knn import KNNClassifier
+    from training.data.datasets import held_out_mask
 
     labelled = labels >= 0
     held = labelled & held_out_mask(ids)

@@ -284,13 +284,26 @@ def load_folder(path_text: str, crop_size: int, workers: int = 4) -> ImageDatase
     )
 
 
+def held_out_mask(ids: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """bool N: a stable ~`fraction` of the ids, spread evenly over any id pattern.
+
+    Catalogue ids are a counter (1, 2, 3, ...) and catalogues are uploaded class by class, so
+    `id % 1000 < 100` would hold out the first 99 uploads: whole classes missing from the memory
+    and the guard comparing 0% with 0%. The ids are mixed first (splitmix64's finaliser)."""
+    mixed = np.asarray(ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash intends
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    mixed ^= mixed >> np.uint64(31)
+    return (mixed % np.uint64(10_000)) < np.uint64(round(fraction * 10_000))
+
+
 def split_held_out(dataset: ImageDataset, fraction: float = 0.1) -> tuple[ImageDataset, ImageDataset]:
     """(rest, held-out): a stable split by id, so the same image always falls on the same side.
 
     The held-out part takes only labelled images (it serves as kNN queries).
     """
-    bucket = (dataset.ids % 1000).float() / 1000.0  # ids are hashes: uniform buckets
-    held = (bucket < fraction) & (dataset.labels >= 0)
+    held = torch.from_numpy(held_out_mask(dataset.ids.numpy(), fraction)) & (dataset.labels >= 0)
     if held.all() or not held.any():
         raise DataError(
             f"{dataset.name}: too few labelled images ({len(dataset)}) to hold out a kNN test split"
