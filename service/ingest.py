@@ -6,8 +6,8 @@
 Uses the same write path as `POST /images` (`catalogue.store_prepared` + `indexing.index_images`),
 so it is idempotent (content hash: a second run adds nothing) and resumable after a kill (records
 stored but not yet indexed are indexed on the next run, or by the service's reconcile). Settings
-(MONGO_URI, DATA_DIR, ...) come from the environment as for the service; without MONGO_URI the
-embedded database under DATA_DIR/db is started, so the service must not be running on it then.
+(MONGO_URI, DATA_DIR, ...) come from the environment as for the service; without MONGO_URI it
+attaches to the embedded database a running service announced, or starts it (service.connection).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from service.catalogue import ImageMetadata, Limits, prepare_image, store_prepared
+from service.connection import attach_or_start
 from service.db import Database
-from service.embedded_db import EmbeddedDatabase
 from service.engine import Engine
 from service.imaging import ImageRejected
 from service.indexing import index_images
@@ -91,11 +91,7 @@ def _read(item: Item) -> bytes:
 async def ingest(
     settings: Settings, items: list[Item], tags: list[str], source: str | None, progress: bool = True
 ) -> Summary:
-    embedded = None
-    uri = settings.MONGO_URI
-    if not uri:
-        embedded = EmbeddedDatabase(settings.db_dir, port=settings.EMBEDDED_DB_PORT)
-        uri = await asyncio.to_thread(embedded.start)
+    uri, embedded = await asyncio.to_thread(attach_or_start, settings)  # see service.connection
     db = Database.connect(uri, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS)
     engine = Engine(settings)
     summary = Summary()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from service.connection import attach_or_start
 from service.db import Database
-from service.embedded_db import EmbeddedDatabase
 from service.engine import Engine
 from service.errors import DATABASE_DOWN
 from service.metrics import ServiceMetrics
@@ -25,11 +25,9 @@ log = logging.getLogger("service")
 
 
 async def start(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
-    embedded = None
-    uri = settings.MONGO_URI
-    if not uri:
-        embedded = EmbeddedDatabase(settings.db_dir, port=settings.EMBEDDED_DB_PORT)
-        uri = await asyncio.to_thread(embedded.start)
+    # MONGO_URI, or the embedded database: attached when another process announced it, else started
+    # (and announced) here; `embedded` is only a server this process started and must stop.
+    uri, embedded = await asyncio.to_thread(attach_or_start, settings)
     db = Database.connect(uri, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS)
     state = ServiceState(settings, db, Engine(settings), metrics, embedded)
     await prepare_database(state)

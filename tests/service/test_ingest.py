@@ -95,3 +95,23 @@ def test_ingest_resumes_after_a_kill(ingest_env, data_dir, capsys) -> None:
         images = mongo[ingest_env["MONGO_DB"]].images
         assert images.count_documents({"status": "indexed"}) == 400
         assert sorted(index.ids().tolist()) == sorted(d["_id"] for d in images.find({}, {"_id": 1}))
+
+
+def test_ingest_attaches_to_the_services_embedded_database(data_dir, monkeypatch, capsys) -> None:
+    """Without MONGO_URI, ingest uses the server the running service announced (never a second one)."""
+    from service.embedded_db import free_port
+
+    port = free_port()
+    monkeypatch.delenv("MONGO_URI", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    monkeypatch.setenv("MONGO_DB", "attach")
+    settings = service_settings(data_dir, None, "attach", EMBEDDED_DB_PORT=port)
+    with running_service(settings) as url, httpx.Client(base_url=url) as client:
+        assert f":{port}" in (data_dir / "db.json").read_text()
+        assert ingest_main(["--fashion-mnist", "--limit", "5", "--no-progress"]) == 0
+        assert "added 5, already present 0" in capsys.readouterr().out
+        wait_until(
+            lambda: client.get("/health/ready").json().get("index_size") == 5, what="the polled publish"
+        )
+        assert len(client.get("/images").json()["items"]) == 5
+    assert not (data_dir / "db.json").exists()  # the service's server stopped and withdrew its address
