@@ -69,6 +69,13 @@ CRASH_ENV = "INDEX_STORE_CRASH_AT"
 CRASH_EXIT_CODE = 86
 
 
+_UNCHECKED = object()
+
+
+class CurrentMovedError(RuntimeError):
+    """publish(expected_current=...) found CURRENT pointing elsewhere: someone else published."""
+
+
 class IndexStoreError(LookupError):
     """No usable version: none published, CURRENT pointing nowhere, or a missing/corrupt version."""
 
@@ -181,6 +188,7 @@ class IndexStore:
         encoder_path: str | os.PathLike | None = None,
         extra_manifest: dict[str, Any] | None = None,
         make_current: bool = True,
+        expected_current: str | None | object = _UNCHECKED,
         on_step: Callable[[str], None] | None = None,
     ) -> str:
         """Write `index` as a new version and (by default) make it current; returns the version name.
@@ -234,13 +242,35 @@ class IndexStore:
         _fsync_dir(self.versions_dir)
         step("versions_synced")
         if make_current:
-            self._write_current(name, step)
+            with self._current_lock():
+                if expected_current is not _UNCHECKED and self._read_current() != expected_current:
+                    raise CurrentMovedError(
+                        f"CURRENT moved to {self._read_current()!r} (expected {expected_current!r}); "
+                        f"version {name} was written but not made current"
+                    )
+                self._write_current(name, step)
         return name
+
+    @contextlib.contextmanager
+    def _current_lock(self):
+        """An exclusive lock around check-and-switch of CURRENT, across processes (the service
+        republishing its adds and a refresh publishing a new model must not overwrite each other)."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".current.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def _read_current(self) -> str | None:
+        path = self.root / CURRENT_FILE
+        return path.read_text().strip() or None if path.is_file() else None
 
     def set_current(self, version: str) -> None:
         """Point CURRENT at an existing version (e.g. to roll back)."""
         self.read_manifest(version)  # raises if missing or incomplete
-        self._write_current(version, lambda _step: None)
+        with self._current_lock():
+            self._write_current(version, lambda _step: None)
 
     def _write_current(self, version: str, step: Callable[[str], None]) -> None:
         tmp = self.root / f"{CURRENT_FILE}.tmp-{uuid.uuid4().hex[:8]}"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from index.search_index import SearchIndex
-from index.store import ENCODER_FILE, IndexStore
+from index.store import ENCODER_FILE, CurrentMovedError, IndexStore
 from service.batcher import EmbeddingBatcher
 from service.settings import Settings
 from training.encoder import Encoder, EncoderError, read_encoder_record
@@ -138,8 +138,12 @@ class Engine:
         )
         return version
 
-    def _publish_blocking(self, index: SearchIndex, encoder_path: Any, extra: dict[str, Any]) -> str:
-        result = self.store.publish(index, encoder_path=encoder_path, extra_manifest=extra)
+    def _publish_blocking(
+        self, index: SearchIndex, encoder_path: Any, extra: dict[str, Any], expected_current: Any = None
+    ) -> str:
+        """Publish; with `expected_current` (a version name) only if CURRENT still names it."""
+        checks = {} if expected_current is None else {"expected_current": expected_current}
+        result = self.store.publish(index, encoder_path=encoder_path, extra_manifest=extra, **checks)
         return result if isinstance(result, str) else str(self.store.current_version())
 
     # ----------------------------------------------------------------- embedding and mutation
@@ -213,7 +217,14 @@ class Engine:
                     "based_on": loaded.version,
                     "model_version": loaded.model_version,
                 }
-                version = await self.run_in_thread(self._publish_blocking, loaded.index, encoder_path, extra)
+                try:  # the check above is advisory; the store re-checks under its cross-process lock
+                    version = await self.run_in_thread(
+                        self._publish_blocking, loaded.index, encoder_path, extra, loaded.version
+                    )
+                except CurrentMovedError as exc:
+                    self._changed_at = self._changed_at or time.monotonic()
+                    log.warning("not republishing: %s", exc)
+                    return None
             # The in-memory index now *is* that version: no reload needed for our own publish.
             loaded.index.manifest["version"] = version  # the parent of our next publish
             # Our next publish copies the encoder from this version, so older ones can be pruned.

@@ -120,3 +120,18 @@ def test_load_errors_are_index_store_errors(tmp_path, store_with_version):
         store.load(version)
     with pytest.raises(IndexStoreError, match="not a valid version name"):
         store.load("../../etc")
+
+
+def test_publish_with_expected_current_refuses_when_current_moved(tmp_path):
+    """The service republishes its adds only if nobody (a refresh) switched CURRENT meanwhile."""
+    from index.search_index import SearchIndex
+    from index.store import CurrentMovedError
+
+    store = IndexStore(tmp_path)
+    first = store.publish(SearchIndex.empty_flat(8))
+    second = store.publish(SearchIndex.empty_flat(8))  # e.g. a refresh
+    with pytest.raises(CurrentMovedError):
+        store.publish(SearchIndex.empty_flat(8), expected_current=first)
+    assert store.current_version() == second
+    third = store.publish(SearchIndex.empty_flat(8), expected_current=second)
+    assert store.current_version() == third

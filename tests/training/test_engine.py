@@ -229,7 +229,9 @@ SHORT_RUN_METHODS = {
     "moco-v1": ["--lr", "0.3", "--moco-k", "512", "--moco-m", "0.9"],
     "moco-v2": ["--lr", "0.06", "--moco-k", "512", "--moco-m", "0.9"],
     "moco-v3": ["--lr", "1.2", "--moco-m", "0.9"],
-    "instdisc": ["--lr", "0.03", "--nce-k", "256"],
+    # InstDisc at N=4096: the exact softmax (NCE approximates it for N >> m; here NCE with m=256 fell
+    # 42.8% -> 32.8%) and no proximal term (lambda=50 pins the features to the bank: 42.8% -> 45.1%).
+    "instdisc": ["--lr", "0.03", "--nce-k", "0", "--proximal-lambda", "0"],
 }
 MIN_GAIN = 4.0
 
@@ -247,17 +249,10 @@ def short_run(method: str, out: Path, seed: int = 0) -> tuple[float, float]:
     return before["knn/top1"], after["knn/top1"]
 
 
-INSTDISC_DIVERGES = pytest.mark.xfail(
-    reason="InstDisc's NCE loss grows from ~7 to ~250 in 40 steps and kNN falls (45% -> 20%), also in a "
-    "plain loop without the engine: a methods issue, reported",
-    strict=False,
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method",
-    [pytest.param(m, marks=INSTDISC_DIVERGES) if m == "instdisc" else m for m in sorted(SHORT_RUN_METHODS)],
+    sorted(SHORT_RUN_METHODS),
 )
 def test_short_real_run_beats_the_random_encoder(method, tmp_path):
     seed = int(os.environ.get("SHORT_RUN_SEED", "0"))
