@@ -83,12 +83,6 @@ def test_a_running_server_that_does_not_answer_is_an_error_not_a_second_server(
     assert json.loads((embedded_env.DATA_DIR / "db.json").read_text()) == silent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DataError,
-    reason="service/lifecycle.py starts its embedded database without announcing it (it does not use "
-    "service.connection.attach_or_start), so a refresh cannot attach and its own server finds the files busy",
-)
 def test_refresh_attaches_to_the_running_services_embedded_database(
     embedded_env: Settings, encoder_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
