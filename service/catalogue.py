@@ -14,14 +14,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from bson import Binary
 from gridfs.errors import NoFile
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
-from service.db import Database
+from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database
 from service.imaging import DecodedImage, decode_image, make_thumbnail
 
 RunInThread = Callable[..., Awaitable[Any]]
 
+GRIDFS_CHUNK_SIZE = 255 * 1024  # GridFS's default chunk size
+DUPLICATE_KEY = 11000
 PENDING = "pending"
 INDEXED = "indexed"
 
@@ -69,19 +72,30 @@ def prepare_image(data: bytes, filename: str, limits: Limits) -> PreparedImage:
 
 async def store_prepared(db: Database, prepared: PreparedImage, metadata: ImageMetadata) -> StoredImage:
     """Store bytes + thumbnail + a pending record; the same bytes again return the existing record."""
-    decoded = prepared.decoded
-    existing = await db.images.find_one({"sha256": decoded.sha256})
-    if existing is not None:
-        return StoredImage(existing, False, decoded)
+    return (await store_prepared_many(db, [prepared], [metadata]))[0]
 
-    image_id = await db.allocate_id()
-    await db.content.upload_from_stream_with_id(
-        image_id, prepared.filename, prepared.data, metadata={"contentType": decoded.media_type}
-    )
-    await db.thumbnails.upload_from_stream_with_id(
-        image_id, f"{image_id}.png", prepared.thumbnail, metadata={"contentType": "image/png"}
-    )
-    record = {
+
+def _gridfs_documents(image_id: int, filename: str, data: bytes, media_type: str) -> tuple[dict, list[dict]]:
+    """The files document and chunk documents GridFS itself would write (same layout, same chunk
+    size), so GridFSBucket reads them back; written in bulk instead of two round trips per file."""
+    files = {
+        "_id": image_id,
+        "length": len(data),
+        "chunkSize": GRIDFS_CHUNK_SIZE,
+        "uploadDate": datetime.now(timezone.utc),
+        "filename": filename,
+        "metadata": {"contentType": media_type},
+    }
+    chunks = [
+        {"files_id": image_id, "n": n, "data": Binary(data[start : start + GRIDFS_CHUNK_SIZE])}
+        for n, start in enumerate(range(0, max(len(data), 1), GRIDFS_CHUNK_SIZE))
+    ]
+    return files, chunks
+
+
+def _record(image_id: int, prepared: PreparedImage, metadata: ImageMetadata) -> dict[str, Any]:
+    decoded = prepared.decoded
+    return {
         "_id": image_id,
         "filename": prepared.filename,
         "sha256": decoded.sha256,
@@ -97,15 +111,56 @@ async def store_prepared(db: Database, prepared: PreparedImage, metadata: ImageM
         "model_version": None,
         "index_version": None,
     }
-    try:
-        await db.images.insert_one(record)
-    except DuplicateKeyError:  # a concurrent upload of the same bytes won the race
-        await delete_files(db, image_id)
-        existing = await db.images.find_one({"sha256": decoded.sha256})
-        if existing is None:
-            raise
-        return StoredImage(existing, False, decoded)
-    return StoredImage(record, True, decoded)
+
+
+async def store_prepared_many(
+    db: Database, prepared: list[PreparedImage], metadata: list[ImageMetadata]
+) -> list[StoredImage]:
+    """`store_prepared` for a batch, in a handful of round trips whatever its size: one query for
+    the hashes already stored, one block of ids, then bulk inserts in the crash-safe order (bytes,
+    thumbnails, then the pending records). Duplicates within the batch are stored once."""
+    if not prepared:
+        return []
+    shas = [p.decoded.sha256 for p in prepared]
+    existing = {d["sha256"]: d async for d in db.images.find({"sha256": {"$in": sorted(set(shas))}})}
+    first_of: dict[str, int] = {}
+    new = [i for i, sha in enumerate(shas) if sha not in existing and first_of.setdefault(sha, i) == i]
+    records: dict[str, dict[str, Any]] = {}
+    if new:
+        ids = await db.allocate_ids(len(new))
+        documents = {CONTENT_BUCKET: ([], []), THUMBNAIL_BUCKET: ([], [])}
+        for image_id, i in zip(ids, new, strict=True):
+            item = prepared[i]
+            for bucket, name, data, media_type in (
+                (CONTENT_BUCKET, item.filename, item.data, item.decoded.media_type),
+                (THUMBNAIL_BUCKET, f"{image_id}.png", item.thumbnail, "image/png"),
+            ):
+                files, chunks = _gridfs_documents(image_id, name, data, media_type)
+                documents[bucket][0].append(files)
+                documents[bucket][1].extend(chunks)
+            records[shas[i]] = _record(image_id, item, metadata[i])
+        for bucket, (files, chunks) in documents.items():
+            await db.db[f"{bucket}.chunks"].insert_many(chunks, ordered=False)
+            await db.db[f"{bucket}.files"].insert_many(files, ordered=False)
+        try:
+            await db.images.insert_many(list(records.values()), ordered=False)
+        except BulkWriteError as exc:  # concurrent uploads of the same bytes won some races
+            for error in exc.details.get("writeErrors", []):
+                lost = list(records.values())[error["index"]]
+                if error.get("code") != DUPLICATE_KEY:
+                    raise
+                await delete_files(db, lost["_id"])
+                winner = await db.images.find_one({"sha256": lost["sha256"]})
+                if winner is None:
+                    raise
+                existing[lost["sha256"]] = winner
+                del records[lost["sha256"]]
+    stored = []
+    for i, sha in enumerate(shas):
+        created = sha in records and first_of.get(sha) == i
+        record = records[sha] if sha in records else existing[sha]
+        stored.append(StoredImage(record, created, prepared[i].decoded))
+    return stored
 
 
 async def store_image(

@@ -67,17 +67,25 @@ class Database:
         await self.images.create_index([("label", ASCENDING)], name="label")
         await self.images.create_index([("tags", ASCENDING)], name="tags")
         await self.images.create_index([("status", ASCENDING)], name="status")
+        for bucket in (CONTENT_BUCKET, THUMBNAIL_BUCKET):  # what GridFS creates on its first write
+            await self.db[f"{bucket}.chunks"].create_index(
+                [("files_id", ASCENDING), ("n", ASCENDING)], unique=True, name="files_id_1_n_1"
+            )
+            await self.db[f"{bucket}.files"].create_index(
+                [("filename", ASCENDING), ("uploadDate", ASCENDING)], name="filename_1_uploadDate_1"
+            )
         await self.counters.update_one({"_id": IMAGE_ID_COUNTER}, {"$setOnInsert": {"seq": 0}}, upsert=True)
 
-    async def allocate_id(self) -> int:
-        """A fresh positive 64-bit image id (atomic increment: safe under concurrency)."""
+    async def allocate_ids(self, count: int) -> list[int]:
+        """`count` fresh consecutive ids in one atomic increment."""
         counter = await self.counters.find_one_and_update(
-            {"_id": IMAGE_ID_COUNTER}, {"$inc": {"seq": 1}}, return_document=ReturnDocument.AFTER
+            {"_id": IMAGE_ID_COUNTER}, {"$inc": {"seq": count}}, return_document=ReturnDocument.AFTER
         )
         if counter is None:  # dropped behind our back: recreate, then retry once
             await self.prepare()
-            return await self.allocate_id()
-        return int(counter["seq"])
+            return await self.allocate_ids(count)
+        last = int(counter["seq"])
+        return list(range(last - count + 1, last + 1))
 
     async def close(self) -> None:
         await self.client.close()

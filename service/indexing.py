@@ -24,6 +24,8 @@ async def index_images(
     catalogued: a record deleted meanwhile is taken out of the index again)."""
     if not ids:
         return []
+    unique = dict(zip(ids, images, strict=True))  # one batch may name the same record twice
+    ids, images = list(unique), list(unique.values())
     present = await engine.run_in_thread(loaded.index.contains, ids)
     todo = [(i, image) for i, image, p in zip(ids, images, present.tolist(), strict=True) if not p]
     if not todo:

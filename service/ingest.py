@@ -3,7 +3,7 @@
     python -m service.ingest PATH [--labels-from-dirs] [--tags a b] [--source NAME]
     python -m service.ingest --fashion-mnist [--split train|test] [--limit N]
 
-Uses the same write path as `POST /images` (`catalogue.store_prepared` + `indexing.index_images`),
+Uses the same write path as `POST /images` (`catalogue.store_prepared_many` + `indexing.index_images`),
 so it is idempotent (content hash: a second run adds nothing) and resumable after a kill (records
 stored but not yet indexed are indexed on the next run, or by the service's reconcile). Settings
 (MONGO_URI, DATA_DIR, ...) come from the environment as for the service; without MONGO_URI it
@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from service.catalogue import ImageMetadata, Limits, prepare_image, store_prepared
+from service.catalogue import ImageMetadata, Limits, prepare_image, store_prepared_many
 from service.connection import attach_or_start
 from service.db import Database
 from service.engine import Engine
@@ -103,16 +103,16 @@ async def ingest(
         with tqdm(total=len(items), desc="ingest", unit="img", disable=not progress) as bar:
             for start in range(0, len(items), BATCH):
                 batch = items[start : start + BATCH]
-                stored = []
+                prepared, metadata = [], []
                 for item in batch:
                     try:
                         data = await engine.run_in_thread(_read, item)
-                        prepared = await engine.run_in_thread(prepare_image, data, item.name, limits)
+                        prepared.append(await engine.run_in_thread(prepare_image, data, item.name, limits))
                     except (OSError, ImageRejected) as exc:
                         summary.skipped.append((item.name, str(exc).removeprefix(f"{item.name}: ")))
                         continue
-                    metadata = ImageMetadata(item.label, tuple(tags), source)
-                    stored.append(await store_prepared(db, prepared, metadata))
+                    metadata.append(ImageMetadata(item.label, tuple(tags), source))
+                stored = await store_prepared_many(db, prepared, metadata)
                 summary.already_present += sum(not s.created for s in stored)
                 summary.added += sum(s.created for s in stored)
                 # Existing records are indexed too when a previous run was killed before that step.

@@ -14,7 +14,7 @@ from service.catalogue import (
     prepare_image,
     public_record,
     read_file,
-    store_prepared,
+    store_prepared_many,
 )
 from service.deps import DatabaseDep, EngineDep, ReadAccess, StateDep, WriteAccess
 from service.imaging import ImageRejected
@@ -57,7 +57,7 @@ async def upload_images(
         prepared.append(
             await engine.run_in_thread(prepare_image, data, upload.filename or "upload", state.limits)
         )
-    stored = [await store_prepared(db, item, metadata) for item in prepared]
+    stored = await store_prepared_many(db, prepared, [metadata] * len(prepared))
 
     loaded = engine.loaded
     indexed: set[int] = set()

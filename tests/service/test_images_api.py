@@ -62,6 +62,23 @@ def test_same_bytes_are_stored_once(start_service) -> None:
         assert len(client.get("/images").json()["items"]) == 2
 
 
+def test_one_request_with_repeated_and_known_files_stores_each_once(start_service) -> None:
+    """The batched write path: duplicates inside one request and files stored earlier."""
+    (known, _), (new, _), (other, _) = fashion_mnist_pngs(30, 3)
+    with start_service() as client:
+        first = upload(client, [(known, "known.png")])["items"][0]
+        reply = upload(client, [(new, "n1.png"), (known, "k.png"), (new, "n2.png"), (other, "o.png")])
+        items = reply["items"]
+        assert [item["created"] for item in items] == [True, False, False, True]
+        assert items[1]["id"] == first["id"] and items[0]["id"] == items[2]["id"]
+        assert len(set(reply["ids"])) == 3
+        for item, data in ((items[0], new), (items[3], other)):
+            assert client.get(f"/images/{item['id']}/content").content == data  # GridFS reads it back
+            assert client.get(f"/images/{item['id']}").json()["filename"] in ("n1.png", "o.png")
+        assert len(client.get("/images").json()["items"]) == 3
+        assert client.get("/health/ready").json()["index_size"] == 3
+
+
 def test_ids_are_unique_under_concurrent_uploads(start_service) -> None:
     items = fashion_mnist_pngs(20, 24)
     with start_service() as client, ThreadPoolExecutor(8) as pool:
