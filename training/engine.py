@@ -137,6 +137,7 @@ class TrainState:
     step_in_epoch: int = 0  # steps of `epoch` already done
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every --log-every
 
 
 class StopRequested:
@@ -323,6 +324,7 @@ class Trainer:
             "step_in_epoch": self.state.step_in_epoch,
             "global_step": self.state.global_step,
             "history": self.state.history,
+            "loss_curve": self.state.loss_curve,
             "config": config_dict(self.args),
             "world_size": self.world,
             "encoder": self.encoder_record(self.summary_metrics()),
@@ -359,7 +361,11 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
         restore_rng_states(saved["rng"][self.rank])
         self.state = TrainState(
-            saved["epoch"], saved["step_in_epoch"], saved["global_step"], list(saved.get("history", []))
+            saved["epoch"],
+            saved["step_in_epoch"],
+            saved["global_step"],
+            list(saved.get("history", [])),
+            [tuple(point) for point in saved.get("loss_curve", [])],
         )
         self.print(f"resumed from {path} at epoch {self.state.epoch} step {self.state.step_in_epoch}")
 
@@ -421,8 +427,8 @@ class Trainer:
                 f"stopped by {stop.reason} after step {self.state.global_step}; checkpoint saved to "
                 f"{self.out / CHECKPOINT_NAME} (continue with --resume auto)"
             )
-        if dist.is_main_process() and self.state.history:
-            plot_history(self.state.history, self.out / "training.png")
+        if dist.is_main_process() and (self.state.history or self.state.loss_curve):
+            plot_history(self.state, self.steps_per_epoch, self.out / "training.png")
         if self.log:
             self.log.close()
         return self.summary_metrics() | {"stopped_by": stopped_by}
@@ -484,9 +490,10 @@ class Trainer:
             raise TrainingError(
                 f"loss is {value} at step {self.state.global_step}; lower --lr or use --amp none / --agc-clip"
             )
+        step = self.state.global_step
+        self.state.loss_curve.append((step, value))
         if not self.log:
             return
-        step = self.state.global_step
         rate = (step - first_step) * self.args.batch_size / max(time.perf_counter() - started, 1e-9)
         self.log.add_scalar("train/loss", value, step)
         self.log.add_scalar("train/lr", self.scheduler.get_last_lr()[0], step)
@@ -500,19 +507,22 @@ def config_dict(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and kNN top-1 per epoch as a PNG."""
+def plot_history(state: TrainState, steps_per_epoch: int, path: Path) -> None:
+    """The loss every --log-every steps, its per-epoch mean and the kNN top-1 per epoch, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
     figure, loss_axis = plt.subplots(figsize=(7, 4))
-    loss_axis.plot(epochs, [row["loss"] for row in history], "o-", color="tab:blue", label="loss")
+    if state.loss_curve:
+        steps, losses = zip(*state.loss_curve, strict=True)
+        loss_axis.plot([s / steps_per_epoch for s in steps], losses, "-", color="tab:blue", alpha=0.5)
+    epochs = [row["epoch"] for row in state.history]
+    loss_axis.plot(epochs, [row["loss"] for row in state.history], "o-", color="tab:blue", label="epoch mean")
     loss_axis.set_xlabel("epoch")
     loss_axis.set_ylabel("training loss", color="tab:blue")
-    knn = [(row["epoch"], row["knn/top1"]) for row in history if "knn/top1" in row]
+    knn = [(row["epoch"], row["knn/top1"]) for row in state.history if "knn/top1" in row]
     if knn:
         knn_axis = loss_axis.twinx()
         knn_axis.plot(*zip(*knn, strict=True), "s-", color="tab:orange")
