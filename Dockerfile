@@ -31,4 +31,5 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=5 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4)"
-CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]
+# The committed demo encoder serves until a refresh publishes a model trained on the catalogue.
+CMD ["sh", "-c", "python -m service.demo --model-only && exec python -m service --host 0.0.0.0 --port 8000"]

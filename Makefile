@@ -40,7 +40,10 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# First run: the committed demo encoder and a 10k-image Fashion-MNIST catalogue (service/demo.py),
+# then serve. Both steps are skipped once done, so the next `make run` is up in seconds.
 run: setup
+	$(PY) -m service.demo
 	$(PY) -m service
 
 lint: $(STAMP)

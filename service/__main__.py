@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Serve the image-retrieval API. Every other setting comes from the environment "
-        "(see service/README.md): MONGO_URI (unset = embedded SecantusDB under DATA_DIR/db), DATA_DIR, "
-        "MODEL_CHECKPOINT, INDEX_DIR, API_KEY, MAX_UPLOAD_BYTES, MAX_PIXELS, SEARCH_MAX_K, "
+        "(see README.md, 'The service'): MONGO_URI (unset = embedded SecantusDB under DATA_DIR/db), "
+        "DATA_DIR, MODEL_CHECKPOINT, INDEX_DIR, API_KEY, MAX_UPLOAD_BYTES, MAX_PIXELS, SEARCH_MAX_K, "
         "RELOAD_POLL_SECONDS.",
     )
     parser.add_argument(
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             secantusd_executable()
         except EmbeddedDatabaseError as exc:
             parser.exit(2, f"error: {exc}\n")
+    settings = settings.model_copy(update={"HOST": args.host, "PORT": args.port})
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -14,6 +14,7 @@ from service.errors import install_error_handlers, json_error
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.routes import admin, classify, health, images, metrics, search, version
 from service.settings import Settings
+from service.state import ServiceState
 
 DESCRIPTION = """Image retrieval over self-supervised embeddings.
 
@@ -42,6 +43,20 @@ class BodySizeLimit:
         await self.app(scope, receive, send)
 
 
+def announce(settings: Settings, state: ServiceState) -> None:
+    """The first thing a person running `make run` needs: where it is and a search to try."""
+    base = f"http://{settings.HOST}:{settings.PORT}"
+    loaded = state.engine.loaded
+    size = loaded.index.ntotal if loaded is not None else 0
+    print(
+        f"\nssl-retrieval serving {size} indexed images at {base}  (API docs: {base}/docs)\n"
+        f"try a search with a catalogue image:\n"
+        f"  curl -s -o /tmp/query.png {base}/images/1/content && "
+        f"curl -F file=@/tmp/query.png -F k=5 {base}/search\n",
+        flush=True,
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     service_metrics = ServiceMetrics()
@@ -51,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = await lifecycle.start(settings, service_metrics)
         app.state.service = state
         loop_task = asyncio.create_task(lifecycle.maintenance_loop(state))
+        announce(settings, state)
         try:
             yield
         finally:
