@@ -67,7 +67,8 @@ def test_dockerfile_essentials() -> None:
     assert "download.pytorch.org/whl/cpu" in text
     assert "USER app" in text and "useradd" in text
     assert 'VOLUME ["/data"]' in text
-    assert '"python", "-m", "service"' in text
+    command = next(line for line in text.splitlines() if line.startswith("CMD"))
+    assert "python -m service.demo --model-only && exec python -m service" in command
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 
