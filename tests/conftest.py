@@ -9,11 +9,19 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pymongo import MongoClient
 
 from service.embedded_db import EmbeddedDatabase
+from service.random_model import write_random_encoder
+
+
+@pytest.fixture(scope="session")
+def encoder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised encoder file (ResNet-18 x0.25, small stem, 1 channel, 28 px)."""
+    return write_random_encoder(tmp_path_factory.mktemp("encoder") / "model.pt", width=0.25)
 
 
 @pytest.fixture(scope="session")

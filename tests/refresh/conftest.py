@@ -17,16 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))  # shar
 from refresh_helpers import CATALOGUE_SIZE, CatalogueDb  # noqa: E402
 from service_helpers import (  # noqa: E402
     fashion_mnist_pngs,
-    make_tiny_encoder,
     running_service,
     service_settings,
     upload,
 )
-
-
-@pytest.fixture(scope="session")
-def encoder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_encoder(tmp_path_factory.mktemp("encoder") / "model.pt")
 
 
 @pytest.fixture(scope="module")

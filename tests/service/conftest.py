@@ -14,16 +14,10 @@ from service_helpers import (
     CATALOGUE_SIZE,
     Catalogue,
     fashion_mnist_pngs,
-    make_tiny_encoder,
     running_service,
     service_settings,
     upload,
 )
-
-
-@pytest.fixture(scope="session")
-def encoder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_encoder(tmp_path_factory.mktemp("encoder") / "model.pt")
 
 
 @pytest.fixture
