@@ -49,9 +49,12 @@ def test_folder_ingest_with_labels_and_unreadable_files(ingest_env, tmp_path, ca
         for i in range(3):
             (root / label / f"{i}.png").write_bytes(png_bytes(np.full((20, 20), value + i, np.uint8)))
     (root / "dogs" / "broken.png").write_bytes(b"not really a png")
+    (root / "cats" / "copy-of-0.png").write_bytes((root / "cats" / "0.png").read_bytes())  # same bytes
     assert ingest_main([str(root), "--labels-from-dirs", "--tags", "pets", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "added 6, already present 0, skipped 1" in out and "dogs/broken.png" in out
+    assert "added 6, already present 1, skipped 1" in out and "dogs/broken.png" in out
+    assert ingest_main([str(root), "--labels-from-dirs", "--tags", "pets", "--no-progress"]) == 0
+    assert "added 0, already present 7, skipped 1" in capsys.readouterr().out  # re-running adds nothing
     with MongoClient(ingest_env["MONGO_URI"]) as mongo:
         records = list(mongo[ingest_env["MONGO_DB"]].images.find({}, {"label": 1, "tags": 1, "status": 1}))
     assert sorted(r["label"] for r in records) == ["cats"] * 3 + ["dogs"] * 3
