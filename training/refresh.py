@@ -73,13 +73,25 @@ def add_refresh_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-recall", type=float, default=0.95, help="index.build --target-recall")
 
 
+def version_encoder(store: Any, version: str | None) -> Path | None:
+    """The encoder file that comes with an index version (None without one): read from the
+    version directory, without loading the FAISS index itself."""
+    if version is None:
+        return None
+    from index.store import ENCODER_FILE
+
+    path = store.version_dir(version) / ENCODER_FILE
+    return path if path.is_file() else None
+
+
 def current_input_size(index_dir: Path) -> int | None:
     """The input size of the encoder in the current index version (None when there is none)."""
     from index.store import IndexStore, IndexStoreError
     from training.encoder import EncoderError, read_encoder_record
 
     try:
-        encoder_path = IndexStore(index_dir).load().encoder_path
+        store = IndexStore(index_dir)
+        encoder_path = version_encoder(store, store.current_version())
         return int(read_encoder_record(encoder_path)["input_size"]) if encoder_path else None
     except (IndexStoreError, EncoderError, OSError):
         return None
@@ -263,7 +275,7 @@ def evaluate_against_current(store: Any, emb: Any, args: argparse.Namespace, dev
     current_version = store.current_version()
     current = None
     if current_version is not None and new is not None:
-        encoder_path = store.load(current_version).encoder_path
+        encoder_path = version_encoder(store, current_version)
         if encoder_path is not None:
             data, vectors, _ = embed_catalogue(encoder_path, args.data, device)
             current = held_out_accuracy(vectors, data.labels.numpy(), data.ids.numpy(), k, tau)
