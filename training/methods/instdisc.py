@@ -100,7 +100,11 @@ class InstDisc(Method):
         metrics = {"loss/instance": result.loss.detach(), "loss/proximal": proximal.detach()}
         metrics["acc/instance"] = result.accuracy()
         if self.nce_k:
+            # The two similarities that tell NCE's health apart: the noise mean rising towards the
+            # positive mean is the features collapsing onto one direction.
             metrics["nce/normaliser"] = self.nce_normaliser.detach()
+            metrics["nce/positive_similarity"] = scores[:, 0].detach().mean()
+            metrics["nce/noise_similarity"] = scores[:, 1:].detach().mean()
         return StepOutput(result.loss + proximal, metrics)
 
     @torch.no_grad()
