@@ -268,7 +268,7 @@ def test_instdisc_nce_loss_equals_formula_with_fixed_normaliser():
     assert first.loss.item() == pytest.approx(expected, rel=1e-4)
     positive = np.mean([row[0] for row in scores])
     noise = np.mean([s for row in scores for s in row[1:]])
-    assert first.metrics["nce/positive_similarity"].item() == pytest.approx(positive, abs=1e-5)
+    assert first.metrics["instance/positive_similarity"].item() == pytest.approx(positive, abs=1e-5)
     assert first.metrics["nce/noise_similarity"].item() == pytest.approx(noise, abs=1e-5)
     model(x, indices)
     assert model.nce_normaliser.item() == z  # fixed after the first batch

@@ -99,11 +99,11 @@ class InstDisc(Method):
         self._update_memory_bank(features, indices)
         metrics = {"loss/instance": result.loss.detach(), "loss/proximal": proximal.detach()}
         metrics["acc/instance"] = result.accuracy()
+        # How far each feature stays from its own memory entry: falling towards (or below) the
+        # noise similarity means the representation drifts faster than the bank follows.
+        metrics["instance/positive_similarity"] = (features.detach() * previous).sum(dim=1).mean()
         if self.nce_k:
-            # The two similarities that tell NCE's health apart: the noise mean rising towards the
-            # positive mean is the features collapsing onto one direction.
             metrics["nce/normaliser"] = self.nce_normaliser.detach()
-            metrics["nce/positive_similarity"] = scores[:, 0].detach().mean()
             metrics["nce/noise_similarity"] = scores[:, 1:].detach().mean()
         return StepOutput(result.loss + proximal, metrics)
 
