@@ -13,6 +13,7 @@ from training.losses.nce import (
     estimate_normaliser,
     full_softmax_loss,
     nce_loss,
+    noise_push_weight,
     proximal_term,
     sample_noise_indices,
 )
@@ -87,6 +88,21 @@ def test_nce_loss_matches_formula():
         h = [p / (p + m * p_n) for p in probabilities]  # h(i, v) = P(i|v) / (P(i|v) + m P_n)
         expected += -(math.log(h[0]) + sum(math.log(1 - hj) for hj in h[1:]))
     assert result.loss.item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_noise_push_weight_is_the_sum_of_noise_posteriors():
+    bank_size, tau, z = 50, 0.07, 12.5
+    scores = torch.tensor([[0.9, 0.1, -0.2, 0.8], [0.4, 0.95, -0.9, 0.2]], dtype=torch.float64)
+    m = scores.shape[1] - 1
+    expected = []
+    for row in scores.tolist():
+        probabilities = [math.exp(s / tau) / z for s in row[1:]]
+        expected.append(sum(p / (p + m / bank_size) for p in probabilities))
+    torch.testing.assert_close(
+        noise_push_weight(scores, tau, z, bank_size).double(), torch.tensor(expected, dtype=torch.float64)
+    )
+    # near-duplicates (s = 0.8, 0.95) each push with weight ~1: more than the positive's pull can be
+    assert (noise_push_weight(scores, tau, z, bank_size) > 1).all()
 
 
 def test_normaliser_is_monte_carlo_estimate():

@@ -36,12 +36,27 @@ def estimate_normaliser(scores: torch.Tensor, tau: float, bank_size: int) -> tor
     return torch.exp(scores.detach().float() / tau).mean() * bank_size
 
 
+def model_probabilities(scores: torch.Tensor, tau: float, normaliser: torch.Tensor | float) -> torch.Tensor:
+    """P(j|v) = exp(s_j/tau) / Z for every score (any shape); Z is not re-normalised per row."""
+    return torch.exp(scores.float() / tau) / normaliser
+
+
+def noise_push_weight(
+    scores: torch.Tensor, tau: float, normaliser: torch.Tensor | float, bank_size: int
+) -> torch.Tensor:
+    """B: sum over the m noise samples of h(j, v), the weight (in units of 1/tau) with which NCE
+    pushes v away from them; the pull towards the positive weighs 1 - h(i, v) <= 1."""
+    p = model_probabilities(scores[:, 1:], tau, normaliser)
+    noise_mass = (scores.shape[1] - 1) / bank_size
+    return (p / (p + noise_mass)).sum(dim=1)
+
+
 def nce_loss(
     scores: torch.Tensor, tau: float, normaliser: torch.Tensor | float, bank_size: int
 ) -> ContrastiveResult:
     """scores: Bx(1+m) dot products v_j·v with the positive in column 0."""
     m = scores.shape[1] - 1
-    p = torch.exp(scores.float() / tau) / normaliser  # Bx(1+m), P(j|v)
+    p = model_probabilities(scores, tau, normaliser)  # Bx(1+m), P(j|v)
     noise_mass = m / bank_size  # m * P_n
     log_h_pos = torch.log(p[:, 0] / (p[:, 0] + noise_mass + EPS))  # B
     log_one_minus_h_neg = torch.log(noise_mass / (p[:, 1:] + noise_mass + EPS))  # Bxm

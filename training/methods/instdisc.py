@@ -23,6 +23,7 @@ from training.losses.nce import (
     estimate_normaliser,
     full_softmax_loss,
     nce_loss,
+    noise_push_weight,
     proximal_term,
     sample_noise_indices,
 )
@@ -105,6 +106,10 @@ class InstDisc(Method):
         if self.nce_k:
             metrics["nce/normaliser"] = self.nce_normaliser.detach()
             metrics["nce/noise_similarity"] = scores[:, 1:].detach().mean()
+            # > 1: the noise pushes harder than the positive can pull (the softmax keeps it <= 1).
+            metrics["nce/noise_push_weight"] = noise_push_weight(
+                scores.detach(), self.temperature, self.nce_normaliser, self.memory.size
+            ).mean()
         return StepOutput(result.loss + proximal, metrics)
 
     @torch.no_grad()
