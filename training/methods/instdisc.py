@@ -139,7 +139,9 @@ class InstDisc(Method):
             "--nce-k",
             type=int,
             default=4096,
-            help="NCE noise samples m (paper: 4096); 0 = exact non-parametric softmax (small N)",
+            help="NCE noise samples m (paper: 4096); 0 = exact non-parametric softmax, preferred "
+            "wherever the BxN logits fit: NCE diverged on Fashion-MNIST (README); "
+            "TensorBoard nce/noise_push_weight far above 1 is the sign",
         )
         group.add_argument("--nce-t", type=float, default=0.07, help="temperature tau (paper: 0.07)")
         group.add_argument(
