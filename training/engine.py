@@ -140,6 +140,9 @@ class TrainState:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every --log-every
 
 
+TIME_BUDGET = "the time budget"
+
+
 class StopRequested:
     """SIGTERM/SIGINT (or the end of `--time-budget`) set a reason; the loop finishes the step,
     saves and exits cleanly. Under torchrun the ranks agree, so all stop after the same step."""
@@ -164,15 +167,23 @@ class StopRequested:
 
     def requested(self) -> bool:
         if self.reason is None and self._deadline is not None and time.monotonic() > self._deadline:
-            self.reason = "the time budget"
-        flag = self.reason is not None
+            self.reason = TIME_BUDGET
+        # 0 = go on, 1 = the time budget, 2 = a signal: all ranks take the maximum, so they agree on
+        # whether to stop and on why (a signal anywhere outranks a budget).
+        code = 0 if self.reason is None else 1 if self.reason == TIME_BUDGET else 2
         if dist.is_distributed():
-            value = torch.tensor([int(flag)])
+            value = torch.tensor([code])
             torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-            flag = bool(value.item())
-            if flag and self.reason is None:
-                self.reason = "a stop on another rank"
-        return flag
+            agreed = int(value.item())
+            if agreed != code:
+                self.reason = TIME_BUDGET if agreed == 1 else "a signal on another rank"
+            code = agreed
+        return code > 0
+
+    @property
+    def stopped_by(self) -> str:
+        """The summary's `stopped_by`: "time_budget" (the run is complete as asked) or "signal"."""
+        return "time_budget" if self.reason == TIME_BUDGET else "signal"
 
 
 class Trainer:
@@ -422,7 +433,7 @@ class Trainer:
         bar.close()
         if self._saved_at_step != self.state.global_step:
             self.save()
-        if stopped_by == "signal":
+        if stopped_by in ("signal", "time_budget"):
             self.print(
                 f"stopped by {stop.reason} after step {self.state.global_step}; checkpoint saved to "
                 f"{self.out / CHECKPOINT_NAME} (continue with --resume auto)"
@@ -454,7 +465,7 @@ class Trainer:
             if state.global_step >= max_steps:
                 return "max_steps"
             if stop.requested():
-                return "signal"
+                return stop.stopped_by
         # Epoch finished: record, monitor, checkpoint.
         elapsed = time.perf_counter() - started
         row = {
@@ -482,7 +493,7 @@ class Trainer:
         self.save()
         if state.global_step >= max_steps and state.global_step < self.total_steps:
             return "max_steps"
-        return "signal" if stop.requested() else None
+        return stop.stopped_by if stop.requested() else None
 
     def _log_step(self, loss: torch.Tensor, metrics: dict[str, Any], started: float, first_step: int) -> None:
         value = float(loss)

@@ -194,7 +194,7 @@ def run_refresh(args: argparse.Namespace) -> int:
     if not state.done("train"):
         args.resume = "auto"
         summary = build_trainer(args, device).fit()
-        if summary.get("stopped_by") == "signal":
+        if summary.get("stopped_by") == "signal":  # a budget's end is a finished training stage
             return 130
         if dist.is_main_process():
             state.record("train", {k: v for k, v in summary.items() if k != "history"})

@@ -260,7 +260,7 @@ def test_killed_refresh_leaves_the_service_alone_and_resumes(
         assert_finds_itself(client, catalogue, 7)
 
 
-def test_no_publish_writes_a_version_that_is_not_current_and_ends_the_run(
+def test_budgeted_no_publish_refresh_writes_a_version_that_is_not_current_and_ends_the_run(
     catalogue: CatalogueDb, data_dir: Path
 ) -> None:
     store = IndexStore(data_dir / "index")
@@ -269,9 +269,11 @@ def test_no_publish_writes_a_version_that_is_not_current_and_ends_the_run(
         SearchIndex.empty_flat(random_model.embed_dim), encoder_path=data_dir / "model.pt"
     )
 
-    result = run_refresh(data_dir, catalogue, "--no-publish")
+    # A training budget that runs out after the first step ends the training stage, not the refresh.
+    result = run_refresh(data_dir, catalogue, "--no-publish", "--time-budget", "1e-6")
     assert result.returncode == 0, result.stderr
     state = refresh_state(data_dir)
+    assert state["stages"]["train"]["stopped_by"] == "time_budget" and state["stages"]["train"]["steps"] == 1
     written = state["stages"]["index"]["version"]
     assert list(state["stages"]) == ["train", "embed", "index", "evaluate", "not_published"]
     assert f"--no-publish: version {written} is written but not current" in result.stdout

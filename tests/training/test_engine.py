@@ -206,6 +206,17 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, small_data):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
+def test_time_budget_stops_after_the_step_it_runs_out_in_saves_and_says_so(tmp_path, small_data):
+    data, _ = small_data
+    # A budget that has run out by the end of the first step: the engine finishes that step, saves
+    # and reports "time_budget" (a finished run as asked; a signal would be "signal").
+    trainer = make_trainer(tmp_path, data, None, "--time-budget", "1e-6")
+    summary = trainer.fit()
+    assert summary["stopped_by"] == "time_budget" and summary["steps"] == 1
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 1, 1)
+
+
 # Short real runs: Fashion-MNIST (4096 training images = the kNN memory, 1000 test queries), a
 # ResNet-18 at 1/8 width with the standard stem, 5 epochs of batch 128 (160 steps), one thread.
 # Settings shortened for CPU: no warm-up, higher lr, faster key-encoder momentum, a small queue.
