@@ -142,11 +142,12 @@ async def store_prepared_many(
         for bucket, (files, chunks) in documents.items():
             await db.db[f"{bucket}.chunks"].insert_many(chunks, ordered=False)
             await db.db[f"{bucket}.files"].insert_many(files, ordered=False)
+        attempted = list(records.values())  # writeErrors index into this list, fixed before deletions
         try:
-            await db.images.insert_many(list(records.values()), ordered=False)
+            await db.images.insert_many(attempted, ordered=False)
         except BulkWriteError as exc:  # concurrent uploads of the same bytes won some races
             for error in exc.details.get("writeErrors", []):
-                lost = list(records.values())[error["index"]]
+                lost = attempted[error["index"]]
                 if error.get("code") != DUPLICATE_KEY:
                     raise
                 await delete_files(db, lost["_id"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -14,9 +13,9 @@ from service_helpers import (
     CATALOGUE_SIZE,
     Catalogue,
     fashion_mnist_pngs,
-    running_service,
+    service_client,
     service_settings,
-    upload,
+    upload_labelled,
 )
 
 
@@ -36,24 +35,9 @@ def start_service(data_dir: Path, mongo_uri: str, mongo_db_name: str) -> Service
 
     def start(**overrides) -> AbstractContextManager[httpx.Client]:
         settings = service_settings(data_dir, mongo_uri, mongo_db_name, **overrides)
-        return _client_for(settings)
+        return service_client(settings)
 
     return start
-
-
-class _client_for:
-    def __init__(self, settings) -> None:
-        self.settings = settings
-
-    def __enter__(self) -> httpx.Client:
-        self._server = running_service(self.settings)
-        self.base_url = self._server.__enter__()
-        self._client = httpx.Client(base_url=self.base_url, timeout=60)
-        return self._client
-
-    def __exit__(self, *exc_info) -> None:
-        self._client.close()
-        self._server.__exit__(*exc_info)
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +49,6 @@ def catalogue(
     shutil.copyfile(encoder_file, directory / "model.pt")
     settings = service_settings(directory, mongo_uri, module_db_name)
     items = fashion_mnist_pngs(0, CATALOGUE_SIZE)
-    by_label: dict[str, list[int]] = defaultdict(list)
-    for position, (_, label) in enumerate(items):
-        by_label[label].append(position)
-    ids = [0] * CATALOGUE_SIZE
-    with _client_for(settings) as client:
-        for label, positions in by_label.items():
-            for start in range(0, len(positions), 32):
-                chunk = positions[start : start + 32]
-                reply = upload(
-                    client, [(items[p][0], f"fmnist-{p}.png") for p in chunk], label=label, tags="fmnist"
-                )
-                for position, item in zip(chunk, reply["items"], strict=True):
-                    ids[position] = item["id"]
+    with service_client(settings) as client:
+        ids = upload_labelled(client, items, tags="fmnist")
         yield Catalogue(client, ids, [label for _, label in items], [data for data, _ in items], directory)

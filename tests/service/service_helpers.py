@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,6 +86,13 @@ def running_service(settings: Settings, timeout_s: float = 60.0) -> Iterator[str
         thread.join(timeout=60)
 
 
+@contextmanager
+def service_client(settings: Settings) -> Iterator[httpx.Client]:
+    """`running_service` with an httpx client on its base URL."""
+    with running_service(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
 def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition"):
     """Poll `predicate` until it returns a truthy value (returned) or fail after timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -105,6 +113,22 @@ def upload(client: httpx.Client, items: list[tuple[bytes, str]], label: str | No
     response = client.post("/images", files=files, data=data)
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def upload_labelled(client: httpx.Client, items: list[tuple[bytes, str]], **form) -> list[int]:
+    """Upload (bytes, label) items, 32 per request and one label per request; returns the new
+    catalogue ids in the items' order."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for position, (_, label) in enumerate(items):
+        by_label[label].append(position)
+    ids = [0] * len(items)
+    for label, positions in by_label.items():
+        for start in range(0, len(positions), 32):
+            chunk = positions[start : start + 32]
+            reply = upload(client, [(items[p][0], f"fmnist-{p}.png") for p in chunk], label=label, **form)
+            for position, item in zip(chunk, reply["items"], strict=True):
+                ids[position] = item["id"]
+    return ids
 
 
 CATALOGUE_SIZE = 300

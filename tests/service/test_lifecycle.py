@@ -96,7 +96,10 @@ def test_new_current_is_noticed_by_polling(start_service, data_dir) -> None:
         upload(client, [(fashion_mnist_pngs(0, 1)[0][0], "a.png")])
         version, model = publish_new_model(data_dir, seed=2)
         wait_until(lambda: client.get("/version").json()["model_version"] == model, what="the polled reload")
-        assert client.get("/health/ready").json()["index_size"] == 1  # reconciled into the new version
+        # The swap comes first, then reconcile re-embeds the catalogue into the new version.
+        wait_until(
+            lambda: client.get("/health/ready").json()["index_size"] == 1, what="the reconcile after the swap"
+        )
         current = client.get("/version").json()["index_version"]
         assert current >= version  # the loaded one, or a republish of it with the reconciled image
 

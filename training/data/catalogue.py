@@ -90,15 +90,14 @@ def load_catalogue(
         key_of = {int(r["_id"]): f"{int(r['_id'])}:{r.get('sha256', '')}" for r in records}
         missing = [image_id for image_id, key in key_of.items() if key not in cached]
         decoded = {key: cached[key] for key in key_of.values() if key in cached}
-        skipped = 0
         for image_id, data in tqdm(
             _contents(db, missing), total=len(missing), desc="decoding catalogue", unit="img",
             disable=len(missing) < 500,
         ):  # fmt: skip
             try:
                 decoded[key_of[image_id]] = load_uint8(data, 3, crop_size)
-            except ImageDecodeError:
-                skipped += 1
+            except ImageDecodeError:  # left out; counted in the data set's `skipped`
+                continue
         if missing:
             _write_cache(cache_path, decoded)
     except PyMongoError as exc:
