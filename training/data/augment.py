@@ -78,6 +78,18 @@ PIPELINES: dict[str, tuple[ViewConfig, ...]] = {
 }
 PIPELINES["mocov1"] = PIPELINES["instdisc"]
 
+# Small images (native side <= 64 px: Fashion-MNIST, CIFAR-like folders). SimCLR's own CIFAR-10
+# recipe (appendix B.9: no blur at 32 px) with a gentler crop: at 28 px an 8% crop is a 8x8 patch,
+# blown up 3.5x, which keeps too little of the object to be the same instance. Colour terms stay
+# (they act on RGB folders; on one channel saturation, hue and grayscale are identities).
+# Variants for the ablation in bench/RESULTS.md ("small-image recipe").
+_SMALL = ViewConfig(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2)
+PIPELINES["small"] = (_SMALL,)
+PIPELINES["small-crop08"] = (replace(_SMALL, crop_scale=(0.08, 1.0)),)
+PIPELINES["small-crop35"] = (replace(_SMALL, crop_scale=(0.35, 1.0)),)
+PIPELINES["small-noflip"] = (replace(_SMALL, flip_p=0.0),)
+PIPELINES["small-blur"] = (replace(_SMALL, blur_p=0.5, blur_sigma=(0.1, 0.6)),)
+
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64) * (high - low) + low
