@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
+import hmac
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
+from pydantic import SecretStr
 
 from service.db import Database
 from service.engine import Engine, Loaded
+from service.schemas import error_responses
 from service.settings import Settings
 from service.state import ServiceState
+
+log = logging.getLogger("service.auth")
 
 
 def get_state(request: Request) -> ServiceState:
@@ -44,24 +49,29 @@ LoadedDep = Annotated[Loaded, Depends(get_loaded)]
 ApiKeyHeader = Annotated[str | None, Header(alias="X-API-Key", description="needed when API_KEY is set")]
 
 
-def _check_key(expected: str | None, given: str | None) -> None:
+def _check_key(request: Request, expected: SecretStr | None, given: str | None) -> None:
+    """Constant-time comparison (hmac.compare_digest); the key itself is never logged."""
     if expected is None:
         return
+    where = f"{request.method} {request.url.path} from {request.client.host if request.client else '?'}"
     if not given:
+        log.warning("refused %s: no X-API-Key header", where)
         raise HTTPException(401, "missing X-API-Key header", headers={"WWW-Authenticate": "ApiKey"})
-    if not secrets.compare_digest(given.encode(), expected.encode()):
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        log.warning("refused %s: wrong X-API-Key", where)
         raise HTTPException(403, "invalid API key")
 
 
-def require_write_key(settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
+def require_write_key(request: Request, settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
     """Writes and admin: the key is needed whenever API_KEY is set."""
-    _check_key(settings.API_KEY, x_api_key)
+    _check_key(request, settings.API_KEY, x_api_key)
 
 
-def require_read_key(settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
+def require_read_key(request: Request, settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
     """Reads: open unless PROTECT_READS is true."""
-    _check_key(settings.API_KEY if settings.PROTECT_READS else None, x_api_key)
+    _check_key(request, settings.API_KEY if settings.PROTECT_READS else None, x_api_key)
 
 
 WriteAccess = Depends(require_write_key)
 ReadAccess = Depends(require_read_key)
+AUTH_ERRORS = error_responses(401, 403)  # documented on every guarded operation

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from index.vectors import VectorError
 from service.engine import NotReady
 from service.imaging import ImageRejected
-from service.validation import InvalidValue
+from service.validation import SAFE_TEXT_PATTERN, SAFE_TEXT_RULE, InvalidValue
 
 log = logging.getLogger("service.errors")
 DATABASE_DOWN = (ConnectionFailure, ServerSelectionTimeoutError, AutoReconnect, NetworkTimeout)
@@ -27,14 +31,38 @@ class BadRequest(ValueError):
         self.status_code = status_code
 
 
-def validation_message(exc: RequestValidationError) -> str:
-    """'k: Input should be less than or equal to 1000; ...' from pydantic's error list."""
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>")
+_CLASS_REPR = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>")
+_LOCATION_KINDS = ("body", "query", "path", "header", "cookie", "form")
+
+
+def one_line(text: str) -> str:
+    """A message fit for a client: one line, no Python object representations."""
+    text = _OBJECT_REPR.sub("", _CLASS_REPR.sub(r"\1", text))
+    return " ".join(text.split())
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
+    """'k: Input should be less than or equal to 1000; "file" is required' from pydantic's errors."""
     parts = []
-    for error in exc.errors():
-        location = ".".join(
-            str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "form")
-        )
-        parts.append(f"{location}: {error.get('msg')}" if location else str(error.get("msg")))
+    for error in errors:
+        location = tuple(error.get("loc", ()))
+        where = ".".join(str(p) for p in location if p not in _LOCATION_KINDS)
+        kind = error.get("type")
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if kind == "missing":
+            parts.append(f'"{where}" is required')
+        elif kind == "extra_forbidden":
+            parameter = "query parameter" if location[:1] == ("query",) else "field"
+            parts.append(f'unknown {parameter} "{where}"')
+        elif kind == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == SAFE_TEXT_PATTERN:
+            parts.append(f"{where}: {SAFE_TEXT_RULE}")
+        elif kind == "json_invalid":
+            parts.append(f"request body is not valid JSON: {error.get('ctx', {}).get('error', message)}")
+        elif where and not message.startswith(f"{where}: "):
+            parts.append(f"{where}: {message}")
+        else:
+            parts.append(message)
     return "; ".join(parts) or "invalid request"
 
 
@@ -42,18 +70,23 @@ def database_message(exc: Exception) -> str:
     return f"database unreachable ({type(exc).__name__}); the service reconnects by itself, retry shortly"
 
 
-def json_error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+def json_error(status_code: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The one error body of the service: `{"detail": "<one line>"}`."""
+    return JSONResponse({"detail": one_line(detail)}, status_code=status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return json_error(422, validation_message(exc))
+        return json_error(422, validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return json_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+        if exc.status_code == 413 and detail == "Content Too Large" and limit is not None:
+            detail = f"request body is over the limit of {limit} bytes"  # streamed past the limit
+        return json_error(exc.status_code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(ImageRejected)
     async def _image(_: Request, exc: ImageRejected) -> JSONResponse:

@@ -7,11 +7,13 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi.middleware.cors import CORSMiddleware
 
 from service import lifecycle
-from service.errors import install_error_handlers, json_error
+from service.body_limit import BodySizeLimit, request_body_limit
+from service.errors import install_error_handlers
 from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.openapi import install_openapi
 from service.routes import admin, classify, health, images, metrics, search, version
 from service.settings import Settings
 from service.state import ServiceState
@@ -21,26 +23,6 @@ DESCRIPTION = """Image retrieval over self-supervised embeddings.
 Upload images to the catalogue (`POST /images`), search by image, id or vector (`POST /search`),
 classify by weighted kNN (`POST /classify`). Errors are JSON: `{"detail": "..."}`.
 Writes and admin need `X-API-Key` when `API_KEY` is set."""
-
-
-class BodySizeLimit:
-    """413 before reading a body whose Content-Length is over the limit (the per-file limit is
-    checked again after parsing, for chunked uploads)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                response = json_error(
-                    413, f"request body of {int(length)} bytes is over the limit of {self.max_bytes}"
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def announce(settings: Settings, state: ServiceState) -> None:
@@ -79,7 +61,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (images, search, classify, health, admin, version, metrics):
         app.include_router(module.router)
+    install_openapi(app)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)
-    max_body = settings.MAX_UPLOAD_BYTES * settings.MAX_FILES_PER_REQUEST + 1024 * 1024
-    app.add_middleware(BodySizeLimit, max_bytes=max_body)
+    app.add_middleware(
+        BodySizeLimit, limit_for=lambda method, path: request_body_limit(settings, method, path)
+    )
+    if settings.CORS_ORIGINS:  # off unless origins are configured
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.CORS_ORIGINS,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "X-API-Key"],
+        )
     return app

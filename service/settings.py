@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -25,12 +27,21 @@ class Settings(BaseSettings):
     # HTTP.
     HOST: str = "127.0.0.1"
     PORT: int = Field(8000, ge=0, le=65535)
-    API_KEY: str | None = Field(None, description="when set, writes and admin need X-API-Key")
+    # A SecretStr: the key shows as '**********' wherever the settings are printed or logged.
+    API_KEY: SecretStr | None = Field(None, description="when set, writes and admin need X-API-Key")
     PROTECT_READS: bool = Field(False, description="when true (and API_KEY set), reads need the key too")
+    CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins allowed to call the API from a browser (comma-separated or a JSON list); "
+        "empty = CORS off",
+    )
 
     # Limits.
     MAX_UPLOAD_BYTES: int = Field(20 * 1024 * 1024, ge=1, description="per uploaded file")
     MAX_FILES_PER_REQUEST: int = Field(64, ge=1)
+    MAX_REQUEST_BYTES: int = Field(
+        256 * 1024 * 1024, ge=1, description="whole body of POST /images (other requests: one file + 1 MiB)"
+    )
     MAX_PIXELS: int = Field(40_000_000, ge=1, description="width*height limit (decompression bombs)")
     SEARCH_MAX_K: int = Field(1000, ge=1)
     THUMBNAIL_SIZE: int = Field(128, ge=8, description="longer side of stored thumbnails, pixels")
@@ -56,6 +67,19 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """`API_KEY=` (as docker compose passes an unset variable) means unset, not an empty key."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("CORS_ORIGINS", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """`CORS_ORIGINS=https://a.example,https://b.example` as well as a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [o.strip() for o in text.split(",") if o.strip()]
+            )
+        return value
 
     @property
     def index_dir(self) -> Path:

@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.deps import StateDep
 from service.errors import DATABASE_DOWN, database_message
+from service.routing import ContractRoute
+from service.schemas import Live, NotReadyBody, Ready, error_responses
 
-router = APIRouter(prefix="/health", tags=["health"])
-
-
-@router.get("/live", summary="The process is up")
-async def live() -> dict:
-    return {"status": "alive"}
+router = APIRouter(prefix="/health", tags=["health"], route_class=ContractRoute)
 
 
-@router.get("/ready", summary="Database reachable, model and index loaded (503 with reasons otherwise)")
-async def ready(state: StateDep) -> JSONResponse:
+@router.get("/live", summary="The process is up", responses=error_responses(422))
+async def live() -> Live:
+    return Live(status="alive")
+
+
+@router.get(
+    "/ready",
+    summary="Database reachable, model and index loaded (503 with reasons otherwise)",
+    response_model=Ready,
+    responses={
+        503: {"model": NotReadyBody, "description": "not ready: every reason in `reasons`"},
+        **error_responses(422),
+    },
+)
+async def ready(state: StateDep) -> Any:
     reasons = []
     try:
         await asyncio.wait_for(state.db.ping(), timeout=state.settings.MONGO_TIMEOUT_MS / 1000 + 1)
@@ -29,14 +40,11 @@ async def ready(state: StateDep) -> JSONResponse:
     if loaded is None:
         reasons.append(state.engine.problem or "the model and index are not loaded")
     if reasons:
-        return JSONResponse(
-            {"detail": "not ready: " + "; ".join(reasons), "reasons": reasons}, status_code=503
-        )
-    return JSONResponse(
-        {
-            "status": "ready",
-            "model_version": loaded.model_version,
-            "index_version": loaded.version,
-            "index_size": loaded.index.ntotal,
-        }
+        body = NotReadyBody(detail="not ready: " + "; ".join(reasons), reasons=reasons)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+    return Ready(
+        status="ready",
+        model_version=loaded.model_version,
+        index_version=loaded.version,
+        index_size=loaded.index.ntotal,
     )

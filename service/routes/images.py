@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, File, HTTPException, Path, Query
+from fastapi.responses import Response
 
 from service.catalogue import (
     ImageMetadata,
@@ -16,81 +16,115 @@ from service.catalogue import (
     read_file,
     store_prepared_many,
 )
-from service.deps import DatabaseDep, EngineDep, ReadAccess, StateDep, WriteAccess
-from service.imaging import ImageRejected
+from service.db import Database
+from service.deps import AUTH_ERRORS, DatabaseDep, EngineDep, ReadAccess, StateDep, WriteAccess
 from service.indexing import index_images
-from service.validation import parse_label, parse_tags
+from service.routing import ContractRoute
+from service.schemas import (
+    Deleted,
+    ImagePage,
+    ImageRecord,
+    UploadedItem,
+    UploadForm,
+    UploadResponse,
+    binary_response,
+    error_responses,
+)
+from service.uploads import read_upload
+from service.validation import parse_label
 
-router = APIRouter(prefix="/images", tags=["images"])
+router = APIRouter(prefix="/images", tags=["images"], route_class=ContractRoute)
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="the 64-bit catalogue id")]
+READ_ERRORS = {**AUTH_ERRORS, **error_responses(422, 503)}
 
 
-async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
-    """The file's bytes; 413 without reading more than max_bytes + 1."""
-    data = await upload.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ImageRejected(
-            f"{upload.filename or 'upload'} is larger than the limit of {max_bytes} bytes", 413
-        )
-    return data
-
-
-@router.post("", status_code=201, dependencies=[WriteAccess], summary="Upload one or more images")
-async def upload_images(
-    state: StateDep,
-    files: Annotated[list[UploadFile], File(description="image file(s)")],
-    label: Annotated[str | None, Form(description="class label for all files")] = None,
-    tags: Annotated[list[str] | None, Form(description="tags (repeat the field or comma-separate)")] = None,
-    source: Annotated[str | None, Form(max_length=500, description="where the images come from")] = None,
-) -> JSONResponse:
+@router.post(
+    "",
+    status_code=201,
+    dependencies=[WriteAccess],
+    summary="Upload one or more images",
+    responses={**READ_ERRORS, **error_responses(413, 415)},
+)
+async def upload_images(state: StateDep, form: Annotated[UploadForm, File()]) -> UploadResponse:
     """Every file is validated before anything is stored: one bad file rejects the request.
-    The same bytes uploaded again return the existing id (`created: false`)."""
+    The same bytes uploaded again return the existing id (`created: false`); the label, tags or
+    source sent with them replace the stored ones, and `updated` names the fields that changed."""
     settings, engine, db = state.settings, state.engine, state.db
-    if len(files) > settings.MAX_FILES_PER_REQUEST:
+    if len(form.files) > settings.MAX_FILES_PER_REQUEST:
         raise HTTPException(
-            413, f"{len(files)} files, more than the limit of {settings.MAX_FILES_PER_REQUEST}"
+            413, f"{len(form.files)} files, more than the limit of {settings.MAX_FILES_PER_REQUEST}"
         )
-    metadata = ImageMetadata(parse_label(label), tuple(parse_tags(tags)), source)
+    metadata = ImageMetadata(form.label, tuple(form.tags), form.source)
     prepared = []
-    for upload in files:
+    for upload in form.files:
         data = await read_upload(upload, settings.MAX_UPLOAD_BYTES)
         prepared.append(
             await engine.run_in_thread(prepare_image, data, upload.filename or "upload", state.limits)
         )
     stored = await store_prepared_many(db, prepared, [metadata] * len(prepared))
+    given = _given_metadata(form)
+    updated = {item.id: await _update_metadata(db, item.record, given) for item in stored if not item.created}
 
     loaded = engine.loaded
     indexed: set[int] = set()
     if loaded is not None:
         ids, images = [s.id for s in stored], [s.decoded.image for s in stored]
         indexed = set(await index_images(engine, db, loaded, ids, images))
-    items = []
-    for item in stored:
-        status = "indexed" if item.id in indexed else item.record.get("status", "pending")
-        items.append(
-            {"id": item.id, "created": item.created, "status": status, "filename": item.record["filename"]}
+    items = [
+        UploadedItem(
+            id=item.id,
+            created=item.created,
+            status="indexed" if item.id in indexed else item.record.get("status", "pending"),
+            filename=item.record["filename"],
+            updated=updated.get(item.id, []),
         )
-    return JSONResponse({"ids": [i["id"] for i in items], "items": items}, status_code=201)
+        for item in stored
+    ]
+    return UploadResponse(ids=[item.id for item in items], items=items)
 
 
-@router.get("", dependencies=[ReadAccess], summary="List images (cursor pagination on id)")
+def _given_metadata(form: UploadForm) -> dict[str, Any]:
+    """The metadata fields this upload sets (a field not sent leaves the stored value alone)."""
+    given: dict[str, Any] = {"label": form.label, "tags": list(form.tags), "source": form.source}
+    return {name: value for name, value in given.items() if value not in (None, [])}
+
+
+async def _update_metadata(db: Database, record: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """Known bytes uploaded again: set the metadata that differs; the names of the fields changed."""
+    changes = {name: value for name, value in given.items() if record.get(name) != value}
+    if changes:
+        await db.images.update_one({"_id": record["_id"]}, {"$set": changes})
+        record.update(changes)
+    return sorted(changes)
+
+
+@router.get(
+    "", dependencies=[ReadAccess], summary="List images (cursor pagination on id)", responses=READ_ERRORS
+)
 async def list_catalogue(
     db: DatabaseDep,
     label: Annotated[str | None, Query(max_length=100)] = None,
     tag: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[int | None, Query(ge=0, description="next_cursor of the previous page")] = None,
-) -> dict:
+) -> ImagePage:
     docs, next_cursor = await list_images(db, parse_label(label), parse_label(tag, "tag"), limit, cursor)
-    return {"items": [public_record(d) for d in docs], "next_cursor": next_cursor}
+    return ImagePage(
+        items=[ImageRecord.model_validate(public_record(d)) for d in docs], next_cursor=next_cursor
+    )
 
 
-@router.get("/{image_id}", dependencies=[ReadAccess], summary="One image's record")
-async def get_image(db: DatabaseDep, image_id: ImageId) -> dict:
+@router.get(
+    "/{image_id}",
+    dependencies=[ReadAccess],
+    summary="One image's record",
+    responses={**READ_ERRORS, **error_responses(404)},
+)
+async def get_image(db: DatabaseDep, image_id: ImageId) -> ImageRecord:
     doc = await db.images.find_one({"_id": image_id})
     if doc is None:
         raise HTTPException(404, f"no image with id {image_id}")
-    return public_record(doc)
+    return ImageRecord.model_validate(public_record(doc))
 
 
 async def _file_response(db: DatabaseDep, image_id: int, thumbnail: bool) -> Response:
@@ -103,20 +137,43 @@ async def _file_response(db: DatabaseDep, image_id: int, thumbnail: bool) -> Res
     )
 
 
-@router.get("/{image_id}/content", dependencies=[ReadAccess], summary="The original bytes")
+@router.get(
+    "/{image_id}/content",
+    dependencies=[ReadAccess],
+    summary="The original bytes",
+    response_class=Response,
+    responses={
+        **binary_response(
+            "the bytes as uploaded, in their media type", "image/*", "application/octet-stream"
+        ),
+        **READ_ERRORS,
+        **error_responses(404),
+    },
+)
 async def get_content(db: DatabaseDep, image_id: ImageId) -> Response:
     return await _file_response(db, image_id, thumbnail=False)
 
 
-@router.get("/{image_id}/thumbnail", dependencies=[ReadAccess], summary="A small PNG thumbnail")
+@router.get(
+    "/{image_id}/thumbnail",
+    dependencies=[ReadAccess],
+    summary="A small PNG thumbnail",
+    response_class=Response,
+    responses={**binary_response("a PNG thumbnail", "image/png"), **READ_ERRORS, **error_responses(404)},
+)
 async def get_thumbnail(db: DatabaseDep, image_id: ImageId) -> Response:
     return await _file_response(db, image_id, thumbnail=True)
 
 
-@router.delete("/{image_id}", dependencies=[WriteAccess], summary="Delete record, bytes and index entry")
-async def remove_image(db: DatabaseDep, engine: EngineDep, image_id: ImageId) -> dict:
+@router.delete(
+    "/{image_id}",
+    dependencies=[WriteAccess],
+    summary="Delete record, bytes and index entry",
+    responses={**READ_ERRORS, **error_responses(404)},
+)
+async def remove_image(db: DatabaseDep, engine: EngineDep, image_id: ImageId) -> Deleted:
     record = await delete_image(db, image_id)
     if record is None:
         raise HTTPException(404, f"no image with id {image_id}")
     removed = await engine.remove([image_id])
-    return {"id": image_id, "deleted": True, "removed_from_index": bool(removed)}
+    return Deleted(id=image_id, deleted=True, removed_from_index=bool(removed))

@@ -7,11 +7,24 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import StateDep
+from service.routing import ContractRoute
+from service.schemas import error_responses
 
-router = APIRouter(tags=["meta"])
+router = APIRouter(tags=["meta"], route_class=ContractRoute)
+PROMETHEUS_TEXT = {
+    200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={**PROMETHEUS_TEXT, **error_responses(422)},
+)
 async def metrics(state: StateDep) -> Response:
     loaded, m = state.engine.loaded, state.metrics
     m.index_size.set(loaded.index.ntotal if loaded else 0)

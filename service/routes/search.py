@@ -1,64 +1,77 @@
-"""POST /search: nearest catalogue images to an uploaded image, a catalogue id or a vector."""
+"""POST /search: nearest catalogue images to an uploaded image (multipart), or to a catalogue id or
+a vector (JSON). Two routes on one path, split by media type (`ContractRoute`), one search core."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated, Any
 
-from service.deps import ReadAccess, StateDep
+from fastapi import APIRouter, File
+
+from service.deps import AUTH_ERRORS, LoadedDep, ReadAccess, StateDep
+from service.engine import Loaded
 from service.errors import BadRequest
-from service.queries import SearchByJson, SearchFilters, parse_search_request, query_vector
+from service.queries import query_vector
+from service.routing import ContractRoute
+from service.schemas import SearchForm, SearchHit, SearchOptions, SearchQuery, SearchResponse, error_responses
 from service.search import Timer, filtered_search
+from service.state import ServiceState
+from service.uploads import read_upload
 
-router = APIRouter(tags=["search"])
-
-_multipart_schema = {
-    "type": "object",
-    "required": ["file"],
-    "properties": {
-        "file": {"type": "string", "format": "binary", "description": "the query image"},
-        **{name: prop for name, prop in SearchFilters.model_json_schema()["properties"].items()},
-    },
-}
-OPENAPI_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": _multipart_schema},
-            "application/json": {
-                "schema": SearchByJson.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
-        },
-    }
+router = APIRouter(tags=["search"], route_class=ContractRoute)
+SEARCH = {
+    "summary": "Similar images",
+    "description": 'Multipart (`file` + optional `k`, `label`, `tags`, `min_score`) or JSON (`{"id": ...}` '
+    'or `{"vector": [...]}` + the same options). Results are best first, with cosine similarity scores.',
+    "dependencies": [ReadAccess],
+    "responses": {**AUTH_ERRORS, **error_responses(404, 413, 415, 422, 503)},
 }
 
 
-@router.post("/search", dependencies=[ReadAccess], openapi_extra=OPENAPI_BODY, summary="Similar images")
-async def search(request: Request, state: StateDep) -> dict:
-    """Multipart (`file` + optional `k`, `label`, `tags`, `min_score`) or JSON (`{"id": ...}` or
-    `{"vector": [...]}` + the same options). Results are best first, with cosine similarity scores."""
-    settings, engine, db = state.settings, state.engine, state.db
-    loaded = engine.require()
-    filters, query = await parse_search_request(request, settings.MAX_UPLOAD_BYTES)
-    if filters.k > settings.SEARCH_MAX_K:
-        raise BadRequest(f"k: must be at most {settings.SEARCH_MAX_K}")
+async def run_search(
+    state: ServiceState, loaded: Loaded, options: SearchOptions, query: Any
+) -> SearchResponse:
+    """The search core: query is bytes (an uploaded image), an int (a catalogue id) or a list (a vector)."""
+    if options.k > state.settings.SEARCH_MAX_K:
+        raise BadRequest(f"k: must be at most {state.settings.SEARCH_MAX_K}")
     timer = Timer()
-    vector = await query_vector(engine, db, loaded, query, timer)
+    vector = await query_vector(state.engine, state.db, loaded, query, timer)
     hits = await filtered_search(
-        engine, db, loaded, vector, filters.k, filters.label, filters.tags, filters.min_score, timer=timer
+        state.engine,
+        state.db,
+        loaded,
+        vector,
+        options.k,
+        options.label,
+        options.tags,
+        options.min_score,
+        timer=timer,
     )
-    return {
-        "results": [
-            {
-                "id": hit.id,
-                "score": hit.score,
-                "label": hit.record.get("label"),
-                "tags": hit.record.get("tags") or [],
-                "content_url": f"/images/{hit.id}/content",
-                "thumbnail_url": f"/images/{hit.id}/thumbnail",
-            }
+    return SearchResponse(
+        results=[
+            SearchHit(
+                id=hit.id,
+                score=hit.score,
+                label=hit.record.get("label"),
+                tags=hit.record.get("tags") or [],
+                content_url=f"/images/{hit.id}/content",
+                thumbnail_url=f"/images/{hit.id}/thumbnail",
+            )
             for hit in hits
         ],
-        "model_version": loaded.model_version,
-        "index_version": loaded.version,
-        "timing_ms": timer.as_dict(),
-    }
+        model_version=loaded.model_version,
+        index_version=loaded.version,
+        timing_ms=timer.as_dict(),
+    )
+
+
+@router.post("/search", **SEARCH)
+async def search_by_id_or_vector(state: StateDep, loaded: LoadedDep, query: SearchQuery) -> SearchResponse:
+    return await run_search(state, loaded, query, query.id if query.id is not None else query.vector)
+
+
+@router.post("/search", **SEARCH)
+async def search_by_image(
+    state: StateDep, loaded: LoadedDep, form: Annotated[SearchForm, File()]
+) -> SearchResponse:
+    data = await read_upload(form.file, state.settings.MAX_UPLOAD_BYTES)
+    return await run_search(state, loaded, form, data)

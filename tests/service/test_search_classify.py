@@ -73,7 +73,15 @@ def test_classify_uses_the_paper_defaults(catalogue: Catalogue) -> None:
     reply = catalogue.client.post("/classify", files={"file": ("q.png", data, "image/png")})
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    assert body["k"] == 200 and body["tau"] == 0.07 and len(body["neighbours"]) == 200
+    assert body["k"] == 200 and body["tau"] == 0.07
+    assert len(body["neighbours"]) == 10  # 200 vote; the 10 nearest are listed unless asked for more
+    scores = [n["score"] for n in body["neighbours"]]
+    assert scores == sorted(scores, reverse=True)
+    every = catalogue.client.post(
+        "/classify", files={"file": ("q.png", data, "image/png")}, data={"neighbours": "200"}
+    ).json()
+    assert len(every["neighbours"]) == 200 and every["neighbours"][:10] == body["neighbours"]
+    assert every["probabilities"] == body["probabilities"]
     probabilities = [p["probability"] for p in body["probabilities"]]
     assert 1 <= len(probabilities) <= 5 and probabilities == sorted(probabilities, reverse=True)
     assert sum(probabilities) <= 1.0 + 1e-6
@@ -98,8 +106,9 @@ def test_classify_probabilities_follow_the_formula(catalogue: Catalogue) -> None
     """p_c = sum_{i: c_i = c} exp(s_i / tau) / sum_i exp(s_i / tau) over the returned neighbours."""
     data = fashion_mnist_pngs(1500, 1)[0][0]
     body = catalogue.client.post(
-        "/classify", files={"file": ("q.png", data, "image/png")}, data={"k": "50"}
+        "/classify", files={"file": ("q.png", data, "image/png")}, data={"k": "50", "neighbours": "50"}
     ).json()
+    assert len(body["neighbours"]) == 50
     scores = np.array([n["score"] for n in body["neighbours"]], dtype=np.float64)
     labels = [n["label"] for n in body["neighbours"]]
     weights = np.exp(scores / 0.07)
