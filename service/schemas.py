@@ -28,6 +28,7 @@ class NotReadyBody(ErrorBody):
 
 
 ERROR_DESCRIPTIONS = {
+    400: "the body cannot be parsed (malformed multipart, JSON that is not UTF-8)",
     401: "the X-API-Key header is missing (API_KEY is set)",
     403: "the X-API-Key header is wrong",
     404: "no image with this id",

@@ -21,7 +21,7 @@ router = APIRouter(tags=["classify"], route_class=ContractRoute)
     "/classify",
     dependencies=[ReadAccess],
     summary="Predict a label by weighted kNN",
-    responses={**AUTH_ERRORS, **error_responses(409, 413, 415, 422, 503)},
+    responses={**AUTH_ERRORS, **error_responses(400, 409, 413, 415, 422, 503)},
 )
 async def classify_image(
     state: StateDep, loaded: LoadedDep, form: Annotated[ClassifyForm, File()]

@@ -43,7 +43,7 @@ READ_ERRORS = {**AUTH_ERRORS, **error_responses(422, 503)}
     status_code=201,
     dependencies=[WriteAccess],
     summary="Upload one or more images",
-    responses={**READ_ERRORS, **error_responses(413, 415)},
+    responses={**READ_ERRORS, **error_responses(400, 413, 415)},
 )
 async def upload_images(state: StateDep, form: Annotated[UploadForm, File()]) -> UploadResponse:
     """Every file is validated before anything is stored: one bad file rejects the request.

@@ -23,7 +23,7 @@ SEARCH = {
     "description": 'Multipart (`file` + optional `k`, `label`, `tags`, `min_score`) or JSON (`{"id": ...}` '
     'or `{"vector": [...]}` + the same options). Results are best first, with cosine similarity scores.',
     "dependencies": [ReadAccess],
-    "responses": {**AUTH_ERRORS, **error_responses(404, 413, 415, 422, 503)},
+    "responses": {**AUTH_ERRORS, **error_responses(400, 404, 413, 415, 422, 503)},
 }
 
 
