@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from training.data.images import ImageDecodeError, open_image, pil_to_uint8, resize_center_crop, to_mode
 
@@ -46,6 +46,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, name: str = "uplo
     try:
         with Image.open(io.BytesIO(data)) as header:  # header only: no pixels decoded yet
             width, height, fmt = header.width, header.height, header.format
+    except UnidentifiedImageError as exc:  # its message shows the BytesIO object's repr
+        raise ImageRejected(f"{name} is not a readable image: unknown or unsupported format") from exc
     except Exception as exc:  # PIL raises many types for a non-image
         raise ImageRejected(f"{name} is not a readable image: {exc}") from exc
     if width * height > max_pixels:
