@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.errors import json_error
 from service.settings import Settings
 
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 ENVELOPE_BYTES = 1024 * 1024  # multipart headers and form fields, or a JSON body (a 65536-d vector fits)
 
 
@@ -33,8 +34,8 @@ class BodySizeLimit:
         self.limit_for = limit_for  # (method, path) -> bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)  # no operation reads a body: none is limited
             return
         limit = self.limit_for(scope["method"], scope["path"])
         length = Headers(scope=scope).get("content-length")

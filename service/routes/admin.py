@@ -16,7 +16,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], route_class=ContractRoute)
     "/reload",
     dependencies=[WriteAccess],
     summary="Load the newest published index version",
-    responses={**AUTH_ERRORS, **error_responses(422, 503)},
+    responses={**AUTH_ERRORS, **error_responses(413, 422, 503)},
 )
 async def reload(state: StateDep) -> Reloaded:
     swapped = await refresh(state)
