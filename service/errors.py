@@ -51,7 +51,9 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
         kind = error.get("type")
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         if kind == "missing":
-            parts.append(f'"{where}" is required')
+            parts.append(f'"{where}" is required' if where else "a request body is required")
+        elif kind in ("model_attributes_type", "dict_type") and not where:
+            parts.append("the request body must be a JSON object")
         elif kind == "extra_forbidden":
             parameter = "query parameter" if location[:1] == ("query",) else "field"
             parts.append(f'unknown {parameter} "{where}"')

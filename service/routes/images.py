@@ -31,7 +31,7 @@ from service.schemas import (
     error_responses,
 )
 from service.uploads import read_upload
-from service.validation import parse_label
+from service.validation import Label, Tag
 
 router = APIRouter(prefix="/images", tags=["images"], route_class=ContractRoute)
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="the 64-bit catalogue id")]
@@ -103,12 +103,12 @@ async def _update_metadata(db: Database, record: dict[str, Any], given: dict[str
 )
 async def list_catalogue(
     db: DatabaseDep,
-    label: Annotated[str | None, Query(max_length=100)] = None,
-    tag: Annotated[str | None, Query(max_length=100)] = None,
+    label: Annotated[Label | None, Query(description="only images with this label")] = None,
+    tag: Annotated[Tag | None, Query(description="only images with this tag")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[int | None, Query(ge=0, description="next_cursor of the previous page")] = None,
 ) -> ImagePage:
-    docs, next_cursor = await list_images(db, parse_label(label), parse_label(tag, "tag"), limit, cursor)
+    docs, next_cursor = await list_images(db, label, tag, limit, cursor)
     return ImagePage(
         items=[ImageRecord.model_validate(public_record(d)) for d in docs], next_cursor=next_cursor
     )

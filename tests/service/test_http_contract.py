@@ -366,3 +366,23 @@ def test_cors_is_off_by_default_and_follows_cors_origins(
         view = ApiView(client.get("/openapi.json").json(), client)
         view.check("GET", "/health/ready", ready)
         view.check("POST", "/search", client.post("/search", json={"id": 1}))
+
+
+def test_error_messages_lose_python_reprs() -> None:
+    from service.errors import one_line, validation_message
+
+    assert one_line("cannot identify image file <_io.BytesIO object at 0x7f3a2c1b9e50>\nline two") == (
+        "cannot identify image file line two"
+    )
+    errors = [
+        {
+            "type": "value_error",
+            "loc": ("body", "file"),
+            "msg": "Value error, Expected UploadFile, received: <class 'str'>",
+        },
+        {"type": "missing", "loc": ("body",), "msg": "Field required"},
+        {"type": "extra_forbidden", "loc": ("query", "k"), "msg": "Extra inputs are not permitted"},
+    ]
+    assert one_line(validation_message(errors)) == (
+        'file: Expected UploadFile, received: str; a request body is required; unknown query parameter "k"'
+    )
