@@ -32,7 +32,7 @@ from service.settings import Settings
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
 
 
-# Positive cases send real images half of the time (random bytes the other half), so that the
+# Positive cases send a real image three times in four (random bytes otherwise), so that the
 # success paths (201 upload, 200 search and classify) are fuzzed and their bodies checked too.
 IMAGES = [None, *(data for data, _ in fashion_mnist_pngs(100, 3))]
 FILE_FIELDS = ("file", "files")
