@@ -40,9 +40,18 @@ ERROR_DESCRIPTIONS = {
 }
 
 
+RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries: each code answers an `ErrorBody`."""
-    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+    """OpenAPI `responses` entries: each code answers an `ErrorBody` (a 503 also says when to retry)."""
+    return {
+        code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]}
+        | ({"headers": RETRY_AFTER} if code == 503 else {})
+        for code in codes
+    }
 
 
 # ----------------------------------------------------------------------------- request forms

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from service.deps import StateDep
 from service.errors import DATABASE_DOWN, database_message
 from service.routing import ContractRoute
-from service.schemas import Live, NotReadyBody, Ready, error_responses
+from service.schemas import RETRY_AFTER, Live, NotReadyBody, Ready, error_responses
 
 router = APIRouter(prefix="/health", tags=["health"], route_class=ContractRoute)
 
@@ -26,7 +26,11 @@ async def live() -> Live:
     summary="Database reachable, model and index loaded (503 with reasons otherwise)",
     response_model=Ready,
     responses={
-        503: {"model": NotReadyBody, "description": "not ready: every reason in `reasons`"},
+        503: {
+            "model": NotReadyBody,
+            "description": "not ready: every reason in `reasons`",
+            "headers": RETRY_AFTER,
+        },
         **error_responses(422),
     },
 )

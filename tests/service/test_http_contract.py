@@ -67,6 +67,8 @@ class ApiView:
         status = str(response.status_code)
         responses = self.operation(method, template)["responses"]
         assert status in responses, f"{method} {template} answered undocumented {status}: {response.text}"
+        for header in responses[status].get("headers", {}):
+            assert header.lower() in response.headers, f"{method} {template} {status} lacks {header}"
         content = responses[status].get("content", {})
         media_type = response.headers.get("content-type", "").split(";")[0].strip()
         matches = [documented for documented in content if fnmatch.fnmatch(media_type, documented)]
