@@ -3,8 +3,8 @@
 A Content-Length over the limit answers 413 at once, without reading a byte; a body without one
 (chunked) or with a false one is counted as it streams in and cut off at the limit (413), so a
 multipart upload is never spooled past it. The limit depends on the operation: `POST /images`
-takes up to MAX_REQUEST_BYTES (several files), every other request one file's worth
-(MAX_UPLOAD_BYTES) plus room for the form fields or a JSON body.
+takes up to MAX_REQUEST_BYTES (or MAX_FILES_PER_REQUEST full files, if less), every other request
+one file's worth (MAX_UPLOAD_BYTES) plus room for the form fields or a JSON body.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ ENVELOPE_BYTES = 1024 * 1024  # multipart headers and form fields, or a JSON bod
 
 def request_body_limit(settings: Settings, method: str, path: str) -> int:
     if method == "POST" and path.rstrip("/") == "/images":
-        return settings.MAX_REQUEST_BYTES
+        most_files = settings.MAX_FILES_PER_REQUEST * settings.MAX_UPLOAD_BYTES + ENVELOPE_BYTES
+        return min(settings.MAX_REQUEST_BYTES, most_files)
     return settings.MAX_UPLOAD_BYTES + ENVELOPE_BYTES
 
 
