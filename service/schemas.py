@@ -75,9 +75,10 @@ class UploadForm(FormTags):
     label: Label | None = Field(None, description="class label for all files")
     tags: list[Tag] = Field(
         default_factory=list,
+        max_length=32,
         description='tags for all files: repeat the field, comma-separate, or send a JSON list ["a", "b"]',
     )
-    source: str | None = Field(None, min_length=1, max_length=500, description="where the images come from")
+    source: str | None = Field(None, max_length=500, description="where the images come from")
 
 
 class SearchOptions(BaseModel):
