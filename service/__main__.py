@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m service",
         description="Serve the image-retrieval API. Every other setting comes from the environment "
         "(see README.md, 'The service'): MONGO_URI (unset = embedded SecantusDB under DATA_DIR/db), "
-        "DATA_DIR, MODEL_CHECKPOINT, INDEX_DIR, API_KEY, MAX_UPLOAD_BYTES, MAX_PIXELS, SEARCH_MAX_K, "
+        "DATA_DIR, MODEL_CHECKPOINT, INDEX_DIR, API_KEY, CORS_ORIGINS, MAX_UPLOAD_BYTES, MAX_REQUEST_BYTES, "
+        "MAX_PIXELS, SEARCH_MAX_K, "
         "RELOAD_POLL_SECONDS.",
     )
     parser.add_argument(
