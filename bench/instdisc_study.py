@@ -8,6 +8,9 @@
           z-every-step        NCE's normaliser Z re-estimated on every batch instead of once
           bank-from-features  the memory bank starts from the random network's features, not random
                               unit vectors (Z is then estimated from real features)
+          centred-head        BatchNorm without affine on the 128-d output before the L2 norm, so the
+                              features are centred like the random bank NCE's Z was estimated from
+          centred-z-every-step  both of the above
         prints the kNN top-1 per epoch (the training monitor: use --knn-every 1).
 
 The table's rows: `run paper -- --data fashion-mnist --subset 10000 --arch resnet18 --width 0.25
@@ -31,7 +34,7 @@ from training.cli import build_parser, build_trainer, resolve_defaults  # noqa: 
 from training.losses.nce import estimate_normaliser  # noqa: E402
 from training.methods.instdisc import InstDisc  # noqa: E402
 
-VARIANTS = ("paper", "z-every-step", "bank-from-features")
+VARIANTS = ("paper", "z-every-step", "bank-from-features", "centred-head", "centred-z-every-step")
 
 
 def init_similarity(images: int = 512) -> None:
@@ -78,6 +81,11 @@ def bank_from_features(method: InstDisc, images: torch.Tensor, mean: list[float]
     method.memory.visited.fill_(True)
 
 
+def centred_head(method: InstDisc) -> None:
+    dim = method.memory.bank.shape[1]
+    method.encoder.head = torch.nn.Sequential(method.encoder.head, torch.nn.BatchNorm1d(dim, affine=False))
+
+
 def run(variant: str, training_argv: list[str]) -> None:
     parser = build_parser("instdisc", "instdisc_study", "InstDisc study run")
     args = parser.parse_args(training_argv)
@@ -85,6 +93,11 @@ def run(variant: str, training_argv: list[str]) -> None:
     resolve_defaults(args, parser)
     trainer = build_trainer(args, torch.device(args.device if args.device != "auto" else "cpu"))
     if variant == "z-every-step":
+        z_every_step(trainer.method)
+    elif variant == "centred-head":
+        centred_head(trainer.method)
+    elif variant == "centred-z-every-step":
+        centred_head(trainer.method)
         z_every_step(trainer.method)
     elif variant == "bank-from-features":
         bank_from_features(trainer.method, trainer.images.cpu(), trainer.mean, trainer.std)
