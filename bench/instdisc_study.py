@@ -83,7 +83,9 @@ def bank_from_features(method: InstDisc, images: torch.Tensor, mean: list[float]
 
 def centred_head(method: InstDisc) -> None:
     dim = method.memory.bank.shape[1]
-    method.encoder.head = torch.nn.Sequential(method.encoder.head, torch.nn.BatchNorm1d(dim, affine=False))
+    head = torch.nn.Sequential(method.encoder.head, torch.nn.BatchNorm1d(dim, affine=False))
+    head.out_dim = dim  # what the checkpoint's encoder record reads
+    method.encoder.head = head
 
 
 def run(variant: str, training_argv: list[str]) -> None:

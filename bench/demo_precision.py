@@ -1,0 +1,59 @@
+"""`make run`'s demo, measured: precision@10 of image search over the demo catalogue.
+
+The demo catalogue is the Fashion-MNIST test split (10k labelled images, `service.demo`). Queries
+are 50 seeded images from the training split, so no query is in the catalogue (a catalogue image
+would find itself first); precision@10 is the share of the top 10 results (cosine, exact, as the
+service's flat index) with the query's class. `--pixels` gives the raw-pixel reference.
+
+    python bench/demo_precision.py --encoder service/assets/demo-encoder.pt
+    python bench/demo_precision.py --pixels
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from training.data.datasets import load_dataset
+from training.encoder import Encoder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--encoder", help="encoder file (e.g. service/assets/demo-encoder.pt)")
+    source.add_argument("--pixels", action="store_true", help="raw pixels as the embedding")
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    catalogue = load_dataset("fashion-mnist:test", 28)
+    queries = load_dataset("fashion-mnist", 28).subset(args.queries, seed=args.seed)
+    if args.pixels:
+
+        def embed(images: torch.Tensor) -> torch.Tensor:
+            return F.normalize(images.flatten(1).float(), dim=1)
+    else:
+        encoder = Encoder.load(args.encoder)
+
+        def embed(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(encoder.embed(images))
+
+    scores = embed(queries.images) @ embed(catalogue.images).T  # QxN cosine
+    top = scores.topk(args.k, dim=1).indices  # QxK
+    same = catalogue.labels[top] == queries.labels.unsqueeze(1)
+    result = {
+        "embedding": "pixels" if args.pixels else args.encoder,
+        "queries": args.queries,
+        f"precision@{args.k}": round(same.float().mean().item(), 4),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
