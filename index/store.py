@@ -6,6 +6,8 @@ Layout under INDEX_DIR:
   versions/<version>/labels.npy         int64 Nx2 (id, label) for the kNN classifier (if labelled)
   versions/<version>/class_names.json   names for the label indices (if known)
   versions/<version>/encoder.pt         the encoder file that made the vectors (if given)
+  versions/<version>/encoder.inference.pt  its deploy-time form (training.inference), when one was
+                                        written next to the encoder file: copied along with it
   versions/<version>/manifest.json      what this version is (see `IndexStore.publish`)
   CURRENT                               one line: the name of the current version
 
@@ -48,6 +50,7 @@ DELETED_FILE = "deleted.npy"
 LABELS_FILE = "labels.npy"
 CLASS_NAMES_FILE = "class_names.json"
 ENCODER_FILE = "encoder.pt"
+INFERENCE_ENCODER_FILE = "encoder.inference.pt"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
@@ -226,6 +229,10 @@ class IndexStore:
             if encoder_source is not None:
                 shutil.copyfile(encoder_source, tmp / ENCODER_FILE)
                 written.append(tmp / ENCODER_FILE)
+                inference_source = encoder_source.with_name(INFERENCE_ENCODER_FILE)
+                if inference_source.is_file():  # the reader checks that it is of the same model
+                    shutil.copyfile(inference_source, tmp / INFERENCE_ENCODER_FILE)
+                    written.append(tmp / INFERENCE_ENCODER_FILE)
             manifest = self._manifest(index, name, written, encoder_version, extra_manifest)
             _write_json(tmp / MANIFEST_FILE, manifest)
             written.append(tmp / MANIFEST_FILE)

@@ -21,6 +21,8 @@ from pymongo import MongoClient
 from index.store import IndexStore
 from service.connection import attach_or_start
 from service.settings import Settings
+from training.data.datasets import DataError
+from training.inference import calibration_images, write_inference_encoder
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_ENCODER = ASSETS / "demo-encoder.pt"
@@ -36,7 +38,23 @@ def ensure_model(settings: Settings) -> str:
         return f"model {settings.model_checkpoint}"
     settings.model_checkpoint.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DEMO_ENCODER, settings.model_checkpoint)
-    return f"demo encoder installed at {settings.model_checkpoint} (model card: {MODEL_CARD})"
+    installed = f"demo encoder installed at {settings.model_checkpoint} (model card: {MODEL_CARD})"
+    return f"{installed}; {deploy_form(settings)}"
+
+
+def deploy_form(settings: Settings) -> str:
+    """Write the demo encoder's deploy-time form next to it (bf16 if Fashion-MNIST test images stay
+    within tolerance); the first published version carries it to the service."""
+    try:
+        calibration = calibration_images("fashion-mnist:test", settings.model_checkpoint)
+    except (DataError, OSError) as exc:  # no data set here: the service folds the encoder in fp32
+        return f"deploy form: fp32 (no calibration images: {exc})"
+    record = write_inference_encoder(settings.model_checkpoint, calibration)
+    agreement = record["agreement"]
+    return (
+        f"deploy form: {record['dtype']}, mean cosine {agreement['mean_cosine']:.5f} to fp32, "
+        f"top-10 overlap {agreement['top10_overlap']:.3f}"
+    )
 
 
 def catalogue_size(settings: Settings) -> int:

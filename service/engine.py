@@ -26,6 +26,7 @@ from index.store import ENCODER_FILE, CurrentMovedError, IndexStore
 from service.batcher import EmbeddingBatcher
 from service.settings import Settings
 from training.encoder import Encoder, EncoderError, read_encoder_record
+from training.inference import load_deploy_encoder
 
 log = logging.getLogger("service.engine")
 T = TypeVar("T")
@@ -107,7 +108,7 @@ class Engine:
         encoder_path = index.encoder_path
         if encoder_path is None:
             raise EncoderError(f"index version {version} has no encoder file")
-        encoder = Encoder.load(encoder_path)
+        encoder = load_deploy_encoder(encoder_path)  # folded eval graph, bf16 where within tolerance
         if encoder.embed_dim != index.dim:
             raise EncoderError(f"encoder dimension {encoder.embed_dim} != index dimension {index.dim}")
         return Loaded(encoder, index, version)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from training import distributed as dist
+from training.inference import write_inference_encoder
 
 STATE_FILE = "refresh.json"
 EMBEDDINGS_FILE = "embeddings.npz"
@@ -41,6 +42,7 @@ ENCODER_FILE = "encoder.pt"
 FINAL_STAGES = ("publish", "refused", "not_published")
 CRASH_ENV = "REFRESH_CRASH_AFTER"
 CRASH_EXIT_CODE = 75
+CALIBRATION_IMAGES = 2000  # catalogue images the deploy-time encoder's tolerance is checked on
 MIN_HELD_OUT = 10  # fewer labelled queries (or memory rows) than this: the guard is skipped
 
 
@@ -212,6 +214,9 @@ def run_refresh(args: argparse.Namespace) -> int:
                     vectors, data.ids.numpy(), model_version, data.labels.numpy(), data.class_names or None
                 ),
             )
+            # The deploy-time form the service will run (bf16 if held-out images stay within
+            # tolerance); index.store copies it into the version with the encoder.
+            write_inference_encoder(encoder_path, data.subset(CALIBRATION_IMAGES).images)
             state.record("embed", {"vectors": len(data), "model_version": model_version})
             say(f"embedded {len(data)} catalogue images with {model_version}")
     dist.barrier()

@@ -1,0 +1,139 @@
+"""The deploy-time encoder (training.inference): folding is exact, bf16 stays within its stated
+tolerance on real held-out images, and a published version carries the form to the service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from index.search_index import SearchIndex
+from index.store import INFERENCE_ENCODER_FILE, IndexStore
+from service.demo import DEMO_ENCODER
+from training.encoder import Encoder, make_encoder_record, read_encoder_record, save_encoder
+from training.inference import (
+    TOLERANCE,
+    InferenceEncoder,
+    Tolerance,
+    build_inference_encoder,
+    calibration_images,
+    fold_batchnorm,
+    inference_record,
+    load_deploy_encoder,
+    measure_agreement,
+    native_bf16,
+    write_inference_encoder,
+)
+from training.models import build_embedding_network, network_spec
+
+
+def _with_running_statistics(network: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Random affine parameters and running statistics that are not the identity, as after training."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.2, generator=generator)
+        network.train()
+        for _ in range(3):
+            network(images)
+    return network.eval()
+
+
+def _record(spec: dict, network: nn.Module, dim: int) -> dict:
+    return make_encoder_record("test", spec, network, dim, 28, 1, [0.286], [0.353])
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        None,
+        # SimCLR projection: Linear-BN-ReLU-Linear; MoCo v3 projector: last BN without affine
+        {"type": "projection", "in_dim": 64, "hidden_dim": 64, "out_dim": 32, "num_layers": 2},
+        {
+            "type": "projection",
+            "in_dim": 64,
+            "hidden_dim": 64,
+            "out_dim": 32,
+            "num_layers": 3,
+            "last_bn": True,
+        },
+    ],  # fmt: skip
+)
+def test_folded_fp32_equals_the_training_graph(head: dict | None) -> None:
+    torch.manual_seed(0)
+    spec = network_spec("resnet18", {"in_channels": 1, "small_stem": True, "width": 0.125}, head)
+    images = torch.randn(16, 1, 28, 28)
+    network = _with_running_statistics(build_embedding_network(spec), images)
+
+    folded, pairs = fold_batchnorm(network)
+
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    left = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(pairs) == len(norms) and not left  # every BN follows a conv/linear here
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), network(images), atol=1e-5, rtol=1e-5)
+    # The inference file's form (structure rebuilt from the spec, folded weights loaded) agrees too.
+    dim = 32 if head else 64
+    deployed = InferenceEncoder(inference_record(_record(spec, network, dim), "float32"))
+    exact = Encoder(_record(spec, network, dim))
+    uint8 = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    np.testing.assert_allclose(deployed.embed(uint8), exact.embed(uint8), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> torch.Tensor:
+    """800 Fashion-MNIST test images (real data, the demo encoder's domain)."""
+    return calibration_images("fashion-mnist:test", DEMO_ENCODER, count=800)
+
+
+def test_bf16_form_of_the_demo_encoder_is_within_the_stated_tolerance(held_out: torch.Tensor) -> None:
+    record = read_encoder_record(DEMO_ENCODER)
+    deployed = build_inference_encoder(record, held_out)
+
+    assert deployed["dtype"] == ("bfloat16" if native_bf16() else "float32")
+    # Measured again here, independently of the number stored in the record.
+    fast, exact = InferenceEncoder(deployed), Encoder(record)
+    agreement = measure_agreement(exact, fast, held_out, queries=300)
+    assert agreement.mean_cosine >= TOLERANCE.mean_cosine
+    assert agreement.min_cosine >= TOLERANCE.min_cosine
+    assert agreement.top10_overlap >= TOLERANCE.top10_overlap
+    assert agreement.top10_overlap_mixed >= TOLERANCE.top10_overlap
+    assert deployed["agreement"]["mean_cosine"] >= TOLERANCE.mean_cosine
+    assert fast.version == exact.version  # the same model, served faster
+
+
+def test_a_tolerance_that_bf16_misses_keeps_fp32(held_out: torch.Tensor) -> None:
+    record = read_encoder_record(DEMO_ENCODER)
+    impossible = Tolerance(mean_cosine=1.5)
+    deployed = build_inference_encoder(record, held_out[:200], impossible)
+    assert deployed["dtype"] == "float32"
+    assert deployed["agreement"]["mean_cosine"] > 0.99999  # folding alone changes nothing
+    assert build_inference_encoder(record, None)["dtype"] == "float32"  # no images: no trust
+
+
+def test_published_version_carries_the_form_and_the_service_loader_checks_its_model(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    encoder_path = model_dir / "encoder.pt"
+    save_encoder(encoder_path, read_encoder_record(DEMO_ENCODER))
+    assert load_deploy_encoder(encoder_path).dtype == torch.float32  # no form yet: folded fp32
+    written = write_inference_encoder(encoder_path, None)
+    written["dtype"] = "bfloat16"  # a form in another dtype, to tell it from the fp32 fallback
+    save_encoder(model_dir / INFERENCE_ENCODER_FILE, written)
+
+    store = IndexStore(tmp_path / "index")
+    version = store.publish(SearchIndex.empty_flat(128), encoder_path=encoder_path)
+    served = store.load(version).encoder_path
+    assert (served.parent / INFERENCE_ENCODER_FILE).is_file()
+    assert load_deploy_encoder(served).dtype == torch.bfloat16
+
+    # A form left over from another model is ignored, not served with the wrong weights.
+    torch.manual_seed(3)
+    spec = network_spec("resnet18", {"in_channels": 1, "small_stem": True, "width": 0.25})
+    save_encoder(encoder_path, _record(spec, build_embedding_network(spec), 128))
+    assert load_deploy_encoder(encoder_path).dtype == torch.float32
