@@ -1,0 +1,83 @@
+"""Deploy-time encoder vs the training graph in fp32: images/s at the same batch size, and agreement.
+
+    python bench/inference_bench.py [--encoder service/assets/demo-encoder.pt] [--batch 1 8 64 256]
+
+For each batch size: the training graph (`training.encoder.Encoder`, fp32, BatchNorm separate) and
+the deploy-time form (`training.inference`, folded, channels-last, bf16 where within tolerance),
+both through their `embed` (uint8 in, normalised float32 out, as the service calls them).
+Throughput is measured two ways: CPU seconds of the calling thread with torch on one thread
+(robust to other jobs on a shared machine) and wall clock with all threads. The agreement (cosine,
+top-10 overlap) is measured on held-out Fashion-MNIST test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from training.encoder import Encoder, read_encoder_record
+from training.inference import (
+    InferenceEncoder,
+    build_inference_encoder,
+    calibration_images,
+    measure_agreement,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rate(encoder: Encoder, images: torch.Tensor, seconds: float, clock) -> float:
+    """images/s of encoder.embed over repeated calls for about `seconds` of `clock`."""
+    encoder.embed(images)  # warm-up (oneDNN primitive creation)
+    encoder.embed(images)
+    count, start = 0, clock()
+    while clock() - start < seconds:
+        encoder.embed(images, batch_size=images.shape[0])
+        count += images.shape[0]
+    return count / (clock() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", type=Path, default=REPO / "service/assets/demo-encoder.pt")
+    parser.add_argument("--data", default="fashion-mnist:test", help="held-out images (calibration)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    args = parser.parse_args()
+
+    record = read_encoder_record(args.encoder)
+    images = calibration_images(args.data, args.encoder, 2000)
+    deployed = build_inference_encoder(record, images)
+    exact, fast = Encoder(record), InferenceEncoder(deployed)
+    agreement = measure_agreement(exact, fast, images)
+    print(f"encoder {record['version']} ({record['network']['arch']}, {record['input_size']} px)")
+    print(f"deploy form: {deployed['dtype']}, {len(deployed['folded'])} batchnorms folded, channels-last")
+    print(
+        f"agreement on {agreement.images} held-out images ({agreement.queries} queries): mean cosine "
+        f"{agreement.mean_cosine:.6f}, min {agreement.min_cosine:.5f}, top-10 overlap "
+        f"{agreement.top10_overlap:.4f} (fast db) / {agreement.top10_overlap_mixed:.4f} (fp32 db), "
+        f"identical top-10 {agreement.top10_identical:.1%}"
+    )
+    threads = torch.get_num_threads()
+    print(
+        "| batch | training graph fp32 img/s (1 thread, CPU s) | deploy form img/s (1 thread, CPU s) | ratio "
+        f"| training graph img/s ({threads} threads, wall) | deploy form img/s (wall) | ratio |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batch:
+        x = images[:batch]
+        torch.set_num_threads(1)
+        cpu = [rate(e, x, args.seconds, time.thread_time) for e in (exact, fast)]
+        torch.set_num_threads(threads)
+        wall = [rate(e, x, args.seconds, time.perf_counter) for e in (exact, fast)]
+        print(
+            f"| {batch} | {cpu[0]:.0f} | {cpu[1]:.0f} | {cpu[1] / cpu[0]:.2f}x "
+            f"| {wall[0]:.0f} | {wall[1]:.0f} | {wall[1] / wall[0]:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
