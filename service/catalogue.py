@@ -177,12 +177,15 @@ async def store_image(
     return await store_prepared(db, prepared, metadata)
 
 
-async def mark_indexed(db: Database, ids: list[int], model_version: str, index_version: str) -> None:
-    if ids:
-        await db.images.update_many(
-            {"_id": {"$in": ids}},
-            {"$set": {"status": INDEXED, "model_version": model_version, "index_version": index_version}},
-        )
+async def mark_indexed(db: Database, ids: list[int], model_version: str, index_version: str) -> int:
+    """Returns how many of the records still exist (matched), so callers can skip a lookup."""
+    if not ids:
+        return 0
+    result = await db.images.update_many(
+        {"_id": {"$in": ids}},
+        {"$set": {"status": INDEXED, "model_version": model_version, "index_version": index_version}},
+    )
+    return result.matched_count
 
 
 async def delete_files(db: Database, image_id: int) -> None:

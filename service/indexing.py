@@ -4,6 +4,7 @@ and `service.ingest`."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -35,13 +36,25 @@ async def index_images(
         _model_inputs, [image for _, image in todo], encoder.in_channels, encoder.input_size
     )
     vectors = await engine.embed(loaded, batch)  # NxD
-    added = await engine.add(loaded, vectors, [i for i, _ in todo])
+    return await index_vectors(engine, db, loaded, [i for i, _ in todo], vectors)
+
+
+async def index_vectors(
+    engine: Engine, db: Database, loaded: Loaded, ids: list[int], vectors: np.ndarray
+) -> list[int]:
+    """Add already computed vectors (rows of NxD `vectors`) for the ids not in the index yet, then
+    mark their records indexed; returns the ids added and still catalogued. One round trip when no
+    record vanished meanwhile: the update matches only existing records, and only when it matched
+    fewer than it was given are the missing ones looked up and taken out of the index again."""
+    rows = {image_id: row for row, image_id in enumerate(ids)}  # one batch may name a record twice
+    added = await engine.add(loaded, vectors[list(rows.values())], list(rows))
     if not added:
         return []
+    matched = await mark_indexed(db, added, loaded.model_version, loaded.version)
+    if matched == len(added):
+        return added
     still_there = {int(d["_id"]) async for d in db.images.find({"_id": {"$in": added}}, {"_id": 1})}
     gone = [i for i in added if i not in still_there]
     if gone:
         await engine.remove(gone)
-    kept = [i for i in added if i in still_there]
-    await mark_indexed(db, kept, loaded.model_version, loaded.version)
-    return kept
+    return [i for i in added if i in still_there]

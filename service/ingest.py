@@ -3,8 +3,9 @@
     python -m service.ingest PATH [--labels-from-dirs] [--tags a b] [--source NAME]
     python -m service.ingest --fashion-mnist [--split train|test] [--limit N]
 
-Uses the same write path as `POST /images` (`catalogue.store_prepared_many` + `indexing.index_images`),
-so it is idempotent (content hash: a second run adds nothing) and resumable after a kill (records
+Uses the same write path as `POST /images` (`service.pipeline`: batches of 256 decoded, thumbnailed
+and embedded in worker threads while the previous batch is written in the crash-safe order), so it
+is idempotent (content hash: a second run adds nothing) and resumable after a kill (records
 stored but not yet indexed are indexed on the next run, or by the service's reconcile). Settings
 (MONGO_URI, DATA_DIR, ...) come from the environment as for the service; without MONGO_URI it
 attaches to the embedded database a running service announced, or starts it (service.connection).
@@ -19,24 +20,27 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
-from service.catalogue import ImageMetadata, Limits, prepare_image, store_prepared_many
+from service.catalogue import ImageMetadata, Limits
 from service.connection import attach_or_start
 from service.db import Database
 from service.engine import Engine
-from service.imaging import ImageRejected
-from service.indexing import index_images
+from service.pipeline import BatchResult, Source, batched, run_pipeline
 from service.reconcile import reconcile
 from service.settings import Settings
 from service.validation import InvalidValue, parse_label, parse_tags
 from training.data.images import IMAGE_SUFFIXES
 
-BATCH = 64
+BATCH = 256  # images per database round trip and forward pass
+PREPARE_WORKERS = 2  # threads decoding, thumbnailing and embedding ahead of the writes
+PIPELINE_DEPTH = 2  # batches prepared ahead: memory stays at (depth + 1) batches
 log = logging.getLogger("service.ingest")
 
 
@@ -100,26 +104,24 @@ async def ingest(
         await engine.load_current()
         loaded = engine.require()
         limits = Limits(settings.MAX_UPLOAD_BYTES, settings.MAX_PIXELS, settings.THUMBNAIL_SIZE)
-        with tqdm(total=len(items), desc="ingest", unit="img", disable=not progress) as bar:
-            for start in range(0, len(items), BATCH):
-                batch = items[start : start + BATCH]
-                prepared, metadata = [], []
-                for item in batch:
-                    try:
-                        data = await engine.run_in_thread(_read, item)
-                        prepared.append(await engine.run_in_thread(prepare_image, data, item.name, limits))
-                    except (OSError, ImageRejected) as exc:
-                        summary.skipped.append((item.name, str(exc).removeprefix(f"{item.name}: ")))
-                        continue
-                    metadata.append(ImageMetadata(item.label, tuple(tags), source))
-                stored = await store_prepared_many(db, prepared, metadata)
-                summary.already_present += sum(not s.created for s in stored)
-                summary.added += sum(s.created for s in stored)
-                # Existing records are indexed too when a previous run was killed before that step.
-                await index_images(
-                    engine, db, loaded, [s.id for s in stored], [s.decoded.image for s in stored]
-                )
-                bar.update(len(batch))
+        sources = (
+            Source(item.name, partial(_read, item), ImageMetadata(item.label, tuple(tags), source))
+            for item in items
+        )
+        with (
+            tqdm(total=len(items), desc="ingest", unit="img", disable=not progress) as bar,
+            ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="ingest-prepare") as workers,
+        ):
+
+            def count(result: BatchResult) -> None:
+                summary.added += sum(s.created for s in result.stored)
+                summary.already_present += sum(not s.created for s in result.stored)
+                summary.skipped.extend(result.skipped)
+                bar.update(result.sources)
+
+            await run_pipeline(
+                engine, db, loaded, batched(sources, BATCH), limits, workers, PIPELINE_DEPTH, count
+            )
         await publish(engine, db)
     finally:
         await db.close()
