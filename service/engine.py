@@ -24,6 +24,7 @@ import torch
 from index.search_index import SearchIndex
 from index.store import ENCODER_FILE, CurrentMovedError, IndexStore
 from service.batcher import EmbeddingBatcher
+from service.record_cache import RecordCache
 from service.settings import Settings
 from training.encoder import Encoder, EncoderError, read_encoder_record
 from training.inference import load_deploy_encoder
@@ -56,6 +57,7 @@ class Engine:
         self.store = IndexStore(settings.index_dir)
         self.executor = ThreadPoolExecutor(settings.INFERENCE_THREADS, thread_name_prefix="inference")
         self.batcher = EmbeddingBatcher(self.executor, settings.EMBED_BATCH_MAX)
+        self.records = RecordCache()  # label + tags of hot search results, invalidated on change
         self.loaded: Loaded | None = None
         self.problem: str | None = "the model and index are not loaded yet"
         # Serialises version changes (bootstrap, reload, publish) with each other.
@@ -238,4 +240,5 @@ class Engine:
             return version
 
     def shutdown(self) -> None:
+        self.records.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)

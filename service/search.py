@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from index.vote import weighted_vote
-from service.catalogue import metadata_filter, records_by_id
+from service.catalogue import metadata_filter
 from service.db import Database
 from service.engine import Engine, Loaded
 
@@ -73,7 +73,8 @@ async def filtered_search(
             valid &= row_scores >= min_score
         candidates = [(int(i), float(s)) for i, s in zip(row_ids[valid], row_scores[valid], strict=True)]
         started = time.perf_counter()
-        records = await records_by_id(db, [i for i, _ in candidates], mongo_filter) if candidates else {}
+        ids = [i for i, _ in candidates]
+        records = await engine.records.records(db, ids, mongo_filter) if candidates else {}
         timer.add("metadata", started)
         hits.extend(Hit(i, s, records[i]) for i, s in candidates if i in records)
         below_min = min_score is not None and bool((row_scores < min_score).any())
