@@ -2,8 +2,14 @@
 against exact IndexFlatIP search measured in the same run.
 
     python bench/index_bench.py [--n 1000000] [--dim 128] [--real E.npz] [--types flat,ivf,hnsw,ivfpq]
+    python bench/index_bench.py --real --n 0    # real embeddings only: Fashion-MNIST, 70k and ~1M
 
-Synthetic data: clustered unit vectors (index/synthetic.py). Each approximate type is tuned
+Synthetic data: clustered unit vectors (index/synthetic.py). `--real` without a file: all 70k
+Fashion-MNIST images embedded with the demo encoder's deploy form, and a ~1M set of the same 70k
+under `--augmentations` random crops and flips each (so every image has its own augmented
+neighbours, as real near-duplicates have); both cached under `--cache` (the 1M set costs minutes of
+CPU). At 1M only `--types-large` are run (default: exact and auto's choice). "auto" is the type
+and parameters `index.choose` picks for that size within `--max-memory`. Each approximate type is tuned
 (nprobe / efSearch) to the smallest value with recall@10 >= target on held-out queries, then timed
 with one thread and with all threads. Prints a table and the speed-up over exact search, and
 writes the table into the index section of bench/RESULTS.md.
@@ -38,6 +44,48 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION_START = "<!-- index-bench:start -->"
 SECTION_END = "<!-- index-bench:end -->"
 K = 10
+REAL_DEFAULT = "fashion-mnist"
+DEMO_ENCODER = Path(__file__).resolve().parents[1] / "service/assets/demo-encoder.pt"
+
+
+def fashion_mnist_embeddings(cache: Path, augmentations: int) -> tuple[np.ndarray, np.ndarray]:
+    """(70k x D embeddings of Fashion-MNIST train + test, (augmentations + 1) * 70k x D: those plus
+    each image under `augmentations` seeded random crops (scale 0.5-1) and flips). Computed with the
+    demo encoder's deploy form, cached per round in `cache`."""
+    import torch
+
+    from training.data.augment import crop_resize_flip, random_resized_crop_boxes
+    from training.data.datasets import load_fashion_mnist
+    from training.encoder import read_encoder_record
+    from training.inference import InferenceEncoder, build_inference_encoder
+
+    record = read_encoder_record(DEMO_ENCODER)
+    cache.mkdir(parents=True, exist_ok=True)
+    images = torch.cat([load_fashion_mnist(split, 28).images for split in ("train", "test")])  # Nx1x28x28
+    encoder = None
+    rounds = []
+    for round_ in range(augmentations + 1):
+        path = cache / f"fmnist70k-{record['version']}-view{round_}.npy"
+        if not path.is_file():
+            if encoder is None:
+                encoder = InferenceEncoder(build_inference_encoder(record, images[-2000:]))
+                print(f"embedding with the deploy form ({encoder.dtype}) into {cache}", flush=True)
+            generator = torch.Generator().manual_seed(round_)
+            parts = []
+            started = time.perf_counter()
+            for start in range(0, len(images), 4096):
+                batch = images[start : start + 4096]
+                if round_ > 0:  # round 0: the images themselves
+                    n = batch.shape[0]
+                    boxes = random_resized_crop_boxes(n, 28, 28, (0.5, 1.0), (3 / 4, 4 / 3), generator)
+                    flip = torch.rand(n, generator=generator) < 0.5
+                    views = crop_resize_flip(batch.float() / 255.0, boxes, flip, 28)
+                    batch = (views * 255.0).round().clamp(0, 255).to(torch.uint8)
+                parts.append(encoder.embed(batch))
+            np.save(path, np.concatenate(parts))
+            print(f"  view {round_}: {len(images) / (time.perf_counter() - started):.0f} img/s", flush=True)
+        rounds.append(np.load(path))
+    return normalise_rows(rounds[0]), normalise_rows(np.concatenate(rounds))
 
 
 def index_bytes(built) -> int:
@@ -47,7 +95,9 @@ def index_bytes(built) -> int:
     return int(writer.data.size())
 
 
-def bench_dataset(name: str, vectors: np.ndarray, args: argparse.Namespace) -> list[dict]:
+def bench_dataset(
+    name: str, vectors: np.ndarray, args: argparse.Namespace, types: list[str] | None = None
+) -> list[dict]:
     num_vectors, dim = vectors.shape
     ids = random_ids(num_vectors)
     query_rows = sample_queries(num_vectors, args.queries, seed=1)
@@ -58,8 +108,8 @@ def bench_dataset(name: str, vectors: np.ndarray, args: argparse.Namespace) -> l
     )
     truth = exact_neighbours(vectors, ids, queries, K)
     rows = []
-    for index_type in args.types:
-        _, params = choose_index(num_vectors, dim, parse_bytes(args.max_memory), index_type)
+    for requested in types or args.types:
+        index_type, params = choose_index(num_vectors, dim, parse_bytes(args.max_memory), requested)
         if index_type == "ivfpq":
             params["pq_m"] = args.pq_m or dim // 4
         started = time.perf_counter()
@@ -70,7 +120,7 @@ def bench_dataset(name: str, vectors: np.ndarray, args: argparse.Namespace) -> l
         recall = recall_at_k(built.search(queries, K, params=search_params)[1], truth, K)
         row = {
             "data": name,
-            "type": index_type,
+            "type": index_type if requested == index_type else f"{requested}: {index_type}",
             "params": {
                 key: value for key, value in {**params, **(search_params or {})}.items() if key != "opq"
             },
@@ -130,7 +180,16 @@ def main() -> int:
         default="0.6",
         help="synthetic noise, comma-separated for several data sets (larger = harder)",
     )
-    parser.add_argument("--real", help="also benchmark these real embeddings (.npz from training.embed)")
+    parser.add_argument(
+        "--real",
+        nargs="?",
+        const=REAL_DEFAULT,
+        help="also benchmark real embeddings: a .npz from training.embed, or without a value "
+        "Fashion-MNIST 70k and its ~1M augmented set, embedded with the demo encoder",
+    )
+    parser.add_argument("--augmentations", type=int, default=14, help="augmented views per image (14)")
+    parser.add_argument("--types-large", default="flat,auto", help="index types for the ~1M real set")
+    parser.add_argument("--cache", default="/tmp/ssl-retrieval-bench", help="embedding cache directory")
     parser.add_argument("--types", default="flat,ivf,hnsw,ivfpq", help="comma-separated index types")
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries")
     parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to reach")
@@ -145,15 +204,28 @@ def main() -> int:
 
     started = time.perf_counter()
     rows = []
-    for spread in map(float, args.spread.split(",")):
+    for spread in map(float, args.spread.split(",")) if args.n > 0 else []:
         vectors, _ = clustered_vectors(args.n, args.dim, num_clusters=args.clusters, spread=spread, seed=0)
         rows += bench_dataset(f"synthetic {args.n // 1000}k x {args.dim} (spread {spread})", vectors, args)
         del vectors
-    if args.real:
+    if args.real and args.real != REAL_DEFAULT:
         real = load_embeddings(args.real)
         rows += bench_dataset(
             f"real {Path(args.real).name} ({len(real)} x {real.dim})", normalise_rows(real.vectors), args
         )
+    elif args.real:
+        base, augmented = fashion_mnist_embeddings(Path(args.cache), args.augmentations)
+        large_types = [t for t in args.types_large.split(",") if t]
+        if args.augmentations > 0 and large_types:  # the large set first: the figure the goal is about
+            views = args.augmentations + 1
+            rows += bench_dataset(
+                f"Fashion-MNIST 70k x {views} views ({len(augmented)} x {augmented.shape[1]})",
+                augmented,
+                args,
+                types=large_types,
+            )
+        del augmented
+        rows += bench_dataset(f"Fashion-MNIST 70k, demo encoder ({len(base)} x {base.shape[1]})", base, args)
     threads = faiss.omp_get_max_threads()
     rendered = table(rows, threads)
     best = max(
