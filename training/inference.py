@@ -63,6 +63,7 @@ class Tolerance:
 
 
 TOLERANCE = Tolerance()
+MIN_CALIBRATION_IMAGES = 200  # fewer held-out images than this say too little about top-10 lists
 
 
 @dataclass
@@ -266,9 +267,11 @@ def build_inference_encoder(
 ) -> dict[str, Any]:
     """The inference record to deploy: bf16 when the CPU has it natively and the embeddings of the
     held-out `calibration` images (uint8 NxCxSxS) stay within `tolerance`; otherwise fp32 folded.
-    Without calibration images no reduced precision is trusted."""
+    Without calibration images (or with fewer than MIN_CALIBRATION_IMAGES) no reduced precision is
+    trusted."""
     exact = Encoder(record)
-    if calibration is not None and allow_bf16 and native_bf16():
+    enough = calibration is not None and calibration.shape[0] >= MIN_CALIBRATION_IMAGES
+    if enough and allow_bf16 and native_bf16():
         candidate = inference_record(record, "bfloat16")
         agreement = measure_agreement(exact, InferenceEncoder(candidate), calibration)
         candidate["agreement"] = {**asdict(agreement), "tolerance": asdict(tolerance)}

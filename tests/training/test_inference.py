@@ -114,6 +114,7 @@ def test_a_tolerance_that_bf16_misses_keeps_fp32(held_out: torch.Tensor) -> None
     assert deployed["dtype"] == "float32"
     assert deployed["agreement"]["mean_cosine"] > 0.99999  # folding alone changes nothing
     assert build_inference_encoder(record, None)["dtype"] == "float32"  # no images: no trust
+    assert build_inference_encoder(record, held_out[:50])["dtype"] == "float32"  # too few to judge
 
 
 def test_published_version_carries_the_form_and_the_service_loader_checks_its_model(tmp_path: Path) -> None:
