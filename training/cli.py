@@ -4,77 +4,48 @@ The engine's flags are defined here; each method then adds its own hyper-paramet
 paper's defaults for optimiser, lr, weight decay, batch size, epochs, warm-up and augmentation
 (`add_arguments(parser)`), so `--help` shows the defaults of the paper being reproduced.
 Bad input ends with one line on stderr: exit 2 for usage errors, 1 for runtime errors.
+
+A higher layer can add a way to run (`RunMode`): the entry points pass the catalogue refresh's
+(service/refresh/mode.py), which this module never imports.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, Protocol
 
-from training.refresh import add_refresh_arguments
+import torch
 
-if TYPE_CHECKING:
-    import torch
+from training import distributed as dist
+from training.checkpoint import resolve_resume
+from training.commands import HelpFormatter, OneLineParser, run_guarded
+from training.data.augment import NORMALISATION, build_augmentation
+from training.data.datasets import DataError, ImageDataset, load_dataset, split_held_out
+from training.engine import Trainer
+from training.knn_monitor import KnnMonitor
+from training.methods import add_method_arguments, build_method
 
-    from training.data.datasets import ImageDataset
-    from training.engine import Trainer
-    from training.knn_monitor import KnnMonitor
-
-EXIT_RUNTIME_ERROR = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3  # the refresh's quality guard kept the current version
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (`prog: error: ...`) instead of usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+__all__ = ["OneLineParser", "RunMode", "build_parser", "build_trainer", "resolve_defaults", "train_main"]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows every flag's effective default (after the method's set_defaults) unless its help names one."""
+class RunMode(Protocol):
+    """Another way to run a training command, added by an entry point from a higher layer."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS or action.nargs == 0:
-            return text
-        return f"{text} (default: %(default)s)".lstrip()
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
+    def applies(self, args: argparse.Namespace) -> bool:
+        """Whether the parsed command line asks for this mode."""
+        ...
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
-    return f"warning: {message}\n"
+    def resolve(self, args: argparse.Namespace) -> None:
+        """Fill the mode's defaults (before the generic ones)."""
+        ...
 
-
-def run_guarded(run: Callable[[], int]) -> int:
-    """Run a command: expected failures become one line on stderr and exit 1, Ctrl-C exits 130."""
-    from training.checkpoint import CheckpointError
-    from training.data.datasets import DataError
-    from training.encoder import EncoderError
-    from training.engine import TrainingError
-    from training.refresh import RefreshRefused
-
-    warnings.formatwarning = _one_line_warning
-    try:
-        return run()
-    except RefreshRefused as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except (DataError, TrainingError, CheckpointError, EncoderError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        from training import distributed as dist
-
-        dist.cleanup()
+    def run(self, args: argparse.Namespace) -> int: ...
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,39 +145,28 @@ def build_parser(
     description: str,
     paper_defaults: dict[str, Any] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    mode: RunMode | None = None,
 ) -> argparse.ArgumentParser:
-    from training.methods import add_method_arguments
-
     parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter)
     if extra:
         extra(parser)
     add_engine_arguments(parser)
-    add_refresh_arguments(parser)
+    if mode is not None:
+        mode.add_arguments(parser)
     add_method_arguments(parser, method_name)  # backbone flags, the paper's hyper-parameters and defaults
     parser.set_defaults(**(paper_defaults or {}))
     return parser
 
 
-def resolve_catalogue_defaults(args: argparse.Namespace) -> None:
-    """Catalogue mode: data from the service's database, outputs under DATA_DIR/refresh/<method>,
-    and the crop size of the model currently serving (so a refresh keeps the catalogue's scale)."""
-    from service.settings import Settings
-    from training.refresh import current_input_size
-
-    settings = Settings()
-    args.catalogue = True
-    if args.data is None or not args.data.startswith("catalogue"):
-        args.data = "catalogue"
-    if args.out is None:
-        args.out = settings.DATA_DIR / "refresh" / args.method
-    if args.crop_size is None:
-        args.crop_size = current_input_size(settings.index_dir) or 224
-
-
-def resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def resolve_defaults(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, mode: RunMode | None = None
+) -> None:
     """Fill the data-dependent defaults and reject incompatible flags (usage errors, exit 2)."""
-    if args.data is None or args.catalogue or args.data.startswith("catalogue"):
-        resolve_catalogue_defaults(args)
+    args.mode = mode if mode is not None and mode.applies(args) else None
+    if args.mode is not None:
+        args.mode.resolve(args)
+    if args.data is None:
+        parser.error("--data is required (fashion-mnist | fashion-mnist:test | folder:PATH)")
     if args.crop_size is None:
         args.crop_size = 28 if args.data.startswith("fashion-mnist") else 224
     if args.out is None:
@@ -241,23 +201,20 @@ def train_main(
     description: str,
     paper_defaults: dict[str, Any] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    mode: RunMode | None = None,
 ) -> int:
-    """Parse, check and train; the return value is the process exit code."""
-    parser = build_parser(method_name, prog, description, paper_defaults, extra)
+    """Parse, check and train (or run `mode` when the command line asks for it); the return value
+    is the process exit code."""
+    parser = build_parser(method_name, prog, description, paper_defaults, extra, mode)
     args = parser.parse_args(argv)
     args.method = method_name
-    resolve_defaults(args, parser)
+    resolve_defaults(args, parser, mode)
     return run_guarded(lambda: train(args))
 
 
 def train(args: argparse.Namespace) -> int:
-    if args.catalogue:
-        from training.refresh import run_refresh
-
-        return run_refresh(args)
-    from training import distributed as dist
-    from training.checkpoint import resolve_resume
-
+    if args.mode is not None:
+        return args.mode.run(args)
     resolve_resume(args.resume, Path(args.out))  # a missing checkpoint fails before any data loads
     device = dist.init_distributed(args.device)
     trainer = build_trainer(args, device)
@@ -270,9 +227,6 @@ def train(args: argparse.Namespace) -> int:
 
 def knn_sets(args: argparse.Namespace, train_set: ImageDataset) -> tuple[ImageDataset, KnnMonitor | None]:
     """(data to train on, kNN monitor or None). See `--knn-data`."""
-    from training.data.datasets import DataError, load_dataset, split_held_out
-    from training.knn_monitor import KnnMonitor
-
     if not args.knn_every:
         return train_set, None
     if args.knn_data != "auto":
@@ -298,8 +252,6 @@ def knn_sets(args: argparse.Namespace, train_set: ImageDataset) -> tuple[ImageDa
 def normalisation(data: str, images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std: Fashion-MNIST's own, ImageNet's (the papers') for other RGB data,
     and measured on (up to 10k of) the images themselves for other greyscale data."""
-    from training.data.augment import NORMALISATION
-
     in_channels = images.shape[1]
     key = "fashion-mnist" if data.startswith("fashion-mnist") else "imagenet"
     mean, std = NORMALISATION[key]
@@ -311,14 +263,6 @@ def normalisation(data: str, images: torch.Tensor) -> tuple[list[float], list[fl
 
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     """Data, kNN monitor, method, augmentation and engine for the parsed command line."""
-    import torch
-
-    from training import distributed as dist
-    from training.data.augment import build_augmentation
-    from training.data.datasets import load_dataset
-    from training.engine import Trainer
-    from training.methods import build_method
-
     torch.manual_seed(args.seed)  # model initialisation: identical on every rank
     train_set = load_dataset(args.data, args.crop_size, args.subset, seed=args.seed, workers=args.workers)
     train_set, knn = knn_sets(args, train_set)

@@ -18,7 +18,11 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from index.embeddings import Embeddings, save_embeddings
 from training import distributed as dist
+from training.commands import run_guarded
+from training.data.datasets import load_dataset
+from training.encoder import Encoder
 
 
 def embed_in_shards(
@@ -64,10 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from index.embeddings import Embeddings, save_embeddings
-    from training.data.datasets import load_dataset
-    from training.encoder import Encoder
-
     device = dist.init_distributed(args.device)
     encoder = Encoder.load(args.checkpoint, device)
     data = load_dataset(args.data, encoder.input_size, args.subset, in_channels=encoder.in_channels)
@@ -97,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.cli import run_guarded
-
     return run_guarded(lambda: run(parse_args(argv)))
 
 

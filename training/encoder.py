@@ -28,13 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from index.encoder_file import ENCODER_FORMAT, EncoderError, read_encoder_record
 from training.data.images import load_uint8
+from training.models import build_embedding_network
 
-ENCODER_FORMAT = "ssl-retrieval/encoder/v1"
-
-
-class EncoderError(ValueError):
-    """The encoder file is missing or unusable (message says why)."""
+# Reading the file is index's (the bottom layer); re-exported for training's and service's callers.
+__all__ = [
+    "ENCODER_FORMAT",
+    "Encoder",
+    "EncoderError",
+    "make_encoder_record",
+    "read_encoder_record",
+    "save_encoder",
+]
 
 
 def weights_version(method: str, state_dict: dict[str, torch.Tensor]) -> str:
@@ -87,27 +93,10 @@ def save_encoder(path: str | os.PathLike, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_encoder_record(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an encoder file, or the "encoder" entry of a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise EncoderError(f"encoder checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise EncoderError(f"{path} is not a readable checkpoint: {exc}") from exc
-    record = data.get("encoder", data) if isinstance(data, dict) else None
-    if not isinstance(record, dict) or record.get("format") != ENCODER_FORMAT:
-        raise EncoderError(f"{path} holds no encoder in format {ENCODER_FORMAT}")
-    return record
-
-
 class Encoder:
     """Inference wrapper: images in, L2-normalised float32 embeddings out."""
 
     def __init__(self, record: dict[str, Any], device: str | torch.device = "cpu") -> None:
-        from training.models import build_embedding_network
-
         self.record = record
         self.device = torch.device(device)
         self.network = build_embedding_network(record["network"])

@@ -41,8 +41,11 @@ from training.checkpoint import (
 )
 from training.data.datasets import ImageDataset
 from training.encoder import make_encoder_record, save_encoder
+from training.errors import TrainingError
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method
+from training.optim.agc import adaptive_gradient_clip_
+from training.optim.lars import LARS
 
 CHECKPOINT_FORMAT = "ssl-retrieval/checkpoint/v1"
 # Settings that must match for a resumed run to continue the same sample order and model.
@@ -50,10 +53,6 @@ RESUME_MUST_MATCH = ("method", "data", "subset", "arch", "width", "crop_size", "
 
 Augmentation = Callable[[torch.Tensor, int], torch.Tensor]
 LARS_EXCLUDE = "exclude_from_wd_and_lars"  # LARS's group flag: no weight decay, no trust ratio
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (the message says why)."""
 
 
 # --- optimiser and schedule ----------------------------------------------------------------------
@@ -97,8 +96,6 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> to
             group.pop(LARS_EXCLUDE, None)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
     if args.optimizer == "lars":
-        from training.optim.lars import LARS
-
         return LARS(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     raise TrainingError(f"unknown optimizer {args.optimizer!r}")
 
@@ -396,8 +393,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(output.loss).backward()
         if self.args.agc_clip:
-            from training.optim.agc import adaptive_gradient_clip_
-
             self.scaler.unscale_(self.optimizer)
             adaptive_gradient_clip_(self.method, self.args.agc_clip, skip=self.agc_skip)
         self.scaler.step(self.optimizer)

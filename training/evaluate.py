@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from index.vote import DEFAULT_K, DEFAULT_TAU
 from training import distributed as dist
-from training.cli import OneLineParser, run_guarded
+from training.commands import OneLineParser, run_guarded
 from training.data.datasets import ImageDataset, load_dataset, split_held_out
 from training.embed import embed_in_shards
+from training.encoder import Encoder
 from training.knn_monitor import knn_accuracy
 
 
@@ -110,8 +111,6 @@ def linear_probe(
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.encoder import Encoder
-
     device = dist.init_distributed(args.device)
     encoder = Encoder.load(args.checkpoint, device)
     memory, queries = memory_and_queries(args, encoder.input_size, encoder.in_channels)

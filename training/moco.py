@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.cli import OneLineParser, train_main
+from service.refresh.mode import CATALOGUE_MODE  # the one upward edge: catalogue mode is on top
+from training.cli import train_main
+from training.commands import OneLineParser
 
 VERSIONS = {1: "moco-v1", 2: "moco-v2", 3: "moco-v3"}
 # Defaults of the paper's schedule that are the engine's (the method sets optimiser, lr, ...).
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         paper_defaults=SCHEDULES[known.version],
         extra=lambda parser: add_version_argument(parser, known.version),
+        mode=CATALOGUE_MODE,
     )
 
 

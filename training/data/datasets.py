@@ -4,6 +4,8 @@ Specs (a registry of prefixes; `register_source` adds more, e.g. the MongoDB cat
   fashion-mnist            the 60k training split (also `fashion-mnist:train`)
   fashion-mnist:test       the 10k test split
   folder:PATH              every image under PATH (recursive); labels from first-level sub-folders
+  catalogue[:MONGO_URI]    the service's catalogue; registered by service/refresh (the layer that
+                           knows the service's database), so it exists in a catalogue refresh
 
 Every data set is decoded once, resized to the crop size and kept as a uint8 NxCxSxS tensor,
 so the training loop samples batches by indexing and augments them on the device.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import importlib
 import inspect
 import os
 import warnings
@@ -114,8 +115,6 @@ class ImageDataset:
 # A loader gets the text after the prefix (e.g. "test" or a path) and the crop size.
 Loader = Callable[[str, int], ImageDataset]
 SOURCES: dict[str, Loader] = {}
-# Sources in modules of their own (heavier imports), registered when first named.
-SOURCE_MODULES = {"catalogue": "training.data.catalogue"}
 
 
 def register_source(prefix: str) -> Callable[[Loader], Loader]:
@@ -140,8 +139,6 @@ def load_dataset(
     `in_channels` converts (RGB <-> grey) to what an encoder expects; `workers` decoding threads
     for the sources that decode files."""
     prefix, _, rest = spec.partition(":")
-    if prefix not in SOURCES and prefix in SOURCE_MODULES:
-        importlib.import_module(SOURCE_MODULES[prefix])  # its @register_source runs on import
     if prefix not in SOURCES:
         known = ", ".join(f"{p}[:...]" for p in sorted(SOURCES))
         raise DataError(f"unknown data spec {spec!r}; expected one of: {known}")

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from training.models import network_spec
+
 
 @dataclass
 class StepOutput:
@@ -81,8 +83,6 @@ class Method(nn.Module):
         The engine writes the encoder file with
         `make_encoder_record(m.name, m.encoder_spec(), m.embedding_network(), m.embed_dim(), ...)`.
         """
-        from training.models import network_spec
-
         head = getattr(self.embedding_network(), "head", None)
         return network_spec(self.arch, self.backbone_kwargs, head.spec if head is not None else None)
 

@@ -1,4 +1,4 @@
-"""The refresh loop: `python -m training.moco` (or simclr / instdisc) with no `--data`, or `--catalogue`.
+"""The refresh's stages: `python -m training.moco` (or simclr / instdisc) with no `--data`, or `--catalogue`.
 
     train on the catalogue -> re-embed the whole catalogue -> build an index version (not current)
     -> evaluate it against the current version -> publish (switch CURRENT) -> the service swaps
@@ -33,7 +33,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from index.build import build_tuned_index
+from index.choose import DEFAULT_MAX_MEMORY, parse_bytes
+from index.embeddings import Embeddings, load_embeddings, save_embeddings
+from index.encoder_file import EncoderError, read_encoder_record
+from index.knn import KNNClassifier
+from index.store import ENCODER_FILE as VERSION_ENCODER_FILE
+from index.store import IndexStore, IndexStoreError
+from service.refresh import catalogue_source  # noqa: F401  (registers --data catalogue)
+from service.settings import Settings
 from training import distributed as dist
+from training.cli import build_trainer
+from training.data.datasets import ImageDataset, held_out_mask, load_dataset
+from training.embed import embed_in_shards
+from training.encoder import Encoder
+from training.errors import CommandRefused
 
 STATE_FILE = "refresh.json"
 EMBEDDINGS_FILE = "embeddings.npz"
@@ -44,51 +58,21 @@ CRASH_EXIT_CODE = 75
 MIN_HELD_OUT = 10  # fewer labelled queries (or memory rows) than this: the guard is skipped
 
 
-class RefreshRefused(RuntimeError):
-    """The quality guard kept the current version (message says why)."""
+class RefreshRefused(CommandRefused):
+    """The quality guard kept the current version (message says why; exit 3)."""
 
 
-def add_refresh_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "catalogue refresh (the default when --data is not given)",
-        "train on the catalogue in MongoDB (MONGO_URI, or the embedded database under DATA_DIR), "
-        "re-embed it, build, evaluate and publish a new index version that the service picks up",
-    )
-    group.add_argument(
-        "--catalogue", action="store_true", help="refresh from the catalogue (implied without --data)"
-    )
-    group.add_argument(
-        "--no-publish", action="store_true", help="stop after evaluation; the new version is not made current"
-    )
-    group.add_argument(
-        "--force-publish", action="store_true", help="publish even when the quality guard says worse"
-    )
-    group.add_argument(
-        "--quality-margin",
-        type=float,
-        default=0.01,
-        help="largest drop in held-out kNN top-1 (absolute, 0.01 = 1 point) still published",
-    )
-    group.add_argument("--index-type", default="auto", help="index.build --type for the new version")
-    group.add_argument("--target-recall", type=float, default=0.95, help="index.build --target-recall")
-
-
-def version_encoder(store: Any, version: str | None) -> Path | None:
+def version_encoder(store: IndexStore, version: str | None) -> Path | None:
     """The encoder file that comes with an index version (None without one): read from the
     version directory, without loading the FAISS index itself."""
     if version is None:
         return None
-    from index.store import ENCODER_FILE
-
-    path = store.version_dir(version) / ENCODER_FILE
+    path = store.version_dir(version) / VERSION_ENCODER_FILE
     return path if path.is_file() else None
 
 
 def current_input_size(index_dir: Path) -> int | None:
     """The input size of the encoder in the current index version (None when there is none)."""
-    from index.store import IndexStore, IndexStoreError
-    from training.encoder import EncoderError, read_encoder_record
-
     try:
         store = IndexStore(index_dir)
         encoder_path = version_encoder(store, store.current_version())
@@ -149,9 +133,6 @@ def held_out_accuracy(
 ) -> float | None:
     """Weighted kNN top-1 of the held-out labelled slice (`held_out_mask`) against the other
     labelled rows (None when there are too few labels on either side)."""
-    from index.knn import KNNClassifier
-    from training.data.datasets import held_out_mask
-
     labelled = labels >= 0
     held = labelled & held_out_mask(ids)
     memory = labelled & ~held
@@ -161,12 +142,10 @@ def held_out_accuracy(
     return classifier.evaluate(vectors[held], labels[held])["top1"]
 
 
-def embed_catalogue(encoder_path: Path, data_spec: str, device: torch.device) -> tuple[Any, np.ndarray, str]:
+def embed_catalogue(
+    encoder_path: Path, data_spec: str, device: torch.device
+) -> tuple[ImageDataset, np.ndarray, str]:
     """(data set, NxD vectors, model version): the whole catalogue, sharded over ranks."""
-    from training.data.datasets import load_dataset
-    from training.embed import embed_in_shards
-    from training.encoder import Encoder
-
     encoder = Encoder.load(encoder_path, device)
     data = load_dataset(data_spec, encoder.input_size, in_channels=encoder.in_channels)
     vectors = embed_in_shards(
@@ -176,10 +155,6 @@ def embed_catalogue(encoder_path: Path, data_spec: str, device: torch.device) ->
 
 
 def run_refresh(args: argparse.Namespace) -> int:
-    from index.embeddings import Embeddings, load_embeddings, save_embeddings
-    from service.settings import Settings
-    from training.cli import build_trainer
-
     settings = Settings()
     device = dist.init_distributed(args.device)
     out = Path(args.out)
@@ -217,10 +192,6 @@ def run_refresh(args: argparse.Namespace) -> int:
     dist.barrier()
     if not dist.is_main_process():
         return 0
-
-    from index.build import build_tuned_index
-    from index.choose import DEFAULT_MAX_MEMORY, parse_bytes
-    from index.store import IndexStore
 
     store = IndexStore(settings.index_dir)
     emb = load_embeddings(embeddings_path)
@@ -267,7 +238,9 @@ def run_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_against_current(store: Any, emb: Any, args: argparse.Namespace, device: torch.device) -> dict:
+def evaluate_against_current(
+    store: IndexStore, emb: Embeddings, args: argparse.Namespace, device: torch.device
+) -> dict:
     """kNN top-1 of the new embeddings and of the current version's model on the same catalogue."""
     started = time.perf_counter()
     k, tau = args.knn_k, args.knn_tau
