@@ -13,7 +13,6 @@ x0.1 steps at `--lr-steps` epochs with `--lr-schedule step`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import math
@@ -39,6 +38,7 @@ from training.checkpoint import (
     save_checkpoint,
     save_json,
 )
+from training.config import RunConfig
 from training.data.datasets import ImageDataset
 from training.encoder import make_encoder_record, save_encoder
 from training.errors import TrainingError
@@ -46,6 +46,7 @@ from training.knn_monitor import KnnMonitor
 from training.methods.base import Method
 from training.optim.agc import adaptive_gradient_clip_
 from training.optim.lars import LARS
+from training.precision import autocast_dtype
 
 CHECKPOINT_FORMAT = "ssl-retrieval/checkpoint/v1"
 # Settings that must match for a resumed run to continue the same sample order and model.
@@ -82,22 +83,26 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    exclude = args.wd_exclude_norm_bias
+def build_optimizer(config: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    exclude = config.wd_exclude_norm_bias
     if exclude == "auto":  # the papers: SimCLR (LARS) and MoCo v3 (LARS/AdamW) exclude; the SGD codes do not
-        exclude = "yes" if args.optimizer in ("lars", "adamw") else "no"
-    groups = parameter_groups(model, args.weight_decay, exclude == "yes")
-    if args.optimizer == "sgd":
+        exclude = "yes" if config.optimizer in ("lars", "adamw") else "no"
+    groups = parameter_groups(model, config.weight_decay, exclude == "yes")
+    if config.optimizer == "sgd":
         for group in groups:
             group.pop(LARS_EXCLUDE, None)
-        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    if args.optimizer == "adamw":
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=config.optimizer_momentum, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adamw":
         for group in groups:
             group.pop(LARS_EXCLUDE, None)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
-    if args.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    raise TrainingError(f"unknown optimizer {args.optimizer!r}")
+        return torch.optim.AdamW(
+            groups, lr=lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay
+        )
+    if config.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=config.optimizer_momentum, weight_decay=config.weight_decay)
+    raise TrainingError(f"unknown optimizer {config.optimizer!r}")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, decay_at: list[int]) -> float:
@@ -188,7 +193,7 @@ class Trainer:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        config: RunConfig,
         method: Method,
         augment: Augmentation,
         dataset: ImageDataset,
@@ -198,32 +203,31 @@ class Trainer:
         knn: KnnMonitor | None = None,
         device: torch.device | None = None,
     ) -> None:
-        self.args = args
+        self.config = config
         self.device = device or torch.device("cpu")
         self.dataset = dataset
         self.augment = augment
         self.mean, self.std = list(mean), list(std)
         self.encoder_spec = encoder_spec
         self.knn = knn
-        self.out = Path(args.out)
+        self.out = Path(config.out)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if args.batch_size % self.world:
-            raise TrainingError(f"--batch-size {args.batch_size} is not divisible by {self.world} processes")
-        self.local_batch = args.batch_size // self.world
+        self.local_batch = config.batch_size // self.world  # divisible: RunConfig checked it
         self.steps_per_epoch = len(dataset) // self.world // self.local_batch
         if self.steps_per_epoch == 0:
             raise TrainingError(
-                f"{len(dataset)} images make no full batch of {args.batch_size}; lower --batch-size"
+                f"{len(dataset)} images make no full batch of {config.batch_size}; lower --batch-size"
             )
-        self.total_steps = self.steps_per_epoch * args.epochs
-        if args.amp == "fp16" and self.device.type != "cuda":
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.amp == "fp16" and self.device.type != "cuda":
             raise TrainingError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        self.amp_dtype = autocast_dtype(config.amp, self.device)
+        self.channels_last = config.channels_last and config.is_convolutional
 
-        if getattr(method, "sync_batch_norm", False) and dist.is_distributed():
+        if method.sync_batch_norm and dist.is_distributed():
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method.to(self.device)
-        if args.channels_last:
+        if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.model: nn.Module = self.method
         if dist.is_distributed():
@@ -231,23 +235,23 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.method, device_ids=ids, **self._buffer_sync()
             )
-        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.forward = torch.compile(self.model) if config.compile else self.model
 
-        self.peak_lr = scaled_lr(args.lr, args.batch_size)
-        self.optimizer = build_optimizer(args, self.method, self.peak_lr)
-        warmup = round(args.warmup_epochs * self.steps_per_epoch)
-        decay_at = [round(e * self.steps_per_epoch) for e in args.lr_steps]
+        self.peak_lr = scaled_lr(config.lr, config.batch_size)
+        self.optimizer = build_optimizer(config, self.method, self.peak_lr)
+        warmup = round(config.warmup_epochs * self.steps_per_epoch)
+        decay_at = [round(e * self.steps_per_epoch) for e in config.lr_steps]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(step, self.total_steps, warmup, args.lr_schedule, decay_at),
+            lambda step: lr_factor(step, self.total_steps, warmup, config.lr_schedule, decay_at),
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
         self.agc_skip = self._agc_skip()
         self.state = TrainState()
         self._saved_at_step = -1
         # Keep a small data set on the device: sampling is then a gather, with no host copy per step.
         self.images = dataset.images
-        if self.device.type == "cuda" and dataset.images.numel() <= args.device_data_max_mb * 2**20:
+        if self.device.type == "cuda" and dataset.images.numel() <= config.device_data_max_mb * 2**20:
             self.images = dataset.images.to(self.device)
         self.log = self._make_logger()
 
@@ -267,12 +271,12 @@ class Trainer:
     def _buffer_sync(self) -> dict[str, bool]:
         """DDP's per-forward buffer broadcast from rank 0, as the method asks (InstDisc's bank: off).
         Newer torch renames the flag; both still sync buffers once at construction."""
-        sync = bool(getattr(self.method, "ddp_broadcast_buffers", True))
+        sync = bool(self.method.ddp_broadcast_buffers)
         parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
         return {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": sync}
 
     def _make_logger(self):
-        if not dist.is_main_process() or not self.args.tensorboard:
+        if not dist.is_main_process() or not self.config.tensorboard:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
@@ -282,16 +286,7 @@ class Trainer:
         return self.method.embedding_network()
 
     def embed_dim(self) -> int:
-        if hasattr(self.method, "embed_dim"):
-            return int(self.method.embed_dim())
-        network = self.embedding_network()
-        was_training = network.training
-        network.eval()
-        with torch.no_grad():
-            probe = torch.zeros(2, self.dataset.in_channels, self.args.crop_size, self.args.crop_size)
-            dim = network(probe.to(self.device)).shape[1]
-        network.train(was_training)
-        return int(dim)
+        return int(self.method.embed_dim())
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -301,7 +296,7 @@ class Trainer:
             network_spec=self.encoder_spec,
             network=self.embedding_network(),
             embed_dim=self.embed_dim(),
-            input_size=self.args.crop_size,
+            input_size=self.config.crop_size,
             in_channels=self.dataset.in_channels,
             mean=self.mean,
             std=self.std,
@@ -311,7 +306,7 @@ class Trainer:
     def summary_metrics(self) -> dict[str, Any]:
         last = self.state.history[-1] if self.state.history else {}
         metrics = {k: v for k, v in last.items() if k.startswith("knn/") or k == "loss"}
-        metrics.update(epochs=self.state.epoch, steps=self.state.global_step, data=self.args.data)
+        metrics.update(epochs=self.state.epoch, steps=self.state.global_step, data=self.config.data)
         return metrics
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -333,7 +328,7 @@ class Trainer:
             "global_step": self.state.global_step,
             "history": self.state.history,
             "loss_curve": self.state.loss_curve,
-            "config": config_dict(self.args),
+            "config": self.config.to_dict(),
             "world_size": self.world,
             "encoder": self.encoder_record(self.summary_metrics()),
         }
@@ -353,11 +348,11 @@ class Trainer:
     def resume(self, path: Path) -> None:
         saved = load_checkpoint(path)
         config = saved.get("config", {})
+        current = self.config.to_dict()
         for key in RESUME_MUST_MATCH:
-            if key in config and config[key] != getattr(self.args, key, None):
+            if key in config and config[key] != current[key]:
                 raise TrainingError(
-                    f"--resume: {path} was trained with {key}={config[key]!r}, this run has "
-                    f"{getattr(self.args, key, None)!r}"
+                    f"--resume: {path} was trained with {key}={config[key]!r}, this run has {current[key]!r}"
                 )
         if saved.get("world_size", 1) != self.world:
             raise TrainingError(
@@ -386,15 +381,15 @@ class Trainer:
     def train_step(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = self.images[indices.to(self.images.device)].to(self.device, non_blocking=True)  # BxCxSxS
         views = [self.augment(batch, v) for v in range(self.method.num_views)]  # float BxCxSxS each
-        if self.args.channels_last:
+        if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             output = self.forward(views, indices.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(output.loss).backward()
-        if self.args.agc_clip:
+        if self.config.agc_clip:
             self.scaler.unscale_(self.optimizer)
-            adaptive_gradient_clip_(self.method, self.args.agc_clip, skip=self.agc_skip)
+            adaptive_gradient_clip_(self.method, self.config.agc_clip, skip=self.agc_skip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -404,24 +399,24 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train; returns the summary metrics. Saves at every epoch end, on stop and at the end."""
-        args = self.args
-        resume_path = resolve_resume(args.resume, self.out)
+        config = self.config
+        resume_path = resolve_resume(config.resume, self.out)
         if resume_path is not None:
             self.resume(resume_path)
         self.method.train()
-        max_steps = min(args.max_steps or self.total_steps, self.total_steps)
+        max_steps = min(config.max_steps or self.total_steps, self.total_steps)
         bar = tqdm(
-            total=max_steps * args.batch_size,
-            initial=self.state.global_step * args.batch_size,
+            total=max_steps * config.batch_size,
+            initial=self.state.global_step * config.batch_size,
             unit="img",
             unit_scale=True,
             desc=self.method.name,
-            disable=not dist.is_main_process() or not args.progress,
+            disable=not dist.is_main_process() or not config.progress,
             dynamic_ncols=True,
         )
         stopped_by: str | None = None
-        with StopRequested(args.time_budget) as stop:
-            while self.state.epoch < args.epochs and self.state.global_step < max_steps:
+        with StopRequested(config.time_budget) as stop:
+            while self.state.epoch < config.epochs and self.state.global_step < max_steps:
                 stopped_by = self._run_epoch(bar, stop, max_steps)
                 if stopped_by:
                     break
@@ -440,9 +435,9 @@ class Trainer:
         return self.summary_metrics() | {"stopped_by": stopped_by}
 
     def _run_epoch(self, bar: tqdm, stop: StopRequested, max_steps: int) -> str | None:
-        args, state = self.args, self.state
+        config, state = self.config, self.state
         batches = epoch_indices(
-            len(self.dataset), state.epoch, args.seed, self.rank, self.world, self.local_batch
+            len(self.dataset), state.epoch, config.seed, self.rank, self.world, self.local_batch
         )
         loss_sum = torch.zeros((), device=self.device)
         steps_done = 0
@@ -452,8 +447,8 @@ class Trainer:
             loss_sum += loss
             steps_done += 1
             state.step_in_epoch = step + 1
-            bar.update(args.batch_size)
-            if state.global_step % args.log_every == 0 or state.global_step == max_steps:
+            bar.update(config.batch_size)
+            if state.global_step % config.log_every == 0 or state.global_step == max_steps:
                 self._log_step(loss, metrics, started, images_at_start)
             if state.step_in_epoch == self.steps_per_epoch:
                 break  # the epoch's end: record and save below before stopping for any reason
@@ -468,11 +463,15 @@ class Trainer:
             "step": state.global_step,
             "loss": float(loss_sum) / max(steps_done, 1),
             "lr": self.scheduler.get_last_lr()[0],
-            "images_per_s": steps_done * args.batch_size / max(elapsed, 1e-9),
+            "images_per_s": steps_done * config.batch_size / max(elapsed, 1e-9),
         }
         state.epoch += 1
         state.step_in_epoch = 0
-        if self.knn and args.knn_every and (state.epoch % args.knn_every == 0 or state.epoch == args.epochs):
+        if (
+            self.knn
+            and config.knn_every
+            and (state.epoch % config.knn_every == 0 or state.epoch == config.epochs)
+        ):
             row.update(
                 self.knn.evaluate(self.embedding_network(), self.mean, self.std, self.device, self.amp_dtype)
             )
@@ -484,7 +483,7 @@ class Trainer:
         knn_text = (
             f" kNN top-1 {row['knn/top1']:.2f}% top-5 {row['knn/top5']:.2f}%" if "knn/top1" in row else ""
         )
-        self.print(f"epoch {state.epoch}/{args.epochs} loss {row['loss']:.4f}{knn_text}")
+        self.print(f"epoch {state.epoch}/{config.epochs} loss {row['loss']:.4f}{knn_text}")
         self.save()
         if state.global_step >= max_steps and state.global_step < self.total_steps:
             return "max_steps"
@@ -500,17 +499,12 @@ class Trainer:
         self.state.loss_curve.append((step, value))
         if not self.log:
             return
-        rate = (step - first_step) * self.args.batch_size / max(time.perf_counter() - started, 1e-9)
+        rate = (step - first_step) * self.config.batch_size / max(time.perf_counter() - started, 1e-9)
         self.log.add_scalar("train/loss", value, step)
         self.log.add_scalar("train/lr", self.scheduler.get_last_lr()[0], step)
         self.log.add_scalar("train/images_per_s", rate, step)
         for key, metric in metrics.items():
             self.log.add_scalar(f"train/{key}", float(metric), step)
-
-
-def config_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's settings as JSON-able values (for the checkpoint and metrics.json)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def plot_history(state: TrainState, steps_per_epoch: int, path: Path) -> None:

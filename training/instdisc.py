@@ -17,7 +17,6 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         prog="python -m training.instdisc",
         description=__doc__,
-        paper_defaults={"lr_schedule": "step", "lr_steps": [120, 160]},
         mode=CATALOGUE_MODE,
     )
 

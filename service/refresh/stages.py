@@ -21,11 +21,12 @@ For crash testing, REFRESH_CRASH_AFTER=<stage> (train, embed, index, evaluate) m
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from service.refresh import catalogue_source  # noqa: F401  (registers --data ca
 from service.settings import Settings
 from training import distributed as dist
 from training.cli import build_trainer
+from training.config import RunConfig, setting
 from training.data.datasets import ImageDataset, held_out_mask, load_dataset
 from training.embed import embed_in_shards
 from training.encoder import Encoder
@@ -56,6 +58,20 @@ FINAL_STAGES = ("publish", "refused", "not_published")
 CRASH_ENV = "REFRESH_CRASH_AFTER"
 CRASH_EXIT_CODE = 75
 MIN_HELD_OUT = 10  # fewer labelled queries (or memory rows) than this: the guard is skipped
+
+
+@dataclass(frozen=True)
+class RefreshOptions:
+    """The refresh's own settings (flags by training.flags' generic mapping)."""
+
+    catalogue: bool = setting(False, "refresh from the catalogue (implied without --data)")
+    no_publish: bool = setting(False, "stop after evaluation; the new version is not made current")
+    force_publish: bool = setting(False, "publish even when the quality guard says worse")
+    quality_margin: float = setting(
+        0.01, "largest drop in held-out kNN top-1 (absolute, 0.01 = 1 point) still published"
+    )
+    index_type: str = setting("auto", "index.build --type for the new version")
+    target_recall: float = setting(0.95, "index.build --target-recall")
 
 
 class RefreshRefused(CommandRefused):
@@ -154,12 +170,12 @@ def embed_catalogue(
     return data, vectors.cpu().numpy(), encoder.version
 
 
-def run_refresh(args: argparse.Namespace) -> int:
+def run_refresh(config: RunConfig, options: RefreshOptions) -> int:
     settings = Settings()
-    device = dist.init_distributed(args.device)
-    out = Path(args.out)
+    device = dist.init_distributed(config.device)
+    out = Path(config.out)
     if dist.is_main_process():
-        state = start_or_resume(out, force_publish=args.force_publish)
+        state = start_or_resume(out, force_publish=options.force_publish)
     else:
         state = RefreshState(out / STATE_FILE)
     dist.barrier()
@@ -167,8 +183,7 @@ def run_refresh(args: argparse.Namespace) -> int:
 
     # 1. Train (the engine resumes from <out>/checkpoint.pt after a kill).
     if not state.done("train"):
-        args.resume = "auto"
-        summary = build_trainer(args, device).fit()
+        summary = build_trainer(dataclasses.replace(config, resume="auto"), device).fit()
         if summary.get("stopped_by") == "signal":  # a budget's end is a finished training stage
             return 130
         if dist.is_main_process():
@@ -179,7 +194,7 @@ def run_refresh(args: argparse.Namespace) -> int:
     # 2. Re-embed the whole catalogue (including images added while training ran).
     embeddings_path = out / EMBEDDINGS_FILE
     if not RefreshState(out / STATE_FILE).done("embed"):
-        data, vectors, model_version = embed_catalogue(encoder_path, args.data, device)
+        data, vectors, model_version = embed_catalogue(encoder_path, config.data, device)
         if dist.is_main_process():
             save_embeddings(
                 embeddings_path,
@@ -200,13 +215,13 @@ def run_refresh(args: argparse.Namespace) -> int:
     if not state.done("index"):
         index = build_tuned_index(
             emb.vectors, emb.ids, labels=emb.labels, class_names=emb.class_names,
-            index_type=args.index_type, max_memory_bytes=parse_bytes(DEFAULT_MAX_MEMORY),
-            target_recall=args.target_recall,
+            index_type=options.index_type, max_memory_bytes=parse_bytes(DEFAULT_MAX_MEMORY),
+            target_recall=options.target_recall,
         )  # fmt: skip
         version = store.publish(
             index,
             encoder_path=encoder_path,
-            extra_manifest={"created_by": f"refresh ({args.method})", "train": state.result("train")},
+            extra_manifest={"created_by": f"refresh ({config.method})", "train": state.result("train")},
             make_current=False,
         )
         state.record(
@@ -217,14 +232,14 @@ def run_refresh(args: argparse.Namespace) -> int:
 
     # 4. Evaluate against the current version on the same held-out slice.
     if not state.done("evaluate"):
-        state.record("evaluate", evaluate_against_current(store, emb, args, device))
+        state.record("evaluate", evaluate_against_current(store, emb, config, options, device))
     verdict = state.result("evaluate")
     say(verdict["summary"])
-    if args.no_publish:
+    if options.no_publish:
         state.record("not_published", {"at": datetime.now(timezone.utc).isoformat()})
         say(f"--no-publish: version {version} is written but not current (index.store set_current to use it)")
         return 0
-    if not verdict["better_or_equal"] and not args.force_publish:
+    if not verdict["better_or_equal"] and not options.force_publish:
         state.record("refused", {"at": datetime.now(timezone.utc).isoformat()})
         raise RefreshRefused(
             f"not published: {verdict['summary']}; the service stays on {verdict['current_version']} "
@@ -239,20 +254,20 @@ def run_refresh(args: argparse.Namespace) -> int:
 
 
 def evaluate_against_current(
-    store: IndexStore, emb: Embeddings, args: argparse.Namespace, device: torch.device
+    store: IndexStore, emb: Embeddings, config: RunConfig, options: RefreshOptions, device: torch.device
 ) -> dict:
     """kNN top-1 of the new embeddings and of the current version's model on the same catalogue."""
     started = time.perf_counter()
-    k, tau = args.knn_k, args.knn_tau
+    k, tau, margin = config.knn_k, config.knn_tau, options.quality_margin
     new = held_out_accuracy(emb.vectors, emb.labels, emb.ids, k, tau) if emb.labels is not None else None
     current_version = store.current_version()
     current = None
     if current_version is not None and new is not None:
         encoder_path = version_encoder(store, current_version)
         if encoder_path is not None:
-            data, vectors, _ = embed_catalogue(encoder_path, args.data, device)
+            data, vectors, _ = embed_catalogue(encoder_path, config.data, device)
             current = held_out_accuracy(vectors, data.labels.numpy(), data.ids.numpy(), k, tau)
-    better = new is None or current is None or new >= current - args.quality_margin
+    better = new is None or current is None or new >= current - margin
     if new is None:
         text = "quality guard skipped: too few labelled catalogue images to hold out"
     elif current is None:
@@ -260,7 +275,7 @@ def evaluate_against_current(
     else:
         text = (
             f"held-out kNN top-1: new {new:.2%} vs current {current:.2%} "
-            f"({'within' if better else 'worse than'} the {args.quality_margin:.2%} margin)"
+            f"({'within' if better else 'worse than'} the {margin:.2%} margin)"
         )
     return {
         "new_top1": new,

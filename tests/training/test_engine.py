@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.cli import OneLineParser, add_engine_arguments
+from training.cli import OneLineParser, build_trainer, parse_config
+from training.config import RunConfig
 from training.data.datasets import load_dataset
 from training.encoder import Encoder
 from training.engine import LARS_EXCLUDE, Trainer, epoch_indices, lr_factor, parameter_groups, scaled_lr
+from training.flags import add_settings
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method, StepOutput
 from training.models import EmbeddingNetwork, build_backbone, network_spec
-from training.models.arguments import add_backbone_arguments
 from training.models.heads import LinearHead
 
 BACKBONE = {"in_channels": 1, "small_stem": True, "width": 0.0625}
@@ -73,16 +74,14 @@ def tiny_augment(batch: torch.Tensor, view: int) -> torch.Tensor:
     return ((images * scale).clamp(0, 1) - 0.286) / 0.353
 
 
-def engine_args(out: Path, *extra: str):
+def engine_args(out: Path, *extra: str) -> RunConfig:
     parser = OneLineParser()
-    add_engine_arguments(parser)
-    add_backbone_arguments(parser)
-    args = parser.parse_args(
+    add_settings(parser, RunConfig)
+    given = parser.parse_args(
         ["--out", str(out), "--epochs", "2", "--batch-size", "32", "--crop-size", "28", "--lr", "0.5"]
         + ["--augmentation", "tiny", "--no-tensorboard", "--no-progress", "--arch", "resnet18", *extra]
     )
-    args.method, args.subset, args.width = "tiny", None, 0.0625
-    return args
+    return RunConfig(method="tiny", data="fashion-mnist", width=0.0625, **vars(given))
 
 
 @pytest.fixture(scope="module")
@@ -248,13 +247,10 @@ MIN_GAIN = 4.0
 
 
 def short_run(method: str, out: Path, seed: int = 0) -> tuple[float, float]:
-    from training.cli import build_parser, build_trainer, resolve_defaults
-
-    parser = build_parser(method, "test", "short run")
-    args = parser.parse_args([*SHORT_RUN, *SHORT_RUN_METHODS[method], "--seed", str(seed), "--out", str(out)])
-    args.method = method
-    resolve_defaults(args, parser)
-    trainer = build_trainer(args, torch.device("cpu"))
+    config, _ = parse_config(
+        method, [*SHORT_RUN, *SHORT_RUN_METHODS[method], "--seed", str(seed), "--out", str(out)]
+    )
+    trainer = build_trainer(config, torch.device("cpu"))
     before = trainer.knn.evaluate(trainer.embedding_network(), trainer.mean, trainer.std, trainer.device)
     after = trainer.fit()
     return before["knn/top1"], after["knn/top1"]
@@ -273,9 +269,6 @@ def test_short_real_run_beats_the_random_encoder(method, tmp_path):
 
 
 def method_trainer(method: str, out: Path, *extra: str) -> Trainer:
-    from training.cli import build_parser, build_trainer, resolve_defaults
-
-    parser = build_parser(method, "test", "resume")
     argv = ["--data", "fashion-mnist", "--subset", "96", "--batch-size", "32", "--epochs", "2"]
     argv += [
         "--arch",
@@ -287,10 +280,8 @@ def method_trainer(method: str, out: Path, *extra: str) -> Trainer:
         "--no-tensorboard",
         "--no-progress",
     ]
-    args = parser.parse_args([*argv, *extra, "--out", str(out)])
-    args.method = method
-    resolve_defaults(args, parser)
-    return build_trainer(args, torch.device("cpu"))
+    config, _ = parse_config(method, [*argv, *extra, "--out", str(out)])
+    return build_trainer(config, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(

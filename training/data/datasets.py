@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from training.data.images import IMAGE_SUFFIXES, ImageDecodeError, load_uint8, resize_center_crop
@@ -211,6 +212,9 @@ def _fashion_mnist_from(directory: Path, split: str) -> tuple[np.ndarray, np.nda
         ) from exc
 
 
+FASHION_MNIST_SIZE = 28  # native side of its images
+
+
 @register_source("fashion-mnist")
 def load_fashion_mnist(split: str, crop_size: int) -> ImageDataset:
     split = split or "train"
@@ -279,6 +283,33 @@ def load_folder(path_text: str, crop_size: int, workers: int = 4) -> ImageDatase
         class_names=class_names,
         skipped=skipped,
     )
+
+
+NATIVE_SIZE_SAMPLE = 32  # image headers read to tell a folder's native size
+
+
+def native_image_size(spec: str) -> int | None:
+    """The images' native side in pixels (the shorter side, median over a sample of headers), read
+    before decoding so the crop size and the small-image recipe can follow the data; None when a
+    source does not say (the catalogue: the refresh knows its serving model's size)."""
+    prefix, _, rest = spec.partition(":")
+    if prefix == "fashion-mnist":
+        return FASHION_MNIST_SIZE
+    if prefix != "folder":
+        return None
+    root = Path(rest).expanduser()
+    if not rest or not root.is_dir():
+        return None
+    sides = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as image:  # reads the header only
+                sides.append(min(image.size))
+        except (OSError, ValueError):
+            continue
+        if len(sides) == NATIVE_SIZE_SAMPLE:
+            break
+    return int(np.median(sides)) if sides else None
 
 
 def held_out_mask(ids: np.ndarray, fraction: float = 0.1) -> np.ndarray:
