@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from training import distributed as dist  # noqa: E402
 from training.cli import build_trainer, parse_config  # noqa: E402
-from training.engine import Trainer, epoch_indices  # noqa: E402
+from training.data.datasets import epoch_indices  # noqa: E402
+from training.engine import Trainer  # noqa: E402
 
 CPU_DEFAULTS = ["--arch", "resnet18", "--width", "0.25", "--batch-size", "64", "--subset", "4096"]
 RESULT_TAG = "THROUGHPUT_JSON "

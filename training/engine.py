@@ -5,21 +5,17 @@ DistributedSampler, drop_last) -> uint8 images on the device -> the method's aug
 call per view) -> `Method.forward(views, indices)` -> backward -> optional AGC -> optimiser
 step -> per-step lr schedule -> `method.on_step_end(progress)`.
 
-Learning rate: `--lr` is the base rate for a batch of 256; the rate used is
-lr * global_batch / 256 (the linear scaling rule of Goyal et al., used by MoCo, SimCLR and MoCo v3),
-linear warm-up over `--warmup-epochs`, then cosine decay to 0 per step (or MoCo v1's / InstDisc's
-x0.1 steps at `--lr-steps` epochs with `--lr-schedule step`).
+Around the loop, each in a module of its own: optimiser and lr schedule (training/schedule.py, with
+the schedule fitted to `--time-budget`), stopping on a signal or the budget (training/stopping.py),
+precision (training/precision.py) and the training plot (training/plotting.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +26,11 @@ from tqdm import tqdm
 
 from training import distributed as dist
 from training.checkpoint import (
+    CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
+    TrainState,
     capture_rng_states,
+    check_resumable,
     load_checkpoint,
     resolve_resume,
     restore_rng_states,
@@ -39,153 +38,18 @@ from training.checkpoint import (
     save_json,
 )
 from training.config import RunConfig
-from training.data.datasets import ImageDataset
+from training.data.datasets import ImageDataset, epoch_indices
 from training.encoder import make_encoder_record, save_encoder
 from training.errors import TrainingError
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method
 from training.optim.agc import adaptive_gradient_clip_
-from training.optim.lars import LARS
-from training.precision import autocast_dtype
-
-CHECKPOINT_FORMAT = "ssl-retrieval/checkpoint/v1"
-# Settings that must match for a resumed run to continue the same sample order and model.
-RESUME_MUST_MATCH = ("method", "data", "subset", "arch", "width", "crop_size", "batch_size", "seed")
+from training.plotting import plot_history
+from training.precision import autocast_dtype, resolve_amp
+from training.schedule import StepSchedule, build_optimizer, scaled_lr
+from training.stopping import StopRequested, TimeBudget
 
 Augmentation = Callable[[torch.Tensor, int], torch.Tensor]
-LARS_EXCLUDE = "exclude_from_wd_and_lars"  # LARS's group flag: no weight decay, no trust ratio
-
-
-# --- optimiser and schedule ----------------------------------------------------------------------
-
-
-def is_norm_or_bias(name: str, param: torch.Tensor) -> bool:
-    """BN/LN scales and shifts and all biases: the 1-d parameters (SimCLR / MoCo v3 exclude them)."""
-    return param.ndim <= 1 or name.endswith(".bias")
-
-
-def parameter_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool) -> list[dict[str, Any]]:
-    """Trainable parameters; with `exclude_norm_bias`, a second group without weight decay that LARS
-    also leaves unadapted (training/optim/lars.py's group flag)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if exclude_norm_bias and is_norm_or_bias(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, LARS_EXCLUDE: True})
-    return groups
-
-
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """Linear scaling rule: base_lr is the rate for a batch of 256."""
-    return base_lr * global_batch / 256
-
-
-def build_optimizer(config: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    exclude = config.wd_exclude_norm_bias
-    if exclude == "auto":  # the papers: SimCLR (LARS) and MoCo v3 (LARS/AdamW) exclude; the SGD codes do not
-        exclude = "yes" if config.optimizer in ("lars", "adamw") else "no"
-    groups = parameter_groups(model, config.weight_decay, exclude == "yes")
-    if config.optimizer == "sgd":
-        for group in groups:
-            group.pop(LARS_EXCLUDE, None)
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=config.optimizer_momentum, weight_decay=config.weight_decay
-        )
-    if config.optimizer == "adamw":
-        for group in groups:
-            group.pop(LARS_EXCLUDE, None)
-        return torch.optim.AdamW(
-            groups, lr=lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay
-        )
-    if config.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=config.optimizer_momentum, weight_decay=config.weight_decay)
-    raise TrainingError(f"unknown optimizer {config.optimizer!r}")
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, decay_at: list[int]) -> float:
-    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine to 0 or x0.1 steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "step":
-        return 0.1 ** sum(step >= boundary for boundary in decay_at)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# --- data sampling -------------------------------------------------------------------------------
-
-
-def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int, world: int, batch: int) -> torch.Tensor:
-    """This rank's indices for an epoch as steps x batch (DistributedSampler order, drop_last).
-
-    The permutation depends only on (seed, epoch), so a resumed run sees the same order.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_samples, generator=generator)
-    per_rank = num_samples // world
-    steps = per_rank // batch
-    return order[rank : per_rank * world : world][: steps * batch].view(steps, batch)
-
-
-# --- the trainer ---------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # the epoch in progress (or the next one, when step_in_epoch == 0)
-    step_in_epoch: int = 0  # steps of `epoch` already done
-    global_step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every --log-every
-
-
-TIME_BUDGET = "the time budget"
-
-
-class StopRequested:
-    """SIGTERM/SIGINT (or the end of `--time-budget`) set a reason; the loop finishes the step,
-    saves and exits cleanly. Under torchrun the ranks agree, so all stop after the same step."""
-
-    def __init__(self, time_budget_s: float | None = None) -> None:
-        self.reason: str | None = None
-        self._deadline = time.monotonic() + time_budget_s if time_budget_s else None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequested:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: no handler, no clean stop
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.reason = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        if self.reason is None and self._deadline is not None and time.monotonic() > self._deadline:
-            self.reason = TIME_BUDGET
-        # 0 = go on, 1 = the time budget, 2 = a signal: all ranks take the maximum, so they agree on
-        # whether to stop and on why (a signal anywhere outranks a budget).
-        code = 0 if self.reason is None else 1 if self.reason == TIME_BUDGET else 2
-        if dist.is_distributed():
-            value = torch.tensor([code])
-            torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-            agreed = int(value.item())
-            if agreed != code:
-                self.reason = TIME_BUDGET if agreed == 1 else "a signal on another rank"
-            code = agreed
-        return code > 0
-
-    @property
-    def stopped_by(self) -> str:
-        """The summary's `stopped_by`: "time_budget" (the run is complete as asked) or "signal"."""
-        return "time_budget" if self.reason == TIME_BUDGET else "signal"
 
 
 class Trainer:
@@ -241,10 +105,10 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.method, self.peak_lr)
         warmup = round(config.warmup_epochs * self.steps_per_epoch)
         decay_at = [round(e * self.steps_per_epoch) for e in config.lr_steps]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(step, self.total_steps, warmup, config.lr_schedule, decay_at),
-        )
+        self.schedule = StepSchedule(self.total_steps, warmup, config.lr_schedule, decay_at)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule.factor)
+        self.budget: TimeBudget | None = None
+        self._steps_this_process = 0
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
         self.agc_skip = self._agc_skip()
         self.state = TrainState()
@@ -321,6 +185,7 @@ class Trainer:
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": all_rng,
             "epoch": self.state.epoch,
@@ -347,29 +212,14 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         saved = load_checkpoint(path)
-        config = saved.get("config", {})
-        current = self.config.to_dict()
-        for key in RESUME_MUST_MATCH:
-            if key in config and config[key] != current[key]:
-                raise TrainingError(
-                    f"--resume: {path} was trained with {key}={config[key]!r}, this run has {current[key]!r}"
-                )
-        if saved.get("world_size", 1) != self.world:
-            raise TrainingError(
-                f"--resume: {path} was written by {saved.get('world_size')} processes, not {self.world}"
-            )
+        check_resumable(saved, path, self.config.to_dict(), self.world)
         self.method.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        self.schedule.load_state_dict(saved.get("schedule", {}))
         self.scaler.load_state_dict(saved["scaler"])
         restore_rng_states(saved["rng"][self.rank])
-        self.state = TrainState(
-            saved["epoch"],
-            saved["step_in_epoch"],
-            saved["global_step"],
-            list(saved.get("history", [])),
-            [tuple(point) for point in saved.get("loss_curve", [])],
-        )
+        self.state = TrainState.from_checkpoint(saved)
         self.print(f"resumed from {path} at epoch {self.state.epoch} step {self.state.step_in_epoch}")
 
     # -- the loop -------------------------------------------------------------------------------
@@ -394,7 +244,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.state.global_step += 1
-        self.method.on_step_end(min(1.0, self.state.global_step / self.total_steps))
+        self.method.on_step_end(self.schedule.progress(self.state.global_step))
         return output.loss.detach(), output.metrics
 
     def fit(self) -> dict[str, Any]:
@@ -415,6 +265,11 @@ class Trainer:
             dynamic_ncols=True,
         )
         stopped_by: str | None = None
+        self.print(
+            f"precision: {resolve_amp(config.amp, self.device)} (--amp {config.amp}), "
+            f"channels_last: {self.channels_last}, device: {self.device}"
+        )
+        self.budget = TimeBudget(config.time_budget) if config.time_budget else None
         with StopRequested(config.time_budget) as stop:
             while self.state.epoch < config.epochs and self.state.global_step < max_steps:
                 stopped_by = self._run_epoch(bar, stop, max_steps)
@@ -450,6 +305,7 @@ class Trainer:
             bar.update(config.batch_size)
             if state.global_step % config.log_every == 0 or state.global_step == max_steps:
                 self._log_step(loss, metrics, started, images_at_start)
+            self._follow_budget(stop)
             if state.step_in_epoch == self.steps_per_epoch:
                 break  # the epoch's end: record and save below before stopping for any reason
             if state.global_step >= max_steps:
@@ -489,6 +345,25 @@ class Trainer:
             return "max_steps"
         return stop.stopped_by if stop.requested() else None
 
+    def _follow_budget(self, stop: StopRequested) -> None:
+        """With --time-budget: refit the schedule's total steps to the measured rate, and end the
+        run (as the budget's end) when the fitted schedule is done, i.e. annealed."""
+        if self.budget is None:
+            return
+        self._steps_this_process += 1
+        seconds_per_step = self.budget.step_done(self._steps_this_process)
+        if seconds_per_step is not None:
+            before = self.schedule.total
+            total = self.schedule.refit(self.state.global_step, seconds_per_step, self.budget.seconds_left())
+            if before == self.schedule.planned and total != before:
+                self.print(
+                    f"--time-budget {self.config.time_budget:g}s at {1 / seconds_per_step:.2f} steps/s: "
+                    f"schedule fitted to ~{total} steps (warm-up {self.schedule.warmup_steps}), "
+                    f"not {self.schedule.planned}"
+                )
+        if self.state.global_step >= self.schedule.total:
+            stop.budget_spent = True
+
     def _log_step(self, loss: torch.Tensor, metrics: dict[str, Any], started: float, first_step: int) -> None:
         value = float(loss)
         if not math.isfinite(value):
@@ -505,28 +380,3 @@ class Trainer:
         self.log.add_scalar("train/images_per_s", rate, step)
         for key, metric in metrics.items():
             self.log.add_scalar(f"train/{key}", float(metric), step)
-
-
-def plot_history(state: TrainState, steps_per_epoch: int, path: Path) -> None:
-    """The loss every --log-every steps, its per-epoch mean and the kNN top-1 per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, loss_axis = plt.subplots(figsize=(7, 4))
-    if state.loss_curve:
-        steps, losses = zip(*state.loss_curve, strict=True)
-        loss_axis.plot([s / steps_per_epoch for s in steps], losses, "-", color="tab:blue", alpha=0.5)
-    epochs = [row["epoch"] for row in state.history]
-    loss_axis.plot(epochs, [row["loss"] for row in state.history], "o-", color="tab:blue", label="epoch mean")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("training loss", color="tab:blue")
-    knn = [(row["epoch"], row["knn/top1"]) for row in state.history if "knn/top1" in row]
-    if knn:
-        knn_axis = loss_axis.twinx()
-        knn_axis.plot(*zip(*knn, strict=True), "s-", color="tab:orange")
-        knn_axis.set_ylabel("kNN top-1 (%)", color="tab:orange")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -312,6 +312,18 @@ def native_image_size(spec: str) -> int | None:
     return int(np.median(sides)) if sides else None
 
 
+def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int, world: int, batch: int) -> torch.Tensor:
+    """This rank's indices for an epoch as steps x batch (DistributedSampler order, drop_last).
+
+    The permutation depends only on (seed, epoch), so a resumed run sees the same order.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator)
+    per_rank = num_samples // world
+    steps = per_rank // batch
+    return order[rank : per_rank * world : world][: steps * batch].view(steps, batch)
+
+
 def held_out_mask(ids: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     """bool N: a stable ~`fraction` of the ids, spread evenly over any id pattern.
 
