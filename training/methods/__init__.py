@@ -11,13 +11,15 @@ fixes: optimiser, lr, weight decay, batch, epochs, warm-up, schedule, augmentati
 
 from __future__ import annotations
 
+from typing import Any
+
 from training.config import RunConfig
 from training.methods.base import Method, StepOutput
 from training.methods.instdisc import InstDisc
 from training.methods.moco import MoCoV1, MoCoV2
 from training.methods.mocov3 import MoCoV3
 from training.methods.simclr import SimCLR
-from training.models.arguments import backbone_from_config
+from training.models.vit import PRESETS as VIT_PRESETS
 
 METHODS: dict[str, type[Method]] = {
     "instdisc": InstDisc,
@@ -41,3 +43,22 @@ def build_method(config: RunConfig, num_samples: int, in_channels: int) -> Metho
     cls = method_class(config.method)
     arch, backbone_kwargs = backbone_from_config(config, in_channels)
     return cls.from_config(config.params, arch, backbone_kwargs, num_samples)
+
+
+def backbone_from_config(config: RunConfig, in_channels: int) -> tuple[str, dict[str, Any]]:
+    """(arch, kwargs for `build_backbone`) from the config and the data's channels."""
+    if config.arch in VIT_PRESETS:
+        kwargs: dict[str, Any] = {
+            "in_channels": in_channels,
+            "image_size": config.crop_size,
+            "patch_size": config.patch_size,
+        }
+        for value, key in (
+            (config.vit_dim, "embed_dim"),
+            (config.vit_depth, "depth"),
+            (config.vit_heads, "num_heads"),
+        ):
+            if value is not None:
+                kwargs[key] = value
+        return config.arch, kwargs
+    return config.arch, {"in_channels": in_channels, "small_stem": config.small_stem, "width": config.width}
