@@ -38,6 +38,7 @@ data:
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports  # layers index <- training <- service, no import cycles (pyproject.toml)
 	$(PY) -m pytest -q
 
 # First run: the committed demo encoder and a 10k-image Fashion-MNIST catalogue (service/demo.py),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.cli import build_parser, build_trainer, resolve_defaults  # noqa: E402
+from training.cli import build_trainer, parse_config  # noqa: E402
 from training.losses.nce import estimate_normaliser  # noqa: E402
 from training.methods.instdisc import InstDisc  # noqa: E402
 
@@ -89,11 +89,8 @@ def centred_head(method: InstDisc) -> None:
 
 
 def run(variant: str, training_argv: list[str]) -> None:
-    parser = build_parser("instdisc", "instdisc_study", "InstDisc study run")
-    args = parser.parse_args(training_argv)
-    args.method = "instdisc"
-    resolve_defaults(args, parser)
-    trainer = build_trainer(args, torch.device(args.device if args.device != "auto" else "cpu"))
+    config, _ = parse_config("instdisc", training_argv)
+    trainer = build_trainer(config, torch.device(config.device if config.device != "auto" else "cpu"))
     if variant == "z-every-step":
         z_every_step(trainer.method)
     elif variant == "centred-head":

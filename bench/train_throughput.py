@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training import distributed as dist  # noqa: E402
-from training.cli import build_parser, build_trainer, resolve_defaults  # noqa: E402
-from training.engine import Trainer, epoch_indices  # noqa: E402
+from training.cli import build_trainer, parse_config  # noqa: E402
+from training.data.datasets import epoch_indices  # noqa: E402
+from training.engine import Trainer  # noqa: E402
 
 CPU_DEFAULTS = ["--arch", "resnet18", "--width", "0.25", "--batch-size", "64", "--subset", "4096"]
 RESULT_TAG = "THROUGHPUT_JSON "
@@ -64,7 +65,7 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, float]:
     fixed = batches[0]
     images = trainer.images[fixed.to(trainer.images.device)].to(device)
     views = [trainer.augment(images, v) for v in range(method.num_views)]
-    if trainer.args.channels_last:
+    if trainer.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     fixed = fixed.to(device)
 
@@ -85,7 +86,7 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, float]:
     for _ in range(ROUNDS):
         full_seconds = min(full_seconds, time_steps(full, steps, device))
         bare_seconds = min(bare_seconds, time_steps(bare, steps, device))
-    images_per_step = trainer.args.batch_size
+    images_per_step = trainer.config.batch_size
     return {
         "full_images_per_s": steps * images_per_step / full_seconds,
         "bare_images_per_s": steps * images_per_step / bare_seconds,
@@ -95,15 +96,13 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, float]:
 
 
 def worker(bench: argparse.Namespace, training_argv: list[str]) -> dict[str, float]:
-    parser = build_parser(bench.method, "bench", "throughput")
     with tempfile.TemporaryDirectory() as out:
-        args = parser.parse_args(
-            training_argv + ["--out", out, "--knn-every", "0", "--no-tensorboard", "--no-progress"]
+        config, _ = parse_config(
+            bench.method,
+            training_argv + ["--out", out, "--knn-every", "0", "--no-tensorboard", "--no-progress"],
         )
-        args.method = bench.method
-        resolve_defaults(args, parser)
-        device = dist.init_distributed(args.device)
-        trainer = build_trainer(args, device)
+        device = dist.init_distributed(config.device)
+        trainer = build_trainer(config, device)
         result = measure(trainer, bench.steps, bench.warmup)
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result["ratio"] = result["full_images_per_s"] / result["bare_images_per_s"]

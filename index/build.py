@@ -20,6 +20,7 @@ import numpy as np
 from index.choose import DEFAULT_MAX_MEMORY, choose_index, estimated_bytes, parse_bytes
 from index.cli import run_cli
 from index.embeddings import Embeddings, load_embeddings
+from index.encoder_file import encoder_version
 from index.factory import build_index, use_gpu
 from index.search_index import INDEX_TYPES, SearchIndex
 from index.store import IndexStore
@@ -104,9 +105,7 @@ def build_tuned_index(
 
 def check_encoder(encoder_path: str, model_version: str) -> None:
     """The encoder copied into a version must be the one that made its vectors."""
-    from training.encoder import read_encoder_record
-
-    version = read_encoder_record(encoder_path).get("version")
+    version = encoder_version(encoder_path)
     if version != model_version:
         raise ValueError(
             f"encoder {encoder_path} has version {version!r} "

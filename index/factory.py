@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from index.search_index import INDEX_TYPES, SearchIndex
+from index.search_index import INDEX_TYPES, SearchIndex, new_hnsw
 
 ADD_BATCH = 65536
 # FAISS's own guidance: k-means wants at least 39 training points per centroid.
@@ -27,13 +27,6 @@ PQ_CENTROIDS_PER_SUBQUANTIZER = 256  # 2**pq_nbits at the default 8 bits
 
 def use_gpu() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def new_hnsw(dim: int, params: dict[str, Any]) -> faiss.Index:
-    hnsw = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = int(params["efConstruction"])
-    hnsw.hnsw.efSearch = int(params.get("efSearch", 16))
-    return faiss.IndexIDMap2(hnsw)
 
 
 def new_faiss_index(index_type: str, dim: int, params: dict[str, Any]) -> faiss.Index:

@@ -31,6 +31,14 @@ DEFAULT_REBUILD_FRACTION = 0.2
 PADDING_ID = -1
 
 
+def new_hnsw(dim: int, params: dict[str, Any]) -> faiss.Index:
+    """An empty HNSW index with ids (index.factory builds with it; `compact` rebuilds with it)."""
+    hnsw = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = int(params["efConstruction"])
+    hnsw.hnsw.efSearch = int(params.get("efSearch", 16))
+    return faiss.IndexIDMap2(hnsw)
+
+
 class DuplicateIdError(VectorError):
     """An id being added is already in the index."""
 
@@ -268,8 +276,6 @@ class SearchIndex:
                 self._compact_locked()
 
     def _compact_locked(self) -> None:
-        from index.factory import new_hnsw
-
         inner = faiss.downcast_index(self._faiss.index)
         stored = stored_ids(self._faiss)
         vectors = inner.reconstruct_n(0, int(inner.ntotal))  # NxD

@@ -42,6 +42,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.encoder_file import encoder_version
 from index.search_index import INDEX_TYPES, SearchIndex
 
 MANIFEST_FORMAT = "ssl-retrieval/index/v1"
@@ -206,7 +207,7 @@ class IndexStore:
         encoder_source = Path(encoder_path) if encoder_path is not None else index.encoder_path
         if encoder_source is not None and not encoder_source.is_file():
             raise IndexStoreError(f"encoder file not found: {encoder_source}")
-        encoder_version = _encoder_version(encoder_source) if encoder_source is not None else None
+        model_version = encoder_version(encoder_source) if encoder_source is not None else None
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self.clean_stale()
         name = new_version_name()
@@ -233,7 +234,7 @@ class IndexStore:
                 if inference_source.is_file():  # the reader checks that it is of the same model
                     shutil.copyfile(inference_source, tmp / INFERENCE_ENCODER_FILE)
                     written.append(tmp / INFERENCE_ENCODER_FILE)
-            manifest = self._manifest(index, name, written, encoder_version, extra_manifest)
+            manifest = self._manifest(index, name, written, model_version, extra_manifest)
             _write_json(tmp / MANIFEST_FILE, manifest)
             written.append(tmp / MANIFEST_FILE)
             step("files_written")
@@ -385,12 +386,6 @@ def _optional_json(path: Path) -> Any:
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _encoder_version(path: Path) -> str | None:
-    from training.encoder import read_encoder_record
-
-    return str(read_encoder_record(path).get("version"))
 
 
 def _fsync_file(path: Path) -> None:

@@ -20,6 +20,7 @@ from pymongo import MongoClient
 
 from index.store import IndexStore
 from service.connection import attach_or_start
+from service.ingest import fashion_mnist_items, ingest
 from service.settings import Settings
 from training.data.datasets import DataError
 from training.inference import calibration_images, write_inference_encoder
@@ -84,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"catalogue: {size} images already in {settings.MONGO_DB}")
         return 0
     print(f"catalogue: empty; ingesting {args.count} labelled Fashion-MNIST test images")
-    from service.ingest import fashion_mnist_items, ingest
-
     items = list(fashion_mnist_items("test", args.count))
     summary = asyncio.run(ingest(settings, items, [], "fashion-mnist:test"))
     print("\n".join(summary.lines()))

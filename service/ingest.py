@@ -36,6 +36,7 @@ from service.pipeline import BatchResult, Source, batched, run_pipeline
 from service.reconcile import reconcile
 from service.settings import Settings
 from service.validation import InvalidValue, parse_label, parse_tags
+from training.data.datasets import load_fashion_mnist
 from training.data.images import IMAGE_SUFFIXES
 
 BATCH = 256  # images per database round trip and forward pass
@@ -77,8 +78,6 @@ def folder_items(root: Path, labels_from_dirs: bool) -> Iterator[Item]:
 
 
 def fashion_mnist_items(split: str, limit: int | None) -> Iterator[Item]:
-    from training.data.datasets import load_fashion_mnist
-
     dataset = load_fashion_mnist(split, 28)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     for i in range(count):

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,46 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {resume}")
     return path
+
+
+CHECKPOINT_FORMAT = "ssl-retrieval/checkpoint/v1"
+# Settings that must match for a resumed run to continue the same sample order and model.
+RESUME_MUST_MATCH = ("method", "data", "subset", "arch", "width", "crop_size", "batch_size", "seed")
+
+
+@dataclass
+class TrainState:
+    """Where a run is, beyond its weights and optimiser (a checkpoint restores it)."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, when step_in_epoch == 0)
+    step_in_epoch: int = 0  # steps of `epoch` already done
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every --log-every
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        return cls(
+            saved["epoch"],
+            saved["step_in_epoch"],
+            saved["global_step"],
+            list(saved.get("history", [])),
+            [tuple(point) for point in saved.get("loss_curve", [])],
+        )
+
+
+def check_resumable(saved: dict[str, Any], path: Path, config: dict[str, Any], world: int) -> None:
+    """A checkpoint continues this run only with the same data order, model and process count."""
+    trained = saved.get("config", {})
+    for key in RESUME_MUST_MATCH:
+        if key in trained and trained[key] != config[key]:
+            raise CheckpointError(
+                f"--resume: {path} was trained with {key}={trained[key]!r}, this run has {config[key]!r}"
+            )
+    if saved.get("world_size", 1) != world:
+        raise CheckpointError(
+            f"--resume: {path} was written by {saved.get('world_size')} processes, not {world}"
+        )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

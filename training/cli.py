@@ -1,237 +1,154 @@
 """The common command line of `training.instdisc`, `training.moco` and `training.simclr`.
 
-The engine's flags are defined here; each method then adds its own hyper-parameters and sets the
-paper's defaults for optimiser, lr, weight decay, batch size, epochs, warm-up and augmentation
-(`add_arguments(parser)`), so `--help` shows the defaults of the paper being reproduced.
-Bad input ends with one line on stderr: exit 2 for usage errors, 1 for runtime errors.
+One generic mapping (training/flags.py) turns the engine's settings (`RunConfig`) and the method's
+(`Params`, `paper_defaults`, `small_image_defaults` on its class) into flags, so `--help` shows the
+defaults of the paper being reproduced. `parse_config` builds the run's one frozen `RunConfig`:
+
+    engine default < paper < small-image recipe (images <= 64 px) < --config run.toml < flags
+
+and prints it with where each value came from. Bad input ends with one line on stderr: exit 2 for
+usage errors (invalid settings included), 1 for runtime errors.
+
+A higher layer can add a way to run (`RunMode`): the entry points pass the catalogue refresh's
+(service/refresh/mode.py), which this module never imports.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, Protocol
 
-from training.refresh import add_refresh_arguments
+import torch
 
-if TYPE_CHECKING:
-    import torch
+from training import distributed as dist
+from training.checkpoint import resolve_resume
+from training.commands import OneLineParser, run_guarded
+from training.config import (
+    DATA,
+    DEFAULT,
+    FILE,
+    FLAG,
+    PAPER,
+    SMALL_IMAGE,
+    SMALL_IMAGE_MAX_SIZE,
+    ConfigError,
+    RunConfig,
+)
+from training.data.augment import NORMALISATION, build_augmentation
+from training.data.datasets import DataError, ImageDataset, load_dataset, native_image_size, split_held_out
+from training.engine import Trainer
+from training.flags import add_settings, flag_names, layered, read_config_file
+from training.knn_monitor import KnnMonitor
+from training.methods import Method, build_method, method_class
 
-    from training.data.datasets import ImageDataset
-    from training.engine import Trainer
-    from training.knn_monitor import KnnMonitor
-
-EXIT_RUNTIME_ERROR = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3  # the refresh's quality guard kept the current version
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (`prog: error: ...`) instead of usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows every flag's effective default (after the method's set_defaults) unless its help names one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS or action.nargs == 0:
-            return text
-        return f"{text} (default: %(default)s)".lstrip()
+__all__ = ["OneLineParser", "RunMode", "build_parser", "build_trainer", "parse_config", "train_main"]
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
-    return f"warning: {message}\n"
+class RunMode(Protocol):
+    """Another way to run a training command, added by an entry point from a higher layer."""
 
+    options_type: type  # a dataclass of the mode's own settings (flags via training.flags)
 
-def run_guarded(run: Callable[[], int]) -> int:
-    """Run a command: expected failures become one line on stderr and exit 1, Ctrl-C exits 130."""
-    from training.checkpoint import CheckpointError
-    from training.data.datasets import DataError
-    from training.encoder import EncoderError
-    from training.engine import TrainingError
-    from training.refresh import RefreshRefused
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
-    warnings.formatwarning = _one_line_warning
-    try:
-        return run()
-    except RefreshRefused as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except (DataError, TrainingError, CheckpointError, EncoderError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        from training import distributed as dist
+    def applies(self, given: Mapping[str, Any]) -> bool:
+        """Whether the given settings (flags and file) ask for this mode."""
+        ...
 
-        dist.cleanup()
+    def defaults(self, given: Mapping[str, Any], method: str) -> tuple[dict[str, Any], int | None]:
+        """(settings the mode fills unless given, the images' native side if it knows it)."""
+        ...
 
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine's flags; the backbone's (--arch, --width, --small-stem, ...) come with the method's."""
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        default=None,
-        help="fashion-mnist | fashion-mnist:test | folder:PATH (recursive) | catalogue[:MONGO_URI]; "
-        "not given: refresh from the catalogue (see below)",
-    )
-    data.add_argument("--subset", type=int, default=None, help="train on a seeded random N images only")
-    data.add_argument(
-        "--crop-size",
-        type=int,
-        default=None,
-        help="training crop (px); default: 28 for fashion-mnist (native), 224 otherwise (the papers)",
-    )
-    data.add_argument(
-        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads"
-    )
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=200, help="training epochs")
-    optim.add_argument("--batch-size", type=int, default=256, help="global batch (all processes together)")
-    optim.add_argument(
-        "--lr", type=float, default=0.03, help="base lr for a batch of 256; used: lr * batch-size / 256"
-    )
-    optim.add_argument("--optimizer", default="sgd", choices=["sgd", "lars", "adamw"], help="optimiser")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD / LARS momentum")
-    optim.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    optim.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    optim.add_argument(
-        "--wd-exclude-norm-bias",
-        default="auto",
-        choices=["auto", "yes", "no"],
-        help="no weight decay (nor LARS adaptation) on norm/bias parameters; auto: yes for lars/adamw "
-        "(SimCLR, MoCo v3), no for sgd (the InstDisc and MoCo v1/v2 code)",
-    )
-    optim.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
-    optim.add_argument("--lr-schedule", default="cosine", choices=["cosine", "step"], help="per-step decay")
-    optim.add_argument(
-        "--lr-steps",
-        type=float,
-        nargs="*",
-        default=[],
-        help="epochs at which step decay multiplies lr by 0.1",
-    )
-    optim.add_argument("--augmentation", default=None, help="augmentation recipe (training/data/augment.py)")
-    optim.add_argument(
-        "--agc-clip", type=float, default=None, help="adaptive gradient clipping lambda (off when not given)"
-    )
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if any")
-    run.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision")
-    run.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    run.add_argument("--seed", type=int, default=0, help="seeds sampling order, initialisation, augmentation")
-    run.add_argument("--out", type=Path, default=None, help="output folder; default: runs/<method>")
-    run.add_argument(
-        "--resume", default=None, help="checkpoint path or folder, or `auto` (out/checkpoint.pt)"
-    )
-    run.add_argument(
-        "--max-steps", type=int, default=None, help="stop after this many steps (tests, benchmarks)"
-    )
-    run.add_argument(
-        "--time-budget", type=float, default=None, help="stop cleanly (and save) after this many seconds"
-    )
-    run.add_argument("--log-every", type=int, default=10, help="TensorBoard scalars every N steps")
-    run.add_argument(
-        "--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="write out/tb"
-    )
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
-    run.add_argument(
-        "--device-data-max-mb",
-        type=int,
-        default=4096,
-        help="keep the data set on the GPU when at most this big",
-    )
-
-    knn = parser.add_argument_group("kNN monitor (weighted kNN, Wu et al. 2018)")
-    knn.add_argument(
-        "--knn-data",
-        default="auto",
-        help="query set; auto: fashion-mnist:test for fashion-mnist, else a held-out 10%% of the folder",
-    )
-    knn.add_argument("--knn-every", type=int, default=1, help="every E epochs (0: off)")
-    knn.add_argument("--knn-subset", type=int, default=None, help="at most N memory and N query images")
-    knn.add_argument("--knn-k", type=int, default=200, help="neighbours (paper: 200)")
-    knn.add_argument("--knn-tau", type=float, default=0.07, help="vote temperature (paper: 0.07)")
+    def run(self, config: RunConfig, options: Any) -> int: ...
 
 
 def build_parser(
-    method_name: str,
+    method: type[Method],
     prog: str,
     description: str,
-    paper_defaults: dict[str, Any] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    mode: RunMode | None = None,
 ) -> argparse.ArgumentParser:
-    from training.methods import add_method_arguments
-
-    parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser = OneLineParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     if extra:
         extra(parser)
-    add_engine_arguments(parser)
-    add_refresh_arguments(parser)
-    add_method_arguments(parser, method_name)  # backbone flags, the paper's hyper-parameters and defaults
-    parser.set_defaults(**(paper_defaults or {}))
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="a TOML file of settings (keys: the flag names, e.g. lr = 0.3); flags given too override it",
+    )
+    paper, small = method.paper_values(), method.small_image_defaults
+    add_settings(parser, RunConfig, paper, small)
+    if mode is not None:
+        mode.add_arguments(parser)
+    add_settings(
+        parser, method.Params, paper, small, title=f"{method.name} (paper defaults)", description=method.notes
+    )
     return parser
 
 
-def resolve_catalogue_defaults(args: argparse.Namespace) -> None:
-    """Catalogue mode: data from the service's database, outputs under DATA_DIR/refresh/<method>,
-    and the crop size of the model currently serving (so a refresh keeps the catalogue's scale)."""
-    from service.settings import Settings
-    from training.refresh import current_input_size
+def parse_config(
+    method_name: str,
+    argv: list[str] | None,
+    prog: str = "train",
+    description: str = "",
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    mode: RunMode | None = None,
+) -> tuple[RunConfig, Any]:
+    """(the run's config, the mode's options or None); usage errors exit 2 with one line."""
+    method = method_class(method_name)
+    parser = build_parser(method, prog, description, extra, mode)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if k != "version"}
+    try:
+        return build_config(method, given, mode)
+    except (ConfigError, DataError) as exc:
+        parser.error(str(exc))
 
-    settings = Settings()
-    args.catalogue = True
-    if args.data is None or not args.data.startswith("catalogue"):
-        args.data = "catalogue"
-    if args.out is None:
-        args.out = settings.DATA_DIR / "refresh" / args.method
-    if args.crop_size is None:
-        args.crop_size = current_input_size(settings.index_dir) or 224
 
-
-def resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Fill the data-dependent defaults and reject incompatible flags (usage errors, exit 2)."""
-    if args.data is None or args.catalogue or args.data.startswith("catalogue"):
-        resolve_catalogue_defaults(args)
-    if args.crop_size is None:
-        args.crop_size = 28 if args.data.startswith("fashion-mnist") else 224
-    if args.out is None:
-        args.out = Path("runs") / args.method
-    if args.augmentation is None:
-        parser.error("--augmentation is required (this method sets no default)")
-    for name in ("epochs", "batch_size", "crop_size", "log_every"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.max_steps is not None and args.max_steps <= 0:
-        parser.error("--max-steps must be positive")
-    if args.time_budget is not None and args.time_budget <= 0:
-        parser.error("--time-budget must be positive")
-    if args.subset is not None and args.subset <= 0:
-        parser.error("--subset must be positive")
-    if args.lr_schedule == "step" and not args.lr_steps:
-        parser.error("--lr-schedule step needs --lr-steps (epochs at which to decay)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size % world:
-        parser.error(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    splits = getattr(args, "num_splits", None)
-    if getattr(args, "shuffle_bn", False) and world == 1 and splits and args.batch_size % splits:
-        parser.error(
-            f"--batch-size {args.batch_size} does not divide into --num-splits {splits} (shuffling-BN splits)"
-        )
+def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | None) -> tuple[RunConfig, Any]:
+    """Layer the defaults under what was given (file, then flags) and build the config once."""
+    names = flag_names(RunConfig, method.Params, *([mode.options_type] if mode is not None else []))
+    from_file = read_config_file(given.pop("config"), names) if "config" in given else {}
+    explicit = [(FILE, from_file), (FLAG, given)]
+    merged = {**from_file, **given}
+    options = None
+    filled: dict[str, Any] = {}
+    native: int | None = None
+    if mode is not None:
+        option_names = {f.name for f in dataclasses.fields(mode.options_type)}
+        mode_given = {k: v for k, v in merged.items() if k in option_names}
+        explicit = [
+            (source, {k: v for k, v in values.items() if k not in option_names})
+            for source, values in explicit
+        ]
+        if mode.applies(merged):
+            _, option_values, _ = layered([(FLAG, mode_given)], RunConfig, mode.options_type)
+            options = mode.options_type(**option_values)
+            filled, native = mode.defaults(merged, method.name)
+    data = merged.get("data", filled.get("data"))
+    if not data:
+        raise ConfigError("--data is required (fashion-mnist | fashion-mnist:test | folder:PATH)")
+    if native is None:
+        native = native_image_size(data)
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        (DEFAULT, {"method": method.name, "out": Path("runs") / method.name}),
+        (PAPER, method.paper_values()),
+    ]
+    if native is not None and native <= SMALL_IMAGE_MAX_SIZE:
+        layers.append((DATA, {"crop_size": native}))
+        layers.append((SMALL_IMAGE, {"small_stem": True, **method.small_image_defaults}))
+    layers.append(("catalogue", filled))
+    layers += explicit
+    engine, params, sources = layered(layers, RunConfig, method.Params)
+    config = RunConfig(**engine, params=method.Params(**params), sources=tuple(sorted(sources.items())))
+    return config, options
 
 
 def train_main(
@@ -239,47 +156,39 @@ def train_main(
     argv: list[str] | None,
     prog: str,
     description: str,
-    paper_defaults: dict[str, Any] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    mode: RunMode | None = None,
 ) -> int:
-    """Parse, check and train; the return value is the process exit code."""
-    parser = build_parser(method_name, prog, description, paper_defaults, extra)
-    args = parser.parse_args(argv)
-    args.method = method_name
-    resolve_defaults(args, parser)
-    return run_guarded(lambda: train(args))
+    """Parse, check and train (or run `mode` when the command line asks for it); the return value
+    is the process exit code."""
+    config, options = parse_config(method_name, argv, prog, description, extra, mode)
+    if dist.is_main_process():
+        print(f"settings ([source] where not the engine's default):\n{config.describe()}", flush=True)
+    if options is not None:
+        return run_guarded(lambda: mode.run(config, options))
+    return run_guarded(lambda: train(config))
 
 
-def train(args: argparse.Namespace) -> int:
-    if args.catalogue:
-        from training.refresh import run_refresh
-
-        return run_refresh(args)
-    from training import distributed as dist
-    from training.checkpoint import resolve_resume
-
-    resolve_resume(args.resume, Path(args.out))  # a missing checkpoint fails before any data loads
-    device = dist.init_distributed(args.device)
-    trainer = build_trainer(args, device)
+def train(config: RunConfig) -> int:
+    resolve_resume(config.resume, config.out)  # a missing checkpoint fails before any data loads
+    device = dist.init_distributed(config.device)
+    trainer = build_trainer(config, device)
     summary = trainer.fit()
     if dist.is_main_process():
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}
-        print(f"done: {shown}; outputs in {args.out}")
+        print(f"done: {shown}; outputs in {config.out}")
     return 0
 
 
-def knn_sets(args: argparse.Namespace, train_set: ImageDataset) -> tuple[ImageDataset, KnnMonitor | None]:
+def knn_sets(config: RunConfig, train_set: ImageDataset) -> tuple[ImageDataset, KnnMonitor | None]:
     """(data to train on, kNN monitor or None). See `--knn-data`."""
-    from training.data.datasets import DataError, load_dataset, split_held_out
-    from training.knn_monitor import KnnMonitor
-
-    if not args.knn_every:
+    if not config.knn_every:
         return train_set, None
-    if args.knn_data != "auto":
-        queries = load_dataset(args.knn_data, args.crop_size, in_channels=train_set.in_channels)
+    if config.knn_data != "auto":
+        queries = load_dataset(config.knn_data, config.crop_size, in_channels=train_set.in_channels)
         memory = train_set
-    elif args.data.startswith("fashion-mnist"):
-        queries, memory = load_dataset("fashion-mnist:test", args.crop_size), train_set
+    elif config.data.startswith("fashion-mnist"):
+        queries, memory = load_dataset("fashion-mnist:test", config.crop_size), train_set
     elif train_set.is_labelled:
         train_set, queries = split_held_out(train_set)
         memory = train_set
@@ -290,16 +199,14 @@ def knn_sets(args: argparse.Namespace, train_set: ImageDataset) -> tuple[ImageDa
     memory = memory.select(labelled.nonzero().squeeze(1), name=f"{memory.name}:labelled")
     if queries.class_names != memory.class_names:
         raise DataError(f"kNN query classes {queries.class_names} differ from the training classes")
-    if args.knn_subset:
-        memory, queries = memory.subset(args.knn_subset), queries.subset(args.knn_subset)
-    return train_set, KnnMonitor(memory, queries, k=args.knn_k, tau=args.knn_tau)
+    if config.knn_subset:
+        memory, queries = memory.subset(config.knn_subset), queries.subset(config.knn_subset)
+    return train_set, KnnMonitor(memory, queries, k=config.knn_k, tau=config.knn_tau)
 
 
 def normalisation(data: str, images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std: Fashion-MNIST's own, ImageNet's (the papers') for other RGB data,
     and measured on (up to 10k of) the images themselves for other greyscale data."""
-    from training.data.augment import NORMALISATION
-
     in_channels = images.shape[1]
     key = "fashion-mnist" if data.startswith("fashion-mnist") else "imagenet"
     mean, std = NORMALISATION[key]
@@ -309,23 +216,15 @@ def normalisation(data: str, images: torch.Tensor) -> tuple[list[float], list[fl
     return sample.mean(1).tolist(), sample.std(1).clamp_min(1e-3).tolist()
 
 
-def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
+def build_trainer(config: RunConfig, device: torch.device) -> Trainer:
     """Data, kNN monitor, method, augmentation and engine for the parsed command line."""
-    import torch
-
-    from training import distributed as dist
-    from training.data.augment import build_augmentation
-    from training.data.datasets import load_dataset
-    from training.engine import Trainer
-    from training.methods import build_method
-
-    torch.manual_seed(args.seed)  # model initialisation: identical on every rank
-    train_set = load_dataset(args.data, args.crop_size, args.subset, seed=args.seed, workers=args.workers)
-    train_set, knn = knn_sets(args, train_set)
-    args.in_channels = train_set.in_channels
-    args.num_samples = len(train_set)
-    mean, std = normalisation(args.data, train_set.images)
-    method = build_method(args.method, args, len(train_set), train_set.in_channels, args.crop_size)
-    augment = build_augmentation(args.augmentation, args.crop_size, train_set.in_channels, mean, std)
-    torch.manual_seed(args.seed + 1 + dist.get_rank())  # augmentation randomness: different per rank
-    return Trainer(args, method, augment, train_set, mean, std, method.encoder_spec(), knn, device)
+    torch.manual_seed(config.seed)  # model initialisation: identical on every rank
+    train_set = load_dataset(
+        config.data, config.crop_size, config.subset, seed=config.seed, workers=config.workers
+    )
+    train_set, knn = knn_sets(config, train_set)
+    mean, std = normalisation(config.data, train_set.images)
+    method = build_method(config, len(train_set), train_set.in_channels)
+    augment = build_augmentation(config.augmentation, config.crop_size, train_set.in_channels, mean, std)
+    torch.manual_seed(config.seed + 1 + dist.get_rank())  # augmentation randomness: different per rank
+    return Trainer(config, method, augment, train_set, mean, std, method.encoder_spec(), knn, device)

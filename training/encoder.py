@@ -28,13 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from index.encoder_file import ENCODER_FORMAT, EncoderError, read_encoder_record
 from training.data.images import load_uint8
+from training.models import build_embedding_network
+from training.precision import autocast_dtype
 
-ENCODER_FORMAT = "ssl-retrieval/encoder/v1"
-
-
-class EncoderError(ValueError):
-    """The encoder file is missing or unusable (message says why)."""
+# Reading the file is index's (the bottom layer); re-exported for training's and service's callers.
+__all__ = [
+    "ENCODER_FORMAT",
+    "Encoder",
+    "EncoderError",
+    "make_encoder_record",
+    "read_encoder_record",
+    "save_encoder",
+]
 
 
 def weights_version(method: str, state_dict: dict[str, torch.Tensor]) -> str:
@@ -87,29 +94,15 @@ def save_encoder(path: str | os.PathLike, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_encoder_record(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an encoder file, or the "encoder" entry of a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise EncoderError(f"encoder checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise EncoderError(f"{path} is not a readable checkpoint: {exc}") from exc
-    record = data.get("encoder", data) if isinstance(data, dict) else None
-    if not isinstance(record, dict) or record.get("format") != ENCODER_FORMAT:
-        raise EncoderError(f"{path} holds no encoder in format {ENCODER_FORMAT}")
-    return record
-
-
 class Encoder:
     """Inference wrapper: images in, L2-normalised float32 embeddings out."""
 
-    def __init__(self, record: dict[str, Any], device: str | torch.device = "cpu") -> None:
-        from training.models import build_embedding_network
-
+    def __init__(self, record: dict[str, Any], device: str | torch.device = "cpu", amp: str = "none") -> None:
+        """`amp`: "none" (fp32, what the service uses), "bf16", or "auto" (bf16 where the device
+        computes it natively, training/precision.py): the fast path of training.embed/evaluate."""
         self.record = record
         self.device = torch.device(device)
+        self.amp_dtype = autocast_dtype(amp, self.device)
         self.network = build_embedding_network(record["network"])
         self.network.load_state_dict(record["state_dict"])
         self.network.to(self.device).eval()
@@ -124,8 +117,8 @@ class Encoder:
         self._std = torch.tensor(record["std"], device=self.device).view(shape)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
-        return cls(read_encoder_record(path), device)
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", amp: str = "none") -> Encoder:
+        return cls(read_encoder_record(path), device, amp)
 
     def prepare(self, source: bytes | str | os.PathLike, max_pixels: int | None = None) -> torch.Tensor:
         """Decode one image (bytes or path) into the uint8 CxSxS tensor `embed` takes."""
@@ -138,7 +131,9 @@ class Encoder:
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(self.device, non_blocking=True)
             batch = (batch.float() / 255.0 - self._mean) / self._std
-            out.append(F.normalize(self.network(batch).float(), dim=1).cpu())
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                features = self.network(batch)
+            out.append(F.normalize(features.float(), dim=1).cpu())
         if not out:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         return torch.cat(out).numpy()

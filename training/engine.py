@@ -5,22 +5,17 @@ DistributedSampler, drop_last) -> uint8 images on the device -> the method's aug
 call per view) -> `Method.forward(views, indices)` -> backward -> optional AGC -> optimiser
 step -> per-step lr schedule -> `method.on_step_end(progress)`.
 
-Learning rate: `--lr` is the base rate for a batch of 256; the rate used is
-lr * global_batch / 256 (the linear scaling rule of Goyal et al., used by MoCo, SimCLR and MoCo v3),
-linear warm-up over `--warmup-epochs`, then cosine decay to 0 per step (or MoCo v1's / InstDisc's
-x0.1 steps at `--lr-steps` epochs with `--lr-schedule step`).
+Around the loop, each in a module of its own: optimiser and lr schedule (training/schedule.py, with
+the schedule fitted to `--time-budget`), stopping on a signal or the budget (training/stopping.py),
+precision (training/precision.py) and the training plot (training/plotting.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import inspect
 import math
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,159 +26,30 @@ from tqdm import tqdm
 
 from training import distributed as dist
 from training.checkpoint import (
+    CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
+    TrainState,
     capture_rng_states,
+    check_resumable,
     load_checkpoint,
     resolve_resume,
     restore_rng_states,
     save_checkpoint,
     save_json,
 )
-from training.data.datasets import ImageDataset
+from training.config import RunConfig
+from training.data.datasets import ImageDataset, epoch_indices
 from training.encoder import make_encoder_record, save_encoder
+from training.errors import TrainingError
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method
-
-CHECKPOINT_FORMAT = "ssl-retrieval/checkpoint/v1"
-# Settings that must match for a resumed run to continue the same sample order and model.
-RESUME_MUST_MATCH = ("method", "data", "subset", "arch", "width", "crop_size", "batch_size", "seed")
+from training.optim.agc import adaptive_gradient_clip_
+from training.plotting import plot_history
+from training.precision import autocast_dtype, resolve_amp
+from training.schedule import StepSchedule, build_optimizer, scaled_lr
+from training.stopping import StopRequested, TimeBudget
 
 Augmentation = Callable[[torch.Tensor, int], torch.Tensor]
-LARS_EXCLUDE = "exclude_from_wd_and_lars"  # LARS's group flag: no weight decay, no trust ratio
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (the message says why)."""
-
-
-# --- optimiser and schedule ----------------------------------------------------------------------
-
-
-def is_norm_or_bias(name: str, param: torch.Tensor) -> bool:
-    """BN/LN scales and shifts and all biases: the 1-d parameters (SimCLR / MoCo v3 exclude them)."""
-    return param.ndim <= 1 or name.endswith(".bias")
-
-
-def parameter_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool) -> list[dict[str, Any]]:
-    """Trainable parameters; with `exclude_norm_bias`, a second group without weight decay that LARS
-    also leaves unadapted (training/optim/lars.py's group flag)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if exclude_norm_bias and is_norm_or_bias(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, LARS_EXCLUDE: True})
-    return groups
-
-
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """Linear scaling rule: base_lr is the rate for a batch of 256."""
-    return base_lr * global_batch / 256
-
-
-def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    exclude = args.wd_exclude_norm_bias
-    if exclude == "auto":  # the papers: SimCLR (LARS) and MoCo v3 (LARS/AdamW) exclude; the SGD codes do not
-        exclude = "yes" if args.optimizer in ("lars", "adamw") else "no"
-    groups = parameter_groups(model, args.weight_decay, exclude == "yes")
-    if args.optimizer == "sgd":
-        for group in groups:
-            group.pop(LARS_EXCLUDE, None)
-        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    if args.optimizer == "adamw":
-        for group in groups:
-            group.pop(LARS_EXCLUDE, None)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
-    if args.optimizer == "lars":
-        from training.optim.lars import LARS
-
-        return LARS(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    raise TrainingError(f"unknown optimizer {args.optimizer!r}")
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, decay_at: list[int]) -> float:
-    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine to 0 or x0.1 steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "step":
-        return 0.1 ** sum(step >= boundary for boundary in decay_at)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# --- data sampling -------------------------------------------------------------------------------
-
-
-def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int, world: int, batch: int) -> torch.Tensor:
-    """This rank's indices for an epoch as steps x batch (DistributedSampler order, drop_last).
-
-    The permutation depends only on (seed, epoch), so a resumed run sees the same order.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_samples, generator=generator)
-    per_rank = num_samples // world
-    steps = per_rank // batch
-    return order[rank : per_rank * world : world][: steps * batch].view(steps, batch)
-
-
-# --- the trainer ---------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # the epoch in progress (or the next one, when step_in_epoch == 0)
-    step_in_epoch: int = 0  # steps of `epoch` already done
-    global_step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every --log-every
-
-
-TIME_BUDGET = "the time budget"
-
-
-class StopRequested:
-    """SIGTERM/SIGINT (or the end of `--time-budget`) set a reason; the loop finishes the step,
-    saves and exits cleanly. Under torchrun the ranks agree, so all stop after the same step."""
-
-    def __init__(self, time_budget_s: float | None = None) -> None:
-        self.reason: str | None = None
-        self._deadline = time.monotonic() + time_budget_s if time_budget_s else None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequested:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: no handler, no clean stop
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.reason = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        if self.reason is None and self._deadline is not None and time.monotonic() > self._deadline:
-            self.reason = TIME_BUDGET
-        # 0 = go on, 1 = the time budget, 2 = a signal: all ranks take the maximum, so they agree on
-        # whether to stop and on why (a signal anywhere outranks a budget).
-        code = 0 if self.reason is None else 1 if self.reason == TIME_BUDGET else 2
-        if dist.is_distributed():
-            value = torch.tensor([code])
-            torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-            agreed = int(value.item())
-            if agreed != code:
-                self.reason = TIME_BUDGET if agreed == 1 else "a signal on another rank"
-            code = agreed
-        return code > 0
-
-    @property
-    def stopped_by(self) -> str:
-        """The summary's `stopped_by`: "time_budget" (the run is complete as asked) or "signal"."""
-        return "time_budget" if self.reason == TIME_BUDGET else "signal"
 
 
 class Trainer:
@@ -191,7 +57,7 @@ class Trainer:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        config: RunConfig,
         method: Method,
         augment: Augmentation,
         dataset: ImageDataset,
@@ -201,32 +67,31 @@ class Trainer:
         knn: KnnMonitor | None = None,
         device: torch.device | None = None,
     ) -> None:
-        self.args = args
+        self.config = config
         self.device = device or torch.device("cpu")
         self.dataset = dataset
         self.augment = augment
         self.mean, self.std = list(mean), list(std)
         self.encoder_spec = encoder_spec
         self.knn = knn
-        self.out = Path(args.out)
+        self.out = Path(config.out)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if args.batch_size % self.world:
-            raise TrainingError(f"--batch-size {args.batch_size} is not divisible by {self.world} processes")
-        self.local_batch = args.batch_size // self.world
+        self.local_batch = config.batch_size // self.world  # divisible: RunConfig checked it
         self.steps_per_epoch = len(dataset) // self.world // self.local_batch
         if self.steps_per_epoch == 0:
             raise TrainingError(
-                f"{len(dataset)} images make no full batch of {args.batch_size}; lower --batch-size"
+                f"{len(dataset)} images make no full batch of {config.batch_size}; lower --batch-size"
             )
-        self.total_steps = self.steps_per_epoch * args.epochs
-        if args.amp == "fp16" and self.device.type != "cuda":
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.amp == "fp16" and self.device.type != "cuda":
             raise TrainingError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        self.amp_dtype = autocast_dtype(config.amp, self.device)
+        self.channels_last = config.channels_last and config.is_convolutional
 
-        if getattr(method, "sync_batch_norm", False) and dist.is_distributed():
+        if method.sync_batch_norm and dist.is_distributed():
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method.to(self.device)
-        if args.channels_last:
+        if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.model: nn.Module = self.method
         if dist.is_distributed():
@@ -234,23 +99,23 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.method, device_ids=ids, **self._buffer_sync()
             )
-        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.forward = torch.compile(self.model) if config.compile else self.model
 
-        self.peak_lr = scaled_lr(args.lr, args.batch_size)
-        self.optimizer = build_optimizer(args, self.method, self.peak_lr)
-        warmup = round(args.warmup_epochs * self.steps_per_epoch)
-        decay_at = [round(e * self.steps_per_epoch) for e in args.lr_steps]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(step, self.total_steps, warmup, args.lr_schedule, decay_at),
-        )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+        self.peak_lr = scaled_lr(config.lr, config.batch_size)
+        self.optimizer = build_optimizer(config, self.method, self.peak_lr)
+        warmup = round(config.warmup_epochs * self.steps_per_epoch)
+        decay_at = [round(e * self.steps_per_epoch) for e in config.lr_steps]
+        self.schedule = StepSchedule(self.total_steps, warmup, config.lr_schedule, decay_at)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule.factor)
+        self.budget: TimeBudget | None = None
+        self._steps_this_process = 0
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
         self.agc_skip = self._agc_skip()
         self.state = TrainState()
         self._saved_at_step = -1
         # Keep a small data set on the device: sampling is then a gather, with no host copy per step.
         self.images = dataset.images
-        if self.device.type == "cuda" and dataset.images.numel() <= args.device_data_max_mb * 2**20:
+        if self.device.type == "cuda" and dataset.images.numel() <= config.device_data_max_mb * 2**20:
             self.images = dataset.images.to(self.device)
         self.log = self._make_logger()
 
@@ -270,12 +135,12 @@ class Trainer:
     def _buffer_sync(self) -> dict[str, bool]:
         """DDP's per-forward buffer broadcast from rank 0, as the method asks (InstDisc's bank: off).
         Newer torch renames the flag; both still sync buffers once at construction."""
-        sync = bool(getattr(self.method, "ddp_broadcast_buffers", True))
+        sync = bool(self.method.ddp_broadcast_buffers)
         parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
         return {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": sync}
 
     def _make_logger(self):
-        if not dist.is_main_process() or not self.args.tensorboard:
+        if not dist.is_main_process() or not self.config.tensorboard:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
@@ -285,16 +150,7 @@ class Trainer:
         return self.method.embedding_network()
 
     def embed_dim(self) -> int:
-        if hasattr(self.method, "embed_dim"):
-            return int(self.method.embed_dim())
-        network = self.embedding_network()
-        was_training = network.training
-        network.eval()
-        with torch.no_grad():
-            probe = torch.zeros(2, self.dataset.in_channels, self.args.crop_size, self.args.crop_size)
-            dim = network(probe.to(self.device)).shape[1]
-        network.train(was_training)
-        return int(dim)
+        return int(self.method.embed_dim())
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -304,7 +160,7 @@ class Trainer:
             network_spec=self.encoder_spec,
             network=self.embedding_network(),
             embed_dim=self.embed_dim(),
-            input_size=self.args.crop_size,
+            input_size=self.config.crop_size,
             in_channels=self.dataset.in_channels,
             mean=self.mean,
             std=self.std,
@@ -314,7 +170,7 @@ class Trainer:
     def summary_metrics(self) -> dict[str, Any]:
         last = self.state.history[-1] if self.state.history else {}
         metrics = {k: v for k, v in last.items() if k.startswith("knn/") or k == "loss"}
-        metrics.update(epochs=self.state.epoch, steps=self.state.global_step, data=self.args.data)
+        metrics.update(epochs=self.state.epoch, steps=self.state.global_step, data=self.config.data)
         return metrics
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -329,6 +185,7 @@ class Trainer:
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": all_rng,
             "epoch": self.state.epoch,
@@ -336,7 +193,7 @@ class Trainer:
             "global_step": self.state.global_step,
             "history": self.state.history,
             "loss_curve": self.state.loss_curve,
-            "config": config_dict(self.args),
+            "config": self.config.to_dict(),
             "world_size": self.world,
             "encoder": self.encoder_record(self.summary_metrics()),
         }
@@ -355,29 +212,14 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         saved = load_checkpoint(path)
-        config = saved.get("config", {})
-        for key in RESUME_MUST_MATCH:
-            if key in config and config[key] != getattr(self.args, key, None):
-                raise TrainingError(
-                    f"--resume: {path} was trained with {key}={config[key]!r}, this run has "
-                    f"{getattr(self.args, key, None)!r}"
-                )
-        if saved.get("world_size", 1) != self.world:
-            raise TrainingError(
-                f"--resume: {path} was written by {saved.get('world_size')} processes, not {self.world}"
-            )
+        check_resumable(saved, path, self.config.to_dict(), self.world)
         self.method.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        self.schedule.load_state_dict(saved.get("schedule", {}))
         self.scaler.load_state_dict(saved["scaler"])
         restore_rng_states(saved["rng"][self.rank])
-        self.state = TrainState(
-            saved["epoch"],
-            saved["step_in_epoch"],
-            saved["global_step"],
-            list(saved.get("history", [])),
-            [tuple(point) for point in saved.get("loss_curve", [])],
-        )
+        self.state = TrainState.from_checkpoint(saved)
         self.print(f"resumed from {path} at epoch {self.state.epoch} step {self.state.step_in_epoch}")
 
     # -- the loop -------------------------------------------------------------------------------
@@ -389,44 +231,47 @@ class Trainer:
     def train_step(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = self.images[indices.to(self.images.device)].to(self.device, non_blocking=True)  # BxCxSxS
         views = [self.augment(batch, v) for v in range(self.method.num_views)]  # float BxCxSxS each
-        if self.args.channels_last:
+        if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             output = self.forward(views, indices.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(output.loss).backward()
-        if self.args.agc_clip:
-            from training.optim.agc import adaptive_gradient_clip_
-
+        if self.config.agc_clip:
             self.scaler.unscale_(self.optimizer)
-            adaptive_gradient_clip_(self.method, self.args.agc_clip, skip=self.agc_skip)
+            adaptive_gradient_clip_(self.method, self.config.agc_clip, skip=self.agc_skip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.state.global_step += 1
-        self.method.on_step_end(min(1.0, self.state.global_step / self.total_steps))
+        self.method.on_step_end(self.schedule.progress(self.state.global_step))
         return output.loss.detach(), output.metrics
 
     def fit(self) -> dict[str, Any]:
         """Train; returns the summary metrics. Saves at every epoch end, on stop and at the end."""
-        args = self.args
-        resume_path = resolve_resume(args.resume, self.out)
+        config = self.config
+        resume_path = resolve_resume(config.resume, self.out)
         if resume_path is not None:
             self.resume(resume_path)
         self.method.train()
-        max_steps = min(args.max_steps or self.total_steps, self.total_steps)
+        max_steps = min(config.max_steps or self.total_steps, self.total_steps)
         bar = tqdm(
-            total=max_steps * args.batch_size,
-            initial=self.state.global_step * args.batch_size,
+            total=max_steps * config.batch_size,
+            initial=self.state.global_step * config.batch_size,
             unit="img",
             unit_scale=True,
             desc=self.method.name,
-            disable=not dist.is_main_process() or not args.progress,
+            disable=not dist.is_main_process() or not config.progress,
             dynamic_ncols=True,
         )
         stopped_by: str | None = None
-        with StopRequested(args.time_budget) as stop:
-            while self.state.epoch < args.epochs and self.state.global_step < max_steps:
+        self.print(
+            f"precision: {resolve_amp(config.amp, self.device)} (--amp {config.amp}), "
+            f"channels_last: {self.channels_last}, device: {self.device}"
+        )
+        self.budget = TimeBudget(config.time_budget) if config.time_budget else None
+        with StopRequested(config.time_budget) as stop:
+            while self.state.epoch < config.epochs and self.state.global_step < max_steps:
                 stopped_by = self._run_epoch(bar, stop, max_steps)
                 if stopped_by:
                     break
@@ -445,9 +290,9 @@ class Trainer:
         return self.summary_metrics() | {"stopped_by": stopped_by}
 
     def _run_epoch(self, bar: tqdm, stop: StopRequested, max_steps: int) -> str | None:
-        args, state = self.args, self.state
+        config, state = self.config, self.state
         batches = epoch_indices(
-            len(self.dataset), state.epoch, args.seed, self.rank, self.world, self.local_batch
+            len(self.dataset), state.epoch, config.seed, self.rank, self.world, self.local_batch
         )
         loss_sum = torch.zeros((), device=self.device)
         steps_done = 0
@@ -457,9 +302,10 @@ class Trainer:
             loss_sum += loss
             steps_done += 1
             state.step_in_epoch = step + 1
-            bar.update(args.batch_size)
-            if state.global_step % args.log_every == 0 or state.global_step == max_steps:
+            bar.update(config.batch_size)
+            if state.global_step % config.log_every == 0 or state.global_step == max_steps:
                 self._log_step(loss, metrics, started, images_at_start)
+            self._follow_budget(stop)
             if state.step_in_epoch == self.steps_per_epoch:
                 break  # the epoch's end: record and save below before stopping for any reason
             if state.global_step >= max_steps:
@@ -473,11 +319,15 @@ class Trainer:
             "step": state.global_step,
             "loss": float(loss_sum) / max(steps_done, 1),
             "lr": self.scheduler.get_last_lr()[0],
-            "images_per_s": steps_done * args.batch_size / max(elapsed, 1e-9),
+            "images_per_s": steps_done * config.batch_size / max(elapsed, 1e-9),
         }
         state.epoch += 1
         state.step_in_epoch = 0
-        if self.knn and args.knn_every and (state.epoch % args.knn_every == 0 or state.epoch == args.epochs):
+        if (
+            self.knn
+            and config.knn_every
+            and (state.epoch % config.knn_every == 0 or state.epoch == config.epochs)
+        ):
             row.update(
                 self.knn.evaluate(self.embedding_network(), self.mean, self.std, self.device, self.amp_dtype)
             )
@@ -489,11 +339,30 @@ class Trainer:
         knn_text = (
             f" kNN top-1 {row['knn/top1']:.2f}% top-5 {row['knn/top5']:.2f}%" if "knn/top1" in row else ""
         )
-        self.print(f"epoch {state.epoch}/{args.epochs} loss {row['loss']:.4f}{knn_text}")
+        self.print(f"epoch {state.epoch}/{config.epochs} loss {row['loss']:.4f}{knn_text}")
         self.save()
         if state.global_step >= max_steps and state.global_step < self.total_steps:
             return "max_steps"
         return stop.stopped_by if stop.requested() else None
+
+    def _follow_budget(self, stop: StopRequested) -> None:
+        """With --time-budget: refit the schedule's total steps to the measured rate, and end the
+        run (as the budget's end) when the fitted schedule is done, i.e. annealed."""
+        if self.budget is None:
+            return
+        self._steps_this_process += 1
+        seconds_per_step = self.budget.step_done(self._steps_this_process)
+        if seconds_per_step is not None:
+            before = self.schedule.total
+            total = self.schedule.refit(self.state.global_step, seconds_per_step, self.budget.seconds_left())
+            if before == self.schedule.planned and total != before:
+                self.print(
+                    f"--time-budget {self.config.time_budget:g}s at {1 / seconds_per_step:.2f} steps/s: "
+                    f"schedule fitted to ~{total} steps (warm-up {self.schedule.warmup_steps}), "
+                    f"not {self.schedule.planned}"
+                )
+        if self.state.global_step >= self.schedule.total:
+            stop.budget_spent = True
 
     def _log_step(self, loss: torch.Tensor, metrics: dict[str, Any], started: float, first_step: int) -> None:
         value = float(loss)
@@ -505,39 +374,9 @@ class Trainer:
         self.state.loss_curve.append((step, value))
         if not self.log:
             return
-        rate = (step - first_step) * self.args.batch_size / max(time.perf_counter() - started, 1e-9)
+        rate = (step - first_step) * self.config.batch_size / max(time.perf_counter() - started, 1e-9)
         self.log.add_scalar("train/loss", value, step)
         self.log.add_scalar("train/lr", self.scheduler.get_last_lr()[0], step)
         self.log.add_scalar("train/images_per_s", rate, step)
         for key, metric in metrics.items():
             self.log.add_scalar(f"train/{key}", float(metric), step)
-
-
-def config_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's settings as JSON-able values (for the checkpoint and metrics.json)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def plot_history(state: TrainState, steps_per_epoch: int, path: Path) -> None:
-    """The loss every --log-every steps, its per-epoch mean and the kNN top-1 per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, loss_axis = plt.subplots(figsize=(7, 4))
-    if state.loss_curve:
-        steps, losses = zip(*state.loss_curve, strict=True)
-        loss_axis.plot([s / steps_per_epoch for s in steps], losses, "-", color="tab:blue", alpha=0.5)
-    epochs = [row["epoch"] for row in state.history]
-    loss_axis.plot(epochs, [row["loss"] for row in state.history], "o-", color="tab:blue", label="epoch mean")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("training loss", color="tab:blue")
-    knn = [(row["epoch"], row["knn/top1"]) for row in state.history if "knn/top1" in row]
-    if knn:
-        knn_axis = loss_axis.twinx()
-        knn_axis.plot(*zip(*knn, strict=True), "s-", color="tab:orange")
-        knn_axis.set_ylabel("kNN top-1 (%)", color="tab:orange")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from index.vote import DEFAULT_K, DEFAULT_TAU
 from training import distributed as dist
-from training.cli import OneLineParser, run_guarded
+from training.commands import OneLineParser, run_guarded
 from training.data.datasets import ImageDataset, load_dataset, split_held_out
 from training.embed import embed_in_shards
+from training.encoder import Encoder
 from training.knn_monitor import knn_accuracy
 
 
@@ -46,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--linear-epochs", type=int, default=30, help="linear probe epochs (default: 30)")
     parser.add_argument("--batch-size", type=int, default=256, help="embedding batch (default: 256)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16"],
+        help="inference precision; auto: bf16 where the device computes it natively (the vectors agree "
+        "with fp32 to a cosine of 0.999; tests/training/test_embed.py), fp32 elsewhere",
+    )
     parser.add_argument(
         "--json", type=Path, default=None, help="results file; default: next to the checkpoint"
     )
@@ -110,10 +118,8 @@ def linear_probe(
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.encoder import Encoder
-
     device = dist.init_distributed(args.device)
-    encoder = Encoder.load(args.checkpoint, device)
+    encoder = Encoder.load(args.checkpoint, device, args.amp)
     memory, queries = memory_and_queries(args, encoder.input_size, encoder.in_channels)
     started = time.perf_counter()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from service.refresh.mode import CATALOGUE_MODE  # the one upward edge: catalogue mode is on top
 from training.cli import train_main
 
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         prog="python -m training.instdisc",
         description=__doc__,
-        paper_defaults={"lr_schedule": "step", "lr_steps": [120, 160]},
+        mode=CATALOGUE_MODE,
     )
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.cli import OneLineParser, train_main
+from service.refresh.mode import CATALOGUE_MODE  # the one upward edge: catalogue mode is on top
+from training.cli import train_main
+from training.commands import OneLineParser
 
-VERSIONS = {1: "moco-v1", 2: "moco-v2", 3: "moco-v3"}
-# Defaults of the paper's schedule that are the engine's (the method sets optimiser, lr, ...).
-SCHEDULES = {1: {"lr_schedule": "step", "lr_steps": [120, 160]}, 2: {}, 3: {}}
+VERSIONS = {1: "moco-v1", 2: "moco-v2", 3: "moco-v3"}  # each paper's recipe: its class in training/methods
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         prog=f"python -m training.moco --version {known.version}",
         description=__doc__,
-        paper_defaults=SCHEDULES[known.version],
         extra=lambda parser: add_version_argument(parser, known.version),
+        mode=CATALOGUE_MODE,
     )
 
 

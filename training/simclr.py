@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import sys
 
+from service.refresh.mode import CATALOGUE_MODE  # the one upward edge: catalogue mode is on top
 from training.cli import train_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return train_main("simclr", argv, prog="python -m training.simclr", description=__doc__)
+    return train_main(
+        "simclr", argv, prog="python -m training.simclr", description=__doc__, mode=CATALOGUE_MODE
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from index.store import CRASH_ENV as INDEX_CRASH_ENV
-from training.refresh import CRASH_ENV as REFRESH_CRASH_ENV
+from service.refresh.stages import CRASH_ENV as REFRESH_CRASH_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CATALOGUE_SIZE = 300

@@ -22,10 +22,10 @@ from service_helpers import fashion_mnist, fashion_mnist_pngs, wait_until
 import training.data.catalogue as catalogue_module
 from index.search_index import SearchIndex
 from index.store import IndexStore
+from service.refresh.stages import CRASH_EXIT_CODE, held_out_accuracy, start_or_resume
 from training.data.datasets import ImageDataset, held_out_mask, load_dataset, split_held_out
 from training.data.images import load_uint8
 from training.encoder import Encoder, read_encoder_record
-from training.refresh import CRASH_EXIT_CODE, held_out_accuracy, start_or_resume
 
 # The guard's vote: tau as in Wu et al. 2018, but k = 20, not the paper's 200: on a 300-image catalogue
 # (~270 memory rows) k = 200 lets nearly every image vote and the guard sees class frequencies only.

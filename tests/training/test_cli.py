@@ -46,29 +46,52 @@ HELP_EXPECTATIONS = [
         moco.main,
         ["--version", "1"],
         [
-            "--lr LR base lr for a batch of 256; used: lr * batch-size / 256 (default: 0.03)",
-            "(default: step)",
-            "(default: [120, 160])",
-            "(paper: 0.07) (default: 0.07)",
-            "(default: instdisc)",
+            "--lr LR base lr for a batch of 256; used: lr * batch-size / 256 (default: 0.03, the paper's)",
+            "(default: step, the paper's)",
+            "(default: [120, 160], the paper's)",
+            "softmax temperature (default: 0.07, the paper's)",
+            "(default: instdisc, the paper's)",
         ],
     ),
     (
         moco.main,
         ["--version", "2"],
-        ["(default: 0.03)", "(default: cosine)", "(paper: 0.2)", "(default: mocov2)"],
+        [
+            "(default: 0.03, the paper's)",
+            "(default: cosine, the paper's)",
+            "temperature (default: 0.2, the paper's)",
+            "(default: mocov2, the paper's)",
+        ],
     ),
     (
         moco.main,
         ["--version", "3"],
-        ["optimiser (default: lars)", "(default: 0.6)", "warm-up before the schedule (default: 10)"],
+        [
+            "optimiser (default: lars, the paper's)",
+            "(default: 0.6, the paper's)",
+            "warm-up before the schedule (default: 10, the paper's; images <= 64 px: 0.05)",
+        ],
     ),
     (
         simclr.main,
         [],
-        ["optimiser (default: lars)", "(default: 0.3)", "(default: 1e-06)", "(default: simclr)"],
+        [
+            "optimiser (default: lars, the paper's)",
+            "(default: 0.3, the paper's)",
+            "(default: 1e-06, the paper's)",
+            "(default: simclr, the paper's)",
+        ],
     ),
-    (instdisc.main, [], ["(default: 0.0005)", "(default: [120, 160])", "(default: instdisc)", "--nce-k"]),
+    (
+        instdisc.main,
+        [],
+        [
+            "(default: 0.0005, the paper's)",
+            "(default: [120, 160], the paper's)",
+            "(default: instdisc, the paper's)",
+            "--nce-k",
+        ],
+    ),
 ]
 
 

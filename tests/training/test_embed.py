@@ -79,7 +79,7 @@ def test_embed_cli_writes_vectors_ids_labels_and_version(tmp_path):
     assert result.returncode == 0, result.stderr
     emb = load_embeddings(out)
     data = load_dataset("fashion-mnist:test", 28).subset(300)
-    encoder = Encoder.load(encoder_path)
+    encoder = Encoder.load(encoder_path, amp="auto")  # the command's default: bf16 where native
     assert emb.vectors.shape == (300, 32) and emb.model_version == encoder.version
     assert np.array_equal(emb.ids, data.ids.numpy()) and np.array_equal(emb.labels, data.labels.numpy())
     assert emb.class_names == data.class_names
@@ -143,7 +143,7 @@ def test_evaluate_cli_reports_the_weighted_knn_of_the_encoder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "weighted kNN (k=200, tau=0.07)" in result.stdout and "linear probe" in result.stdout
     report = json.loads(out.read_text())
-    encoder = Encoder.load(encoder_path)
+    encoder = Encoder.load(encoder_path, amp="auto")  # the command's default: bf16 where native
     memory = load_dataset("fashion-mnist", 28).subset(400)
     queries = load_dataset("fashion-mnist:test", 28).subset(400)
     expected = knn_accuracy(

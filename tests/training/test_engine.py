@@ -12,15 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.cli import OneLineParser, add_engine_arguments
-from training.data.datasets import load_dataset
+from training.cli import OneLineParser, build_trainer, parse_config
+from training.config import RunConfig
+from training.data.datasets import epoch_indices, load_dataset
 from training.encoder import Encoder
-from training.engine import LARS_EXCLUDE, Trainer, epoch_indices, lr_factor, parameter_groups, scaled_lr
+from training.engine import Trainer
+from training.flags import add_settings
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method, StepOutput
 from training.models import EmbeddingNetwork, build_backbone, network_spec
-from training.models.arguments import add_backbone_arguments
 from training.models.heads import LinearHead
+from training.schedule import LARS_EXCLUDE, StepSchedule, lr_factor, parameter_groups, scaled_lr
 
 BACKBONE = {"in_channels": 1, "small_stem": True, "width": 0.0625}
 
@@ -73,16 +75,14 @@ def tiny_augment(batch: torch.Tensor, view: int) -> torch.Tensor:
     return ((images * scale).clamp(0, 1) - 0.286) / 0.353
 
 
-def engine_args(out: Path, *extra: str):
+def engine_args(out: Path, *extra: str) -> RunConfig:
     parser = OneLineParser()
-    add_engine_arguments(parser)
-    add_backbone_arguments(parser)
-    args = parser.parse_args(
+    add_settings(parser, RunConfig)
+    given = parser.parse_args(
         ["--out", str(out), "--epochs", "2", "--batch-size", "32", "--crop-size", "28", "--lr", "0.5"]
         + ["--augmentation", "tiny", "--no-tensorboard", "--no-progress", "--arch", "resnet18", *extra]
     )
-    args.method, args.subset, args.width = "tiny", None, 0.0625
-    return args
+    return RunConfig(method="tiny", data="fashion-mnist", width=0.0625, **vars(given))
 
 
 @pytest.fixture(scope="module")
@@ -248,13 +248,10 @@ MIN_GAIN = 4.0
 
 
 def short_run(method: str, out: Path, seed: int = 0) -> tuple[float, float]:
-    from training.cli import build_parser, build_trainer, resolve_defaults
-
-    parser = build_parser(method, "test", "short run")
-    args = parser.parse_args([*SHORT_RUN, *SHORT_RUN_METHODS[method], "--seed", str(seed), "--out", str(out)])
-    args.method = method
-    resolve_defaults(args, parser)
-    trainer = build_trainer(args, torch.device("cpu"))
+    config, _ = parse_config(
+        method, [*SHORT_RUN, *SHORT_RUN_METHODS[method], "--seed", str(seed), "--out", str(out)]
+    )
+    trainer = build_trainer(config, torch.device("cpu"))
     before = trainer.knn.evaluate(trainer.embedding_network(), trainer.mean, trainer.std, trainer.device)
     after = trainer.fit()
     return before["knn/top1"], after["knn/top1"]
@@ -273,9 +270,6 @@ def test_short_real_run_beats_the_random_encoder(method, tmp_path):
 
 
 def method_trainer(method: str, out: Path, *extra: str) -> Trainer:
-    from training.cli import build_parser, build_trainer, resolve_defaults
-
-    parser = build_parser(method, "test", "resume")
     argv = ["--data", "fashion-mnist", "--subset", "96", "--batch-size", "32", "--epochs", "2"]
     argv += [
         "--arch",
@@ -287,10 +281,8 @@ def method_trainer(method: str, out: Path, *extra: str) -> Trainer:
         "--no-tensorboard",
         "--no-progress",
     ]
-    args = parser.parse_args([*argv, *extra, "--out", str(out)])
-    args.method = method
-    resolve_defaults(args, parser)
-    return build_trainer(args, torch.device("cpu"))
+    config, _ = parse_config(method, [*argv, *extra, "--out", str(out)])
+    return build_trainer(config, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -306,3 +298,51 @@ def test_real_methods_resume_exactly_with_queue_and_memory_bank(method, extra, t
     assert_same_state(straight.method, resumed.method)  # includes the queue / memory bank buffers
     buffers = dict(resumed.method.named_buffers())
     assert ("queue" in buffers) if method == "moco-v2" else any("bank" in name for name in buffers)
+
+
+def test_a_time_budget_refits_the_schedule_within_its_bounds():
+    schedule = StepSchedule(total_steps=1000, warmup_steps=100, kind="cosine", decay_at=[])
+    assert schedule.refit(steps_done=10, seconds_per_step=0.1, seconds_left=5.0) == 60
+    assert schedule.warmup_steps == 6  # warm-up keeps its 10% of the (fitted) run
+    assert schedule.factor(59) == pytest.approx(0.5 * (1 + math.cos(math.pi * 53 / 54)))
+    assert schedule.refit(steps_done=50, seconds_per_step=1.0, seconds_left=-2.0) == 50  # never below done
+    assert schedule.refit(steps_done=50, seconds_per_step=0.001, seconds_left=1e6) == 1000  # nor above plan
+    steps = StepSchedule(total_steps=200, warmup_steps=0, kind="step", decay_at=[120, 160])
+    steps.refit(steps_done=0, seconds_per_step=1.0, seconds_left=100.0)
+    assert [steps.factor(s) for s in (59, 60, 79, 80)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+def test_a_budgeted_run_ends_annealed_not_cut_mid_schedule(tmp_path, small_data):
+    data, _ = small_data
+    # 200 epochs of 3 steps planned, 10% warm-up; an 8-second budget affords a fraction of that.
+    trainer = make_trainer(
+        tmp_path, data, None, "--epochs", "200", "--warmup-epochs", "20", "--time-budget", "8"
+    )
+    lrs = []
+    step = trainer.train_step
+
+    def recording_step(indices):
+        result = step(indices)
+        lrs.append(trainer.scheduler.get_last_lr()[0])  # the lr the next step will use
+        return result
+
+    trainer.train_step = recording_step
+    summary = trainer.fit()
+    assert summary["stopped_by"] == "time_budget"
+    assert summary["steps"] < trainer.schedule.planned  # the budget shortened the run ...
+    assert max(lrs) >= 0.9 * trainer.peak_lr  # ... after a complete warm-up ...
+    assert lrs[-1] <= 0.1 * trainer.peak_lr  # ... and it ended at the end of its cosine
+    assert trainer.schedule.total - summary["steps"] <= 5  # the schedule's end is where it stopped
+
+
+def test_a_bf16_step_and_an_fp32_step_from_the_same_state_agree(tmp_path, small_data):
+    data, _ = small_data
+    losses = {}
+    for amp in ("none", "bf16"):
+        trainer = make_trainer(tmp_path / amp, data, None, "--amp", amp, seed=3)
+        torch.manual_seed(7)  # the same augmentation draws
+        loss, _ = trainer.train_step(torch.arange(32))
+        losses[amp] = float(loss)
+    # bf16 keeps 8 bits of mantissa: a loss of this size agrees to well within 2%.
+    assert losses["bf16"] == pytest.approx(losses["none"], rel=0.02)
+    assert losses["bf16"] != losses["none"]  # and it did run in bf16

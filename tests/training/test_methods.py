@@ -3,17 +3,20 @@ recomputed by hand from the same features."""
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from training.cli import build_parser, parse_config
+from training.config import ConfigError, RunConfig
 from training.encoder import Encoder, make_encoder_record, save_encoder
+from training.flags import flag_names
 from training.losses.nce import sample_noise_indices
-from training.methods import METHODS, add_method_arguments, build_method
+from training.methods import METHODS, build_method, method_class
 from training.methods.instdisc import InstDisc
 from training.methods.moco import MoCoV1, MoCoV2
 from training.methods.mocov3 import MoCoV3
@@ -35,11 +38,16 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() * b.double()).sum())
 
 
-def parse(name: str, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch-size", type=int)
-    add_method_arguments(parser, name)
-    return parser.parse_args(["--arch", "resnet18", "--width", "0.0625", *argv])
+def parse(name: str, argv: list[str], data: str = "fashion-mnist") -> RunConfig:
+    config, _ = parse_config(name, ["--data", data, "--arch", "resnet18", "--width", "0.0625", *argv])
+    return config
+
+
+def by_flag(config: RunConfig) -> dict:
+    """Every setting of the config keyed by its flag name (moco_t, proj_dim, lr, ...)."""
+    names = flag_names(RunConfig, type(config.params))
+    values = config.to_dict() | config.to_dict()["params"]
+    return {flag: values[name] for flag, name in names.items()}
 
 
 # ---------------------------------------------------------------- MoCo v1/v2
@@ -123,8 +131,17 @@ def test_moco_single_process_shuffle_keeps_keys_in_order():
 
 
 def test_moco_num_splits_must_divide_the_batch():
-    with pytest.raises(ValueError, match="--num-splits 8 must divide --batch-size 12"):
-        build_method("moco-v2", parse("moco-v2", ["--batch-size", "12"]), 100, 1, SIZE)
+    with pytest.raises(ConfigError, match="--batch-size 12 does not divide into --num-splits 8"):
+        RunConfig(
+            method="moco-v2",
+            data="fashion-mnist",
+            augmentation="mocov2",
+            batch_size=12,
+            params=MoCoV2.Params(),
+        )
+    with pytest.raises(SystemExit) as exit_info:  # on the command line: exit 2 (one line)
+        parse_config("moco-v2", ["--data", "fashion-mnist", "--batch-size", "12"])
+    assert exit_info.value.code == 2
 
 
 # ---------------------------------------------------------------- MoCo v3
@@ -281,7 +298,7 @@ def test_instdisc_nce_loss_equals_formula_with_fixed_normaliser():
 def test_every_method_trains_one_step_and_exports_its_encoder(name, tmp_path):
     torch.manual_seed(0)
     extra = {"instdisc": ["--nce-k", "16"], "moco-v1": ["--moco-k", "24"], "moco-v2": ["--moco-k", "24"]}
-    method = build_method(name, parse(name, ["--batch-size", "8", *extra.get(name, [])]), 40, 1, SIZE)
+    method = build_method(parse(name, ["--batch-size", "8", *extra.get(name, [])]), 40, 1)
     method.train()
     out = method(views(8, method.num_views), torch.arange(8))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
@@ -323,15 +340,14 @@ def test_every_method_trains_one_step_and_exports_its_encoder(name, tmp_path):
         ("simclr", {"optimizer": "lars", "lr": 0.3, "temperature": 0.5, "batch_size": 4096, "proj_dim": 128}),
     ],
 )
-def test_paper_defaults_and_help(name, expected):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch-size", type=int, default=1)
-    add_method_arguments(parser, name)
-    args = parser.parse_args([])
-    assert {key: getattr(args, key) for key in expected} == expected
-    assert "paper" in parser.format_help()
+def test_paper_defaults_and_help(name, expected, tmp_path):
+    for i in range(2):  # photos (>= 96 px): the papers' defaults, untouched by the small-image recipe
+        Image.new("RGB", (120, 100), (i * 90, 20, 40)).save(tmp_path / f"{i}.png")
+    config = parse(name, [], data=f"folder:{tmp_path}")
+    assert {key: by_flag(config)[key] for key in expected} == expected
+    assert "paper" in build_parser(method_class(name), "test", "").format_help()
 
 
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown method 'byol'"):
-        build_method("byol", argparse.Namespace(), 10)
+        method_class("byol")

@@ -1,4 +1,8 @@
-"""The catalogue in MongoDB as a training data set: `--data catalogue[:MONGO_URI]`.
+"""The catalogue in MongoDB as a training data set (`--data catalogue[:MONGO_URI]` in a refresh).
+
+Reading needs only a URI and a database name; which database the service uses (its settings, the
+embedded server) is the service's to say: `service/refresh/catalogue_source.py` registers the
+`catalogue` spec on top of `load_catalogue`, so the spec exists where the refresh runs.
 
 Records come from the service's `images` collection and their bytes from the GridFS bucket
 `content` (see service/catalogue.py). Each image is decoded once: the decoded uint8 tensors are
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from training.data.datasets import DataError, ImageDataset, register_source
+from training.data.datasets import DataError, ImageDataset
 from training.data.images import ImageDecodeError, load_uint8
 
 IMAGES = "images"
@@ -121,19 +125,3 @@ def load_catalogue(
         class_names=class_names,
         skipped=len(records) - len(kept),
     )
-
-
-@register_source("catalogue")
-def load_catalogue_spec(uri: str, crop_size: int) -> ImageDataset:
-    """`catalogue` uses the service's settings (MONGO_URI, or the embedded database under DATA_DIR);
-    `catalogue:mongodb://...` names a server directly."""
-    from service.connection import catalogue_connection
-    from service.embedded_db import EmbeddedDatabaseError
-
-    try:
-        with catalogue_connection(uri or None) as (resolved_uri, settings):
-            return load_catalogue(
-                resolved_uri, settings.MONGO_DB, crop_size, cache_dir=settings.DATA_DIR / "cache"
-            )
-    except EmbeddedDatabaseError as exc:  # one line and exit 1, not a traceback
-        raise DataError(f"cannot open the catalogue database: {exc}") from exc

@@ -4,6 +4,8 @@ Specs (a registry of prefixes; `register_source` adds more, e.g. the MongoDB cat
   fashion-mnist            the 60k training split (also `fashion-mnist:train`)
   fashion-mnist:test       the 10k test split
   folder:PATH              every image under PATH (recursive); labels from first-level sub-folders
+  catalogue[:MONGO_URI]    the service's catalogue; registered by service/refresh (the layer that
+                           knows the service's database), so it exists in a catalogue refresh
 
 Every data set is decoded once, resized to the crop size and kept as a uint8 NxCxSxS tensor,
 so the training loop samples batches by indexing and augments them on the device.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import importlib
 import inspect
 import os
 import warnings
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from training.data.images import IMAGE_SUFFIXES, ImageDecodeError, load_uint8, resize_center_crop
@@ -114,8 +116,6 @@ class ImageDataset:
 # A loader gets the text after the prefix (e.g. "test" or a path) and the crop size.
 Loader = Callable[[str, int], ImageDataset]
 SOURCES: dict[str, Loader] = {}
-# Sources in modules of their own (heavier imports), registered when first named.
-SOURCE_MODULES = {"catalogue": "training.data.catalogue"}
 
 
 def register_source(prefix: str) -> Callable[[Loader], Loader]:
@@ -140,8 +140,6 @@ def load_dataset(
     `in_channels` converts (RGB <-> grey) to what an encoder expects; `workers` decoding threads
     for the sources that decode files."""
     prefix, _, rest = spec.partition(":")
-    if prefix not in SOURCES and prefix in SOURCE_MODULES:
-        importlib.import_module(SOURCE_MODULES[prefix])  # its @register_source runs on import
     if prefix not in SOURCES:
         known = ", ".join(f"{p}[:...]" for p in sorted(SOURCES))
         raise DataError(f"unknown data spec {spec!r}; expected one of: {known}")
@@ -214,6 +212,9 @@ def _fashion_mnist_from(directory: Path, split: str) -> tuple[np.ndarray, np.nda
         ) from exc
 
 
+FASHION_MNIST_SIZE = 28  # native side of its images
+
+
 @register_source("fashion-mnist")
 def load_fashion_mnist(split: str, crop_size: int) -> ImageDataset:
     split = split or "train"
@@ -282,6 +283,45 @@ def load_folder(path_text: str, crop_size: int, workers: int = 4) -> ImageDatase
         class_names=class_names,
         skipped=skipped,
     )
+
+
+NATIVE_SIZE_SAMPLE = 32  # image headers read to tell a folder's native size
+
+
+def native_image_size(spec: str) -> int | None:
+    """The images' native side in pixels (the shorter side, median over a sample of headers), read
+    before decoding so the crop size and the small-image recipe can follow the data; None when a
+    source does not say (the catalogue: the refresh knows its serving model's size)."""
+    prefix, _, rest = spec.partition(":")
+    if prefix == "fashion-mnist":
+        return FASHION_MNIST_SIZE
+    if prefix != "folder":
+        return None
+    root = Path(rest).expanduser()
+    if not rest or not root.is_dir():
+        return None
+    sides = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as image:  # reads the header only
+                sides.append(min(image.size))
+        except (OSError, ValueError):
+            continue
+        if len(sides) == NATIVE_SIZE_SAMPLE:
+            break
+    return int(np.median(sides)) if sides else None
+
+
+def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int, world: int, batch: int) -> torch.Tensor:
+    """This rank's indices for an epoch as steps x batch (DistributedSampler order, drop_last).
+
+    The permutation depends only on (seed, epoch), so a resumed run sees the same order.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator)
+    per_rank = num_samples // world
+    steps = per_rank // batch
+    return order[rank : per_rank * world : world][: steps * batch].view(steps, batch)
 
 
 def held_out_mask(ids: np.ndarray, fraction: float = 0.1) -> np.ndarray:

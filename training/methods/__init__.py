@@ -1,28 +1,25 @@
 """One module per paper: each is a `Method` (its model wrapper and loss); the engine is shared.
 
-How an entry point uses this package:
+Each method class declares its paper's settings as data: `Params` (its own hyper-parameters, a
+frozen dataclass whose defaults are the paper's), `paper_defaults` (the engine settings the paper
+fixes: optimiser, lr, weight decay, batch, epochs, warm-up, schedule, augmentation) and
+`small_image_defaults` (the recipe for images <= 64 px). training/cli.py maps them to flags;
 
-    parser = argparse.ArgumentParser()
-    ... engine flags (--optimizer, --lr, --batch-size, --epochs, --augmentation, ...) ...
-    add_method_arguments(parser, "moco-v2")   # backbone flags + the method's, sets paper defaults
-    args = parser.parse_args()
-    method = build_method("moco-v2", args, num_samples=len(dataset),
-                          in_channels=dataset.in_channels, crop_size=args.crop_size)
-
-Add one method's arguments per parser: methods share flag names (--moco-t, ...) with
-different paper defaults.
+    config, _ = parse_config("moco-v2", ["--data", "fashion-mnist", "--arch", "resnet18"])
+    method = build_method(config, num_samples=len(dataset), in_channels=dataset.in_channels)
 """
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
+from training.config import RunConfig
 from training.methods.base import Method, StepOutput
 from training.methods.instdisc import InstDisc
 from training.methods.moco import MoCoV1, MoCoV2
 from training.methods.mocov3 import MoCoV3
 from training.methods.simclr import SimCLR
-from training.models.arguments import add_backbone_arguments, backbone_from_args
+from training.models.vit import PRESETS as VIT_PRESETS
 
 METHODS: dict[str, type[Method]] = {
     "instdisc": InstDisc,
@@ -32,7 +29,7 @@ METHODS: dict[str, type[Method]] = {
     "simclr": SimCLR,
 }
 
-__all__ = ["METHODS", "Method", "StepOutput", "add_method_arguments", "build_method"]
+__all__ = ["METHODS", "Method", "StepOutput", "build_method", "method_class"]
 
 
 def method_class(name: str) -> type[Method]:
@@ -41,24 +38,27 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def add_method_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """Backbone flags plus the method's hyper-parameters; `parser.set_defaults` with the paper's
-    optimiser, lr, weight decay, batch size, epochs, warm-up and augmentation."""
-    add_backbone_arguments(parser)
-    method_class(name).add_arguments(parser)
+def build_method(config: RunConfig, num_samples: int, in_channels: int) -> Method:
+    """The method `config.method` with the config's backbone and hyper-parameters."""
+    cls = method_class(config.method)
+    arch, backbone_kwargs = backbone_from_config(config, in_channels)
+    return cls.from_config(config.params, arch, backbone_kwargs, num_samples)
 
 
-def build_method(
-    name: str,
-    args: argparse.Namespace,
-    num_samples: int,
-    in_channels: int | None = None,
-    crop_size: int | None = None,
-) -> Method:
-    """The method `name` configured from parsed flags. in_channels/crop_size default to
-    args.in_channels / args.crop_size (3 / 224 when absent)."""
-    cls = method_class(name)
-    channels = in_channels if in_channels is not None else getattr(args, "in_channels", None) or 3
-    size = crop_size if crop_size is not None else getattr(args, "crop_size", None) or 224
-    arch, backbone_kwargs = backbone_from_args(args, channels, size)
-    return cls.from_args(args, arch, backbone_kwargs, num_samples)
+def backbone_from_config(config: RunConfig, in_channels: int) -> tuple[str, dict[str, Any]]:
+    """(arch, kwargs for `build_backbone`) from the config and the data's channels."""
+    if config.arch in VIT_PRESETS:
+        kwargs: dict[str, Any] = {
+            "in_channels": in_channels,
+            "image_size": config.crop_size,
+            "patch_size": config.patch_size,
+        }
+        for value, key in (
+            (config.vit_dim, "embed_dim"),
+            (config.vit_depth, "depth"),
+            (config.vit_heads, "num_heads"),
+        ):
+            if value is not None:
+                kwargs[key] = value
+        return config.arch, kwargs
+    return config.arch, {"in_channels": in_channels, "small_stem": config.small_stem, "width": config.width}

@@ -11,11 +11,15 @@ Buffers registered with `register_buffer` (queue, memory bank, queue pointer) tr
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from training.config import MethodParams
+from training.models import network_spec
 
 
 @dataclass
@@ -59,16 +63,27 @@ class Method(nn.Module):
     # Whether the engine should convert BN to SyncBatchNorm under DDP (SimCLR's global BN, MoCo v3).
     sync_batch_norm: bool = False
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add the method's hyper-parameters (help names the paper default) and set_defaults for
-        the paper's optimiser/lr/weight-decay/batch/epochs/warm-up/augmentation."""
+    # The paper, as data (training/cli.py maps it to flags and layers it under what is given):
+    # the method's own hyper-parameters, their defaults the paper's (constructor keyword names),
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    # the engine settings the paper fixes, and Params values a variant changes (MoCo v1 vs v2),
+    paper_defaults: ClassVar[dict[str, Any]] = {}
+    # and the recipe for small images (native side <= 64 px: MNIST, CIFAR), over the paper's.
+    small_image_defaults: ClassVar[dict[str, Any]] = {}
+    notes: ClassVar[str | None] = None  # shown in --help above the method's flags
 
     @classmethod
-    def from_args(
-        cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int
+    def paper_values(cls) -> dict[str, Any]:
+        """Every value the paper sets: Params defaults and paper_defaults."""
+        params = {f.name: f.default for f in dataclasses.fields(cls.Params)}
+        return params | dict(cls.paper_defaults)
+
+    @classmethod
+    def from_config(
+        cls, params: MethodParams, arch: str, backbone_kwargs: dict[str, Any], num_samples: int
     ) -> Method:
-        raise NotImplementedError
+        """The method with these hyper-parameters (Params fields are constructor keywords)."""
+        return cls(arch, backbone_kwargs, **dataclasses.asdict(params))
 
     # Methods built on training.models.EmbeddingNetwork get these two for free.
     # The backbone they were built with, for `encoder_spec`; set by subclasses.
@@ -81,8 +96,6 @@ class Method(nn.Module):
         The engine writes the encoder file with
         `make_encoder_record(m.name, m.encoder_spec(), m.embedding_network(), m.embed_dim(), ...)`.
         """
-        from training.models import network_spec
-
         head = getattr(self.embedding_network(), "head", None)
         return network_spec(self.arch, self.backbone_kwargs, head.spec if head is not None else None)
 

@@ -10,7 +10,8 @@ wd 5e-4, batch 256, 200 epochs, the crop/jitter/grayscale/flip augmentation.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from training.config import ConfigError, MethodParams, RunConfig, setting
 from training.distributed import all_reduce_mean, concat_all_gather, is_distributed
 from training.losses.nce import (
     estimate_normaliser,
@@ -37,9 +39,37 @@ from training.models.memory_bank import MemoryBank
 PAPER_PROXIMAL_WEIGHT = 50.0
 
 
+@dataclass(frozen=True)
+class InstDiscParams(MethodParams):
+    dim: int = setting(128, "feature dimension", flag="--low-dim")
+    nce_k: int = setting(
+        4096,
+        "NCE noise samples m; 0 = exact non-parametric softmax, preferred wherever the BxN logits fit: "
+        "NCE diverged on Fashion-MNIST (README); TensorBoard nce/noise_push_weight far above 1 is the sign",
+    )
+    temperature: float = setting(0.07, "temperature tau", flag="--nce-t")
+    memory_momentum: float = setting(0.5, "memory-bank momentum v <- norm(m v + (1-m) f)", flag="--nce-m")
+    proximal_weight: float = setting(
+        PAPER_PROXIMAL_WEIGHT,
+        "proximal term weight lambda (paper Fig. 3: 0/10/30/50; 0 disables)",
+        flag="--proximal-lambda",
+    )
+
+    def check(self, config: RunConfig) -> None:
+        if self.nce_k < 0:
+            raise ConfigError(f"--nce-k must be >= 0 (0 = exact softmax), got {self.nce_k}")
+
+
 class InstDisc(Method):
     name = "instdisc"
     num_views = 1
+    Params = InstDiscParams
+    # lemniscate.pytorch: SGD lr 0.03 per 256, wd 5e-4, batch 256, 200 epochs, x0.1 at 120 and 160.
+    paper_defaults = {
+        "optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "optimizer_momentum": 0.9, "batch_size": 256,
+        "epochs": 200, "warmup_epochs": 0.0, "lr_schedule": "step", "lr_steps": (120, 160),
+        "augmentation": "instdisc",
+    }  # fmt: skip
     # The bank is updated identically on every rank; broadcasting it from rank 0 at every
     # forward (DDP's broadcast_buffers) would move N x 128 floats per step for nothing.
     ddp_broadcast_buffers = False
@@ -132,52 +162,8 @@ class InstDisc(Method):
         return self.encoder
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("instdisc (paper defaults)")
-        group.add_argument("--low-dim", type=int, default=128, help="feature dimension (paper: 128)")
-        group.add_argument(
-            "--nce-k",
-            type=int,
-            default=4096,
-            help="NCE noise samples m (paper: 4096); 0 = exact non-parametric softmax, preferred "
-            "wherever the BxN logits fit: NCE diverged on Fashion-MNIST (README); "
-            "TensorBoard nce/noise_push_weight far above 1 is the sign",
-        )
-        group.add_argument("--nce-t", type=float, default=0.07, help="temperature tau (paper: 0.07)")
-        group.add_argument(
-            "--nce-m",
-            type=float,
-            default=0.5,
-            help="memory-bank momentum v <- norm(m v + (1-m) f) (paper: 0.5)",
-        )
-        group.add_argument(
-            "--proximal-lambda",
-            type=float,
-            default=PAPER_PROXIMAL_WEIGHT,
-            help="proximal term weight lambda (paper Fig. 3: 0/10/30/50; default 50; 0 disables)",
-        )
-        parser.set_defaults(
-            optimizer="sgd",
-            lr=0.03,
-            weight_decay=5e-4,
-            momentum=0.9,
-            batch_size=256,
-            epochs=200,
-            warmup_epochs=0,
-            augmentation="instdisc",
-        )
-
-    @classmethod
-    def from_args(
-        cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int
+    def from_config(
+        cls, params: MethodParams, arch: str, backbone_kwargs: dict[str, Any], num_samples: int
     ) -> InstDisc:
-        return cls(
-            arch,
-            backbone_kwargs,
-            num_samples=num_samples,
-            dim=args.low_dim,
-            nce_k=args.nce_k,
-            temperature=args.nce_t,
-            memory_momentum=args.nce_m,
-            proximal_weight=args.proximal_lambda,
-        )
+        """The bank holds one entry per training image: N comes from the data."""
+        return cls(arch, backbone_kwargs, num_samples=num_samples, **dataclasses.asdict(params))

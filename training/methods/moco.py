@@ -8,13 +8,14 @@ batch is shuffled with `_batch_shuffle_ddp`; on one process the encoders use Spl
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config import ConfigError, MethodParams, RunConfig, setting, world_size
 from training.distributed import concat_all_gather, get_world_size, is_distributed
 from training.losses.infonce import queue_infonce
 from training.methods.base import Method, StepOutput
@@ -29,15 +30,43 @@ from training.models import EmbeddingNetwork, build_backbone
 from training.models.heads import LinearHead, ProjectionHead
 
 
+@dataclass(frozen=True)
+class MoCoParams(MethodParams):
+    """MoCo's own hyper-parameters; defaults are v2's (v1's differ in `MoCoV1.paper_defaults`)."""
+
+    dim: int = setting(128, "key/query dimension", flag="--moco-dim")
+    queue_size: int = setting(65536, "queue size K", flag="--moco-k")
+    momentum: float = setting(0.999, "key-encoder momentum", flag="--moco-m")
+    temperature: float = setting(0.2, "softmax temperature", flag="--moco-t")
+    mlp: bool = setting(True, "2-layer MLP head (v2) instead of the linear head (v1)")
+    shuffle_bn: bool = setting(True, "shuffling BN: cross-rank shuffle, or SplitBatchNorm on one process")
+    num_splits: int = setting(
+        8, "SplitBatchNorm sub-batches on one process; must divide the batch (CIFAR demo: 8)"
+    )
+
+    def check(self, config: RunConfig) -> None:
+        if self.queue_size <= 0 or self.num_splits <= 0 or not 0 <= self.momentum <= 1:
+            raise ConfigError("--moco-k and --num-splits must be positive, --moco-m in [0, 1]")
+        if self.shuffle_bn and world_size() == 1 and config.batch_size % self.num_splits:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} does not divide into --num-splits {self.num_splits} "
+                "(SplitBatchNorm normalises equal sub-batches)"
+            )
+
+
 class MoCo(Method):
-    """Defaults here are MoCo v2's; `MoCoV1` overrides tau and the head."""
+    """MoCo's structure; the papers' values are MoCoV1's and MoCoV2's class data."""
 
     name = "moco"
     num_views = 2
-    default_temperature = 0.2
-    default_mlp = True
-    # paper recipes (both): SGD lr 0.03 per 256, momentum 0.9, wd 1e-4, batch 256, 200 epochs
-    default_augmentation = "mocov2"
+    Params = MoCoParams
+    # Both papers: SGD lr 0.03 per 256, momentum 0.9, wd 1e-4, batch 256, 200 epochs, no warm-up.
+    paper_defaults = {
+        "optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "optimizer_momentum": 0.9, "batch_size": 256,
+        "epochs": 200, "warmup_epochs": 0.0, "lr_schedule": "cosine", "augmentation": "mocov2",
+    }  # fmt: skip
+    # Small images (what bench/quality.sh ran on Fashion-MNIST): a 4096-key queue, a short warm-up.
+    small_image_defaults = {"batch_size": 256, "warmup_epochs": 0.05, "queue_size": 4096}
 
     def __init__(
         self,
@@ -46,8 +75,8 @@ class MoCo(Method):
         dim: int = 128,
         queue_size: int = 65536,
         momentum: float = 0.999,
-        temperature: float | None = None,
-        mlp: bool | None = None,
+        temperature: float | None = None,  # None: the paper's (v1 0.07, v2 0.2)
+        mlp: bool | None = None,  # None: the paper's (v1 linear, v2 MLP)
         shuffle_bn: bool = True,
         num_splits: int = 8,
     ) -> None:
@@ -55,13 +84,14 @@ class MoCo(Method):
         self.arch, self.backbone_kwargs = arch, dict(backbone_kwargs or {})
         self.queue_size = queue_size
         self.momentum = momentum
-        self.temperature = self.default_temperature if temperature is None else temperature
+        paper = self.paper_values()
+        self.temperature = paper["temperature"] if temperature is None else temperature
         self.shuffle_bn = shuffle_bn
         # One process: shuffling BN is emulated by SplitBatchNorm; several: real cross-rank shuffle.
         self.split_bn = shuffle_bn and get_world_size() == 1 and num_splits > 1
         norm_kwargs = {"norm": "split_bn", "num_splits": num_splits} if self.split_bn else {}
         backbone, feature_dim = build_backbone(arch, **self.backbone_kwargs, **norm_kwargs)
-        use_mlp = self.default_mlp if mlp is None else mlp
+        use_mlp = paper["mlp"] if mlp is None else mlp
         if use_mlp:  # v2: fc(feature_dim)-ReLU-fc(dim), no BN
             head: nn.Module = ProjectionHead(feature_dim, feature_dim, dim, num_layers=2, hidden_bn=False)
         else:  # v1: a linear 128-d embedding
@@ -114,78 +144,20 @@ class MoCo(Method):
         """The query backbone (pooled features): the representation MoCo transfers."""
         return EmbeddingNetwork(self.encoder_q.backbone)
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group(f"{cls.name} (paper defaults)")
-        group.add_argument("--moco-dim", type=int, default=128, help="key/query dimension (paper: 128)")
-        group.add_argument("--moco-k", type=int, default=65536, help="queue size K (paper: 65536)")
-        group.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum (paper: 0.999)")
-        group.add_argument(
-            "--moco-t",
-            type=float,
-            default=cls.default_temperature,
-            help=f"softmax temperature (paper: {cls.default_temperature})",
-        )
-        group.add_argument(
-            "--mlp",
-            action=argparse.BooleanOptionalAction,
-            default=cls.default_mlp,
-            help=f"2-layer MLP head (v2) instead of the linear head (v1) (default: {cls.default_mlp})",
-        )
-        group.add_argument(
-            "--shuffle-bn",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="shuffling BN: cross-rank shuffle, or SplitBatchNorm on one process (paper: on)",
-        )
-        group.add_argument(
-            "--num-splits",
-            type=int,
-            default=8,
-            help="SplitBatchNorm sub-batches on one process; must divide the batch (CIFAR demo: 8)",
-        )
-        parser.set_defaults(
-            optimizer="sgd",
-            lr=0.03,
-            weight_decay=1e-4,
-            momentum=0.9,
-            batch_size=256,
-            epochs=200,
-            warmup_epochs=0,
-            augmentation=cls.default_augmentation,
-        )
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int) -> MoCo:
-        batch_size = getattr(args, "batch_size", None)
-        if args.shuffle_bn and get_world_size() == 1 and batch_size and batch_size % args.num_splits:
-            raise ValueError(
-                f"--num-splits {args.num_splits} must divide --batch-size {batch_size} "
-                "(SplitBatchNorm normalises equal sub-batches)"
-            )
-        return cls(
-            arch,
-            backbone_kwargs,
-            dim=args.moco_dim,
-            queue_size=args.moco_k,
-            momentum=args.moco_m,
-            temperature=args.moco_t,
-            mlp=args.mlp,
-            shuffle_bn=args.shuffle_bn,
-            num_splits=args.num_splits,
-        )
-
 
 class MoCoV1(MoCo):
     """MoCo v1: linear 128-d head, tau 0.07, the InstDisc augmentation."""
 
     name = "moco-v1"
-    default_temperature = 0.07
-    default_mlp = False
-    default_augmentation = "instdisc"
+    # He et al. 2019: tau 0.07, a linear head, the InstDisc augmentation, x0.1 at epochs 120 and 160.
+    paper_defaults = MoCo.paper_defaults | {
+        "temperature": 0.07, "mlp": False, "augmentation": "instdisc",
+        "lr_schedule": "step", "lr_steps": (120, 160),
+    }  # fmt: skip
 
 
 class MoCoV2(MoCo):
     """MoCo v2: 2-layer MLP head (hidden 2048 for R50 = the feature dim), tau 0.2, blur augmentation."""
 
     name = "moco-v2"
+    paper_defaults = MoCo.paper_defaults

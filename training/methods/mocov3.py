@@ -15,13 +15,14 @@ Defaults (paper Sec. 4 and facebookresearch/moco-v3):
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config import MethodParams, setting
 from training.distributed import concat_all_gather, get_rank
 from training.losses.infonce import in_batch_infonce
 from training.losses.result import ContrastiveResult
@@ -34,10 +35,39 @@ from training.models.heads import PredictionHead, ProjectionHead
 PAPER_MLP_DIM = 4096
 
 
+@dataclass(frozen=True)
+class MoCoV3Params(MethodParams):
+    dim: int = setting(256, "projector/predictor output", flag="--moco-dim")
+    mlp_dim: int | None = setting(
+        None,
+        "hidden width of projector and predictor (paper: 4096; none: min(4096, 8 x feature dim))",
+        flag="--moco-mlp-dim",
+    )
+    projector_layers: int = setting(3, "projector depth (official ResNet code: 2)")
+    temperature: float = setting(0.2, "temperature (the official ResNet-50 recipe uses 1.0)", flag="--moco-t")
+    momentum: float = setting(0.99, "base momentum", flag="--moco-m")
+    momentum_cosine: bool = setting(
+        True, "raise the momentum to 1 on a half-cycle cosine over training", flag="--moco-m-cos"
+    )
+
+
 class MoCoV3(Method):
     name = "moco-v3"
     num_views = 2
     sync_batch_norm = True  # the official code converts every BN (heads included) to SyncBN
+    Params = MoCoV3Params
+    # The ResNet-50 recipe. ViT (--arch vit_small): --optimizer adamw --lr 1.5e-4 --weight-decay 0.1
+    # --epochs 300 --warmup-epochs 40.
+    paper_defaults = {
+        "optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "optimizer_momentum": 0.9, "batch_size": 4096,
+        "epochs": 100, "warmup_epochs": 10.0, "lr_schedule": "cosine", "augmentation": "mocov3",
+    }  # fmt: skip
+    small_image_defaults = {"batch_size": 256, "warmup_epochs": 0.05}
+    notes = (
+        "Defaults are the ResNet-50 recipe (LARS, lr 0.6, wd 1e-6, 100 epochs, 10 warm-up). For a ViT "
+        "(--arch vit_small) the paper uses --optimizer adamw --lr 1.5e-4 --weight-decay 0.1 --epochs 300 "
+        "--warmup-epochs 40; the patch projection is frozen (its stability trick)."
+    )
 
     def __init__(
         self,
@@ -98,65 +128,3 @@ class MoCoV3(Method):
     def embedding_network(self) -> nn.Module:
         """The backbone ([CLS] token for a ViT, pooled features for a ResNet), before the projector."""
         return EmbeddingNetwork(self.base_encoder.backbone)
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group(
-            "moco-v3 (paper defaults)",
-            "Defaults are the ResNet-50 recipe (LARS, lr 0.6, wd 1e-6, 100 epochs, 10 warm-up). For a ViT "
-            "(--arch vit_small) the paper uses --optimizer adamw --lr 1.5e-4 --weight-decay 0.1 --epochs 300 "
-            "--warmup-epochs 40; the patch projection is frozen (its stability trick).",
-        )
-        group.add_argument(
-            "--moco-dim", type=int, default=256, help="projector/predictor output (paper: 256)"
-        )
-        group.add_argument(
-            "--moco-mlp-dim",
-            type=int,
-            default=None,
-            help="hidden width of projector and predictor (paper: 4096; default min(4096, 8 x feature dim))",
-        )
-        group.add_argument(
-            "--projector-layers",
-            type=int,
-            default=3,
-            help="projector depth (paper: 3; official ResNet code: 2)",
-        )
-        group.add_argument(
-            "--moco-t",
-            type=float,
-            default=0.2,
-            help="temperature (paper: 0.2; the official ResNet-50 recipe uses 1.0)",
-        )
-        group.add_argument("--moco-m", type=float, default=0.99, help="base momentum (paper: 0.99)")
-        group.add_argument(
-            "--moco-m-cos",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="raise the momentum to 1 on a half-cycle cosine over training (paper: on)",
-        )
-        parser.set_defaults(
-            optimizer="lars",
-            lr=0.6,
-            weight_decay=1e-6,
-            momentum=0.9,
-            batch_size=4096,
-            epochs=100,
-            warmup_epochs=10,
-            augmentation="mocov3",
-        )
-
-    @classmethod
-    def from_args(
-        cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int
-    ) -> MoCoV3:
-        return cls(
-            arch,
-            backbone_kwargs,
-            dim=args.moco_dim,
-            mlp_dim=args.moco_mlp_dim,
-            projector_layers=args.projector_layers,
-            temperature=args.moco_t,
-            momentum=args.moco_m,
-            momentum_cosine=args.moco_m_cos,
-        )

@@ -9,12 +9,13 @@ Defaults (paper Sec. 2.3, B.9 and google-research/simclr):
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from training.config import MethodParams, setting
 from training.losses.ntxent import nt_xent
 from training.methods.base import Method, StepOutput
 from training.models import EmbeddingNetwork, build_backbone
@@ -22,9 +23,32 @@ from training.models.global_bn import collectives_without_sync_bn, convert_globa
 from training.models.heads import ProjectionHead
 
 
+@dataclass(frozen=True)
+class SimCLRParams(MethodParams):
+    dim: int = setting(128, "projection output", flag="--proj-dim")
+    hidden_dim: int | None = setting(
+        None, "projection hidden width (paper: the feature dim)", flag="--proj-hidden-dim"
+    )
+    temperature: float = setting(
+        0.5, "NT-Xent temperature (the paper's CIFAR-10 default; 0.1 in its batch-4096 ImageNet runs)"
+    )
+    last_bn: bool = setting(
+        False,
+        "BN after the last projection layer (paper's g(h) = W2 ReLU(W1 h): off; on in the TF code)",
+        flag="--proj-last-bn",
+    )
+    global_bn: bool = setting(True, "BN statistics over all ranks (SyncBatchNorm under DDP)")
+
+
 class SimCLR(Method):
     name = "simclr"
     num_views = 2
+    Params = SimCLRParams
+    paper_defaults = {
+        "optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "optimizer_momentum": 0.9, "batch_size": 4096,
+        "epochs": 100, "warmup_epochs": 10.0, "lr_schedule": "cosine", "augmentation": "simclr",
+    }  # fmt: skip
+    small_image_defaults = {"batch_size": 256, "warmup_epochs": 0.05}
 
     def __init__(
         self,
@@ -63,56 +87,3 @@ class SimCLR(Method):
     def embedding_network(self) -> nn.Module:
         """The backbone h (before the projection head), which SimCLR shows transfers better."""
         return EmbeddingNetwork(self.encoder.backbone)
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("simclr (paper defaults)")
-        group.add_argument("--proj-dim", type=int, default=128, help="projection output (paper: 128)")
-        group.add_argument(
-            "--proj-hidden-dim",
-            type=int,
-            default=None,
-            help="projection hidden width (paper: the feature dim)",
-        )
-        group.add_argument(
-            "--temperature",
-            type=float,
-            default=0.5,
-            help="NT-Xent temperature (paper: 0.5, CIFAR-10 default; 0.1 in its batch-4096 ImageNet runs)",
-        )
-        group.add_argument(
-            "--proj-last-bn",
-            action=argparse.BooleanOptionalAction,
-            default=False,
-            help="BN after the last projection layer (paper's g(h) = W2 ReLU(W1 h): off; on in the TF code)",
-        )
-        group.add_argument(
-            "--global-bn",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="BN statistics over all ranks (SyncBatchNorm under DDP) (paper: on)",
-        )
-        parser.set_defaults(
-            optimizer="lars",
-            lr=0.3,
-            weight_decay=1e-6,
-            momentum=0.9,
-            batch_size=4096,
-            epochs=100,
-            warmup_epochs=10,
-            augmentation="simclr",
-        )
-
-    @classmethod
-    def from_args(
-        cls, args: argparse.Namespace, arch: str, backbone_kwargs: dict, num_samples: int
-    ) -> SimCLR:
-        return cls(
-            arch,
-            backbone_kwargs,
-            dim=args.proj_dim,
-            hidden_dim=args.proj_hidden_dim,
-            temperature=args.temperature,
-            last_bn=args.proj_last_bn,
-            global_bn=args.global_bn,
-        )

@@ -1,4 +1,4 @@
-"""The refresh loop: `python -m training.moco` (or simclr / instdisc) with no `--data`, or `--catalogue`.
+"""The refresh's stages: `python -m training.moco` (or simclr / instdisc) with no `--data`, or `--catalogue`.
 
     train on the catalogue -> re-embed the whole catalogue -> build an index version (not current)
     -> evaluate it against the current version -> publish (switch CURRENT) -> the service swaps
@@ -21,11 +21,12 @@ For crash testing, REFRESH_CRASH_AFTER=<stage> (train, embed, index, evaluate) m
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from index.build import build_tuned_index
+from index.choose import DEFAULT_MAX_MEMORY, parse_bytes
+from index.embeddings import Embeddings, load_embeddings, save_embeddings
+from index.encoder_file import EncoderError, read_encoder_record
+from index.knn import KNNClassifier
+from index.store import ENCODER_FILE as VERSION_ENCODER_FILE
+from index.store import IndexStore, IndexStoreError
+from service.refresh import catalogue_source  # noqa: F401  (registers --data catalogue)
+from service.settings import Settings
 from training import distributed as dist
+from training.cli import build_trainer
+from training.config import RunConfig, setting
+from training.data.datasets import ImageDataset, held_out_mask, load_dataset
+from training.embed import embed_in_shards
+from training.encoder import Encoder
+from training.errors import CommandRefused
 from training.inference import write_inference_encoder
 
 STATE_FILE = "refresh.json"
@@ -46,51 +62,35 @@ CALIBRATION_IMAGES = 2000  # catalogue images the deploy-time encoder's toleranc
 MIN_HELD_OUT = 10  # fewer labelled queries (or memory rows) than this: the guard is skipped
 
 
-class RefreshRefused(RuntimeError):
-    """The quality guard kept the current version (message says why)."""
+@dataclass(frozen=True)
+class RefreshOptions:
+    """The refresh's own settings (flags by training.flags' generic mapping)."""
+
+    catalogue: bool = setting(False, "refresh from the catalogue (implied without --data)")
+    no_publish: bool = setting(False, "stop after evaluation; the new version is not made current")
+    force_publish: bool = setting(False, "publish even when the quality guard says worse")
+    quality_margin: float = setting(
+        0.01, "largest drop in held-out kNN top-1 (absolute, 0.01 = 1 point) still published"
+    )
+    index_type: str = setting("auto", "index.build --type for the new version")
+    target_recall: float = setting(0.95, "index.build --target-recall")
 
 
-def add_refresh_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "catalogue refresh (the default when --data is not given)",
-        "train on the catalogue in MongoDB (MONGO_URI, or the embedded database under DATA_DIR), "
-        "re-embed it, build, evaluate and publish a new index version that the service picks up",
-    )
-    group.add_argument(
-        "--catalogue", action="store_true", help="refresh from the catalogue (implied without --data)"
-    )
-    group.add_argument(
-        "--no-publish", action="store_true", help="stop after evaluation; the new version is not made current"
-    )
-    group.add_argument(
-        "--force-publish", action="store_true", help="publish even when the quality guard says worse"
-    )
-    group.add_argument(
-        "--quality-margin",
-        type=float,
-        default=0.01,
-        help="largest drop in held-out kNN top-1 (absolute, 0.01 = 1 point) still published",
-    )
-    group.add_argument("--index-type", default="auto", help="index.build --type for the new version")
-    group.add_argument("--target-recall", type=float, default=0.95, help="index.build --target-recall")
+class RefreshRefused(CommandRefused):
+    """The quality guard kept the current version (message says why; exit 3)."""
 
 
-def version_encoder(store: Any, version: str | None) -> Path | None:
+def version_encoder(store: IndexStore, version: str | None) -> Path | None:
     """The encoder file that comes with an index version (None without one): read from the
     version directory, without loading the FAISS index itself."""
     if version is None:
         return None
-    from index.store import ENCODER_FILE
-
-    path = store.version_dir(version) / ENCODER_FILE
+    path = store.version_dir(version) / VERSION_ENCODER_FILE
     return path if path.is_file() else None
 
 
 def current_input_size(index_dir: Path) -> int | None:
     """The input size of the encoder in the current index version (None when there is none)."""
-    from index.store import IndexStore, IndexStoreError
-    from training.encoder import EncoderError, read_encoder_record
-
     try:
         store = IndexStore(index_dir)
         encoder_path = version_encoder(store, store.current_version())
@@ -151,9 +151,6 @@ def held_out_accuracy(
 ) -> float | None:
     """Weighted kNN top-1 of the held-out labelled slice (`held_out_mask`) against the other
     labelled rows (None when there are too few labels on either side)."""
-    from index.knn import KNNClassifier
-    from training.data.datasets import held_out_mask
-
     labelled = labels >= 0
     held = labelled & held_out_mask(ids)
     memory = labelled & ~held
@@ -163,12 +160,10 @@ def held_out_accuracy(
     return classifier.evaluate(vectors[held], labels[held])["top1"]
 
 
-def embed_catalogue(encoder_path: Path, data_spec: str, device: torch.device) -> tuple[Any, np.ndarray, str]:
+def embed_catalogue(
+    encoder_path: Path, data_spec: str, device: torch.device
+) -> tuple[ImageDataset, np.ndarray, str]:
     """(data set, NxD vectors, model version): the whole catalogue, sharded over ranks."""
-    from training.data.datasets import load_dataset
-    from training.embed import embed_in_shards
-    from training.encoder import Encoder
-
     encoder = Encoder.load(encoder_path, device)
     data = load_dataset(data_spec, encoder.input_size, in_channels=encoder.in_channels)
     vectors = embed_in_shards(
@@ -177,16 +172,12 @@ def embed_catalogue(encoder_path: Path, data_spec: str, device: torch.device) ->
     return data, vectors.cpu().numpy(), encoder.version
 
 
-def run_refresh(args: argparse.Namespace) -> int:
-    from index.embeddings import Embeddings, load_embeddings, save_embeddings
-    from service.settings import Settings
-    from training.cli import build_trainer
-
+def run_refresh(config: RunConfig, options: RefreshOptions) -> int:
     settings = Settings()
-    device = dist.init_distributed(args.device)
-    out = Path(args.out)
+    device = dist.init_distributed(config.device)
+    out = Path(config.out)
     if dist.is_main_process():
-        state = start_or_resume(out, force_publish=args.force_publish)
+        state = start_or_resume(out, force_publish=options.force_publish)
     else:
         state = RefreshState(out / STATE_FILE)
     dist.barrier()
@@ -194,8 +185,7 @@ def run_refresh(args: argparse.Namespace) -> int:
 
     # 1. Train (the engine resumes from <out>/checkpoint.pt after a kill).
     if not state.done("train"):
-        args.resume = "auto"
-        summary = build_trainer(args, device).fit()
+        summary = build_trainer(dataclasses.replace(config, resume="auto"), device).fit()
         if summary.get("stopped_by") == "signal":  # a budget's end is a finished training stage
             return 130
         if dist.is_main_process():
@@ -206,7 +196,7 @@ def run_refresh(args: argparse.Namespace) -> int:
     # 2. Re-embed the whole catalogue (including images added while training ran).
     embeddings_path = out / EMBEDDINGS_FILE
     if not RefreshState(out / STATE_FILE).done("embed"):
-        data, vectors, model_version = embed_catalogue(encoder_path, args.data, device)
+        data, vectors, model_version = embed_catalogue(encoder_path, config.data, device)
         if dist.is_main_process():
             save_embeddings(
                 embeddings_path,
@@ -223,10 +213,6 @@ def run_refresh(args: argparse.Namespace) -> int:
     if not dist.is_main_process():
         return 0
 
-    from index.build import build_tuned_index
-    from index.choose import DEFAULT_MAX_MEMORY, parse_bytes
-    from index.store import IndexStore
-
     store = IndexStore(settings.index_dir)
     emb = load_embeddings(embeddings_path)
 
@@ -234,13 +220,13 @@ def run_refresh(args: argparse.Namespace) -> int:
     if not state.done("index"):
         index = build_tuned_index(
             emb.vectors, emb.ids, labels=emb.labels, class_names=emb.class_names,
-            index_type=args.index_type, max_memory_bytes=parse_bytes(DEFAULT_MAX_MEMORY),
-            target_recall=args.target_recall,
+            index_type=options.index_type, max_memory_bytes=parse_bytes(DEFAULT_MAX_MEMORY),
+            target_recall=options.target_recall,
         )  # fmt: skip
         version = store.publish(
             index,
             encoder_path=encoder_path,
-            extra_manifest={"created_by": f"refresh ({args.method})", "train": state.result("train")},
+            extra_manifest={"created_by": f"refresh ({config.method})", "train": state.result("train")},
             make_current=False,
         )
         state.record(
@@ -251,14 +237,14 @@ def run_refresh(args: argparse.Namespace) -> int:
 
     # 4. Evaluate against the current version on the same held-out slice.
     if not state.done("evaluate"):
-        state.record("evaluate", evaluate_against_current(store, emb, args, device))
+        state.record("evaluate", evaluate_against_current(store, emb, config, options, device))
     verdict = state.result("evaluate")
     say(verdict["summary"])
-    if args.no_publish:
+    if options.no_publish:
         state.record("not_published", {"at": datetime.now(timezone.utc).isoformat()})
         say(f"--no-publish: version {version} is written but not current (index.store set_current to use it)")
         return 0
-    if not verdict["better_or_equal"] and not args.force_publish:
+    if not verdict["better_or_equal"] and not options.force_publish:
         state.record("refused", {"at": datetime.now(timezone.utc).isoformat()})
         raise RefreshRefused(
             f"not published: {verdict['summary']}; the service stays on {verdict['current_version']} "
@@ -272,19 +258,21 @@ def run_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_against_current(store: Any, emb: Any, args: argparse.Namespace, device: torch.device) -> dict:
+def evaluate_against_current(
+    store: IndexStore, emb: Embeddings, config: RunConfig, options: RefreshOptions, device: torch.device
+) -> dict:
     """kNN top-1 of the new embeddings and of the current version's model on the same catalogue."""
     started = time.perf_counter()
-    k, tau = args.knn_k, args.knn_tau
+    k, tau, margin = config.knn_k, config.knn_tau, options.quality_margin
     new = held_out_accuracy(emb.vectors, emb.labels, emb.ids, k, tau) if emb.labels is not None else None
     current_version = store.current_version()
     current = None
     if current_version is not None and new is not None:
         encoder_path = version_encoder(store, current_version)
         if encoder_path is not None:
-            data, vectors, _ = embed_catalogue(encoder_path, args.data, device)
+            data, vectors, _ = embed_catalogue(encoder_path, config.data, device)
             current = held_out_accuracy(vectors, data.labels.numpy(), data.ids.numpy(), k, tau)
-    better = new is None or current is None or new >= current - args.quality_margin
+    better = new is None or current is None or new >= current - margin
     if new is None:
         text = "quality guard skipped: too few labelled catalogue images to hold out"
     elif current is None:
@@ -292,7 +280,7 @@ def evaluate_against_current(store: Any, emb: Any, args: argparse.Namespace, dev
     else:
         text = (
             f"held-out kNN top-1: new {new:.2%} vs current {current:.2%} "
-            f"({'within' if better else 'worse than'} the {args.quality_margin:.2%} margin)"
+            f"({'within' if better else 'worse than'} the {margin:.2%} margin)"
         )
     return {
         "new_top1": new,
