@@ -8,6 +8,7 @@ POST /search time (figures in bench/RESULTS.md). Screenshots go to PAGE_SCREENSH
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import statistics
@@ -298,6 +299,70 @@ def test_catalogue_browsing_pages_and_opens_a_record(page: Page) -> None:
     page.driver.find_element(By.ID, "record-similar").click()
     cards = page.wait_for_results()
     assert cards[0]["label"] == "Sandal"
+    page.check_console()
+
+
+def test_filters_and_their_errors_sit_by_their_controls(page: Page) -> None:
+    _, query = first_of_class("Pullover", CATALOGUE)
+    query_file = page.files / "pullover.png"
+    query_file.write_bytes(query)
+    page.open()
+    page.choose_query(query_file)
+    page.wait_for_results()
+    seq = page.result_set()[0]
+    page.driver.find_element(By.ID, "label").send_keys("Dress")
+    page.driver.find_element(By.ID, "tags").send_keys("fashion-mnist, test")
+    page.driver.find_element(By.ID, "search-again").click()
+    cards = page.wait_for_results(seq)
+    assert cards and {c["label"] for c in cards} == {"Dress"}
+
+    # The service's 422 for a label with '$' is shown under the label field.
+    seq = page.result_set()[0]
+    label = page.driver.find_element(By.ID, "label")
+    label.clear()
+    label.send_keys("$ne")
+    page.driver.find_element(By.ID, "search-again").click()
+    message = wait_for(page.driver, lambda d: text_of(d, "label-error"), "the label's error")
+    assert "should match pattern" in message and text_of(page.driver, "search-error") == ""
+    label.clear()
+    # Out-of-range numbers are caught by the page before a request.
+    min_score = page.driver.find_element(By.ID, "min-score")
+    min_score.send_keys("2")
+    page.driver.find_element(By.ID, "search-again").click()
+    assert text_of(page.driver, "min_score-error") == "a number from -1 to 1"
+    min_score.clear()
+    min_score.send_keys("0.5")
+    page.driver.find_element(By.ID, "search-again").click()
+    cards = page.wait_for_results(seq)
+    assert cards and min(c["score"] for c in cards) >= 0.5 and text_of(page.driver, "label-error") == ""
+    page.check_console(("/search", "422"))
+
+
+# A PNG handed to the page as a dropped file and as a pasted one (what a person's drag or
+# Ctrl+V gives the page: a DataTransfer holding a File).
+DROP_AND_PASTE = """
+const [base64, how] = arguments;
+const bytes = Uint8Array.from(atob(base64), c => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], how + '.png', {type: 'image/png'}));
+if (how === 'dropped') {
+  document.getElementById('drop-zone').dispatchEvent(
+    new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+} else {
+  document.dispatchEvent(
+    new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true, cancelable: true}));
+}
+"""
+
+
+@pytest.mark.parametrize("how", ["dropped", "pasted"])
+def test_a_dropped_or_pasted_image_is_searched(page: Page, how: str) -> None:
+    _, query = first_of_class("Ankle boot", CATALOGUE)
+    page.open()
+    page.driver.execute_script(DROP_AND_PASTE, base64.b64encode(query).decode(), how)
+    cards = page.wait_for_results()
+    assert [c["label"] for c in cards[:3]] == ["Ankle boot"] * 3
+    assert text_of(page.driver, "query-caption").startswith(f"{how}.png")
     page.check_console()
 
 
