@@ -191,7 +191,7 @@ def test_search_by_upload_then_more_like_this_and_classify(page: Page) -> None:
     bars = page.driver.find_elements(By.CSS_SELECTOR, "#classify-bars li")
     assert 1 <= len(bars) <= 5 and bars[0].text.startswith("Trouser")
     assert page.driver.find_elements(By.CSS_SELECTOR, "#classify-voters li")
-    page.driver.set_window_size(1360, 1240)  # README's picture: the query, the vote and three rows
+    page.driver.set_window_size(1360, 1330)  # README's picture: the query, the vote and three rows
     page.screenshot("search-page.png")
     page.driver.set_window_size(1360, 1000)
     first_set = cards
