@@ -38,6 +38,7 @@ async def page_config(settings: SettingsDep) -> dict:
     return {
         "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
         "max_files_per_request": settings.MAX_FILES_PER_REQUEST,
+        "max_request_bytes": settings.MAX_REQUEST_BYTES,
         "search_max_k": settings.SEARCH_MAX_K,
         "classify_k": settings.CLASSIFY_K,
         "writes_need_key": settings.API_KEY is not None,

@@ -9,7 +9,8 @@ const VOTERS_SHOWN = 24;
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  config: { max_upload_bytes: 20 * 1024 * 1024, max_files_per_request: 64, search_max_k: 1000,
+  config: { max_upload_bytes: 20 * 1024 * 1024, max_files_per_request: 64,
+            max_request_bytes: 256 * 1024 * 1024, search_max_k: 1000,
             classify_k: 200, writes_need_key: false, reads_need_key: false },
   query: null, // {kind: "file", file, name} | {kind: "id", id}
   classified: null, // the query the classify panel shows
@@ -324,6 +325,7 @@ async function classifyRequest(signal) {
     : query.file;
   const form = new FormData();
   form.append("file", file, query.kind === "id" ? `catalogue-${query.id}` : query.name);
+  form.append("neighbours", String(Math.min(state.config.classify_k, 1000))); // all voters, to count them
   return api("/classify", { method: "POST", form, signal });
 }
 
@@ -499,7 +501,8 @@ function renderClassify(data) {
   for (const n of data.neighbours) counts.set(n.label, (counts.get(n.label) || 0) + 1);
   const summary = [...counts].sort((a, b) => b[1] - a[1]).slice(0, 3)
     .map(([label, count]) => `${count} ${label ?? "unlabelled"}`).join(", ");
-  $("classify-voters-summary").textContent = `${data.neighbours.length} neighbours voted: ${summary}`;
+  const counted = data.neighbours.length < data.k ? ` (nearest ${data.neighbours.length})` : "";
+  $("classify-voters-summary").textContent = `${data.k} neighbours voted${counted}: ${summary}`;
   const shown = Math.min(VOTERS_SHOWN, data.neighbours.length);
   $("classify-voters-note").textContent = `The nearest ${shown}, best first; green: labelled ${data.label}. Click one for more like it.`;
   $("classify-voters").replaceChildren(...data.neighbours.slice(0, VOTERS_SHOWN).map((n) => {
@@ -713,6 +716,26 @@ function setUploads(files) {
   $("upload-result").textContent = "";
 }
 
+/** Files grouped so that no request is over the service's file count or body size. */
+function requestChunks(files) {
+  const budget = state.config.max_request_bytes - 1024 * 1024; // room for the multipart envelope
+  const chunks = [];
+  let chunk = [];
+  let bytes = 0;
+  for (const file of files) {
+    const size = file.size + 1024;
+    if (chunk.length && (chunk.length >= state.config.max_files_per_request || bytes + size > budget)) {
+      chunks.push(chunk);
+      chunk = [];
+      bytes = 0;
+    }
+    chunk.push(file);
+    bytes += size;
+  }
+  if (chunk.length) chunks.push(chunk);
+  return chunks;
+}
+
 async function upload() {
   const files = chosenUploads();
   setError($("upload-error"), "");
@@ -733,10 +756,9 @@ async function upload() {
   button.textContent = "Uploading…";
   const stored = [];
   try {
-    const chunk = state.config.max_files_per_request;
-    for (let start = 0; start < files.length; start += chunk) {
+    for (const chunk of requestChunks(files)) {
       const form = new FormData();
-      for (const file of files.slice(start, start + chunk)) form.append("files", file, file.name);
+      for (const file of chunk) form.append("files", file, file.name);
       if (label) form.append("label", label);
       if (tags) form.append("tags", tags);
       const reply = await api("/images", { method: "POST", form, write: true });
@@ -749,6 +771,7 @@ async function upload() {
     $("upload-result").textContent = [
       created.length ? `Added ${created.length} (${ids(created)})` : "",
       present.length ? `${present.length} already in the catalogue (${ids(present)})` : "",
+      present.some((i) => i.updated?.length) ? "their label/tags were updated" : "",
     ].filter(Boolean).join("; ") + ".";
     if (label) rememberLabels([label]);
     loadBrowsePage(state.browse.page);

@@ -41,6 +41,10 @@ pytestmark = [
 CATALOGUE = 600  # Fashion-MNIST test images 0..599, labelled, tagged
 FIRST_LOAD_LIMIT = 200 * 1024
 ROUNDS = 11  # searches timed in the browser and through the API
+# SecantusDB (a Python server) answers classify's 200-neighbour label lookup in seconds on a busy
+# 2-core machine; with the suite's 1 s timeout the driver's heartbeat gives up meanwhile and the
+# pool reset cancels the lookup (503). These tests are about the page, not about that timeout.
+SLOW_DB_MS = 30_000
 K = 24
 
 
@@ -77,7 +81,8 @@ class Page:
 
     def check_console(self, *expected_failures: tuple[str, str]) -> None:
         self.console.collect(self.driver)
-        assert self.console.unexpected_errors(expected_failures) == []
+        shown = {e: text_of(self.driver, e) for e in ("search-error", "classify-error", "upload-error")}
+        assert self.console.unexpected_errors(expected_failures) == [], f"the page showed {shown}"
         self.console.entries.clear()
 
     def catalogue_count(self) -> int:
@@ -132,9 +137,7 @@ def page(tmp_path_factory: pytest.TempPathFactory, mongo_uri: str, module_db_nam
     directory = tmp_path_factory.mktemp("page")
     shutil.copyfile(DEMO_ENCODER, directory / "model.pt")
     files = tmp_path_factory.mktemp("page-files")
-    # SecantusDB answers classify's 200-neighbour label lookup in seconds on a busy 2-core machine;
-    # a 1 s timeout would let the driver's heartbeat give up and cancel it (503) mid-test.
-    settings = service_settings(directory, mongo_uri, module_db_name, MONGO_TIMEOUT_MS=5000)
+    settings = service_settings(directory, mongo_uri, module_db_name, MONGO_TIMEOUT_MS=SLOW_DB_MS)
     with running_service(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
         upload_labelled(client, fashion_mnist_pngs(0, CATALOGUE), tags="fashion-mnist,test")
         with chromium() as driver:
@@ -323,7 +326,7 @@ def test_filters_and_their_errors_sit_by_their_controls(page: Page) -> None:
     label.send_keys("$ne")
     page.driver.find_element(By.ID, "search-again").click()
     message = wait_for(page.driver, lambda d: text_of(d, "label-error"), "the label's error")
-    assert "should match pattern" in message and text_of(page.driver, "search-error") == ""
+    assert "'$'" in message and text_of(page.driver, "search-error") == ""
     label.clear()
     # Out-of-range numbers are caught by the page before a request.
     min_score = page.driver.find_element(By.ID, "min-score")
@@ -392,7 +395,7 @@ def test_phone_width_has_no_horizontal_scroll(page: Page) -> None:
 def test_writes_ask_for_the_key_after_401_and_retry_with_it(start_service, tmp_path: Path) -> None:
     key = "page-test-key"
     items = fashion_mnist_pngs(0, 60)
-    service = start_service(API_KEY=key, MAX_UPLOAD_BYTES=50_000, MONGO_TIMEOUT_MS=5000)
+    service = start_service(API_KEY=key, MAX_UPLOAD_BYTES=50_000, MONGO_TIMEOUT_MS=SLOW_DB_MS)
     with service as client, chromium() as driver:
         client.headers["X-API-Key"] = key
         ids = upload_labelled(client, items)
