@@ -34,11 +34,10 @@ sys.path.insert(0, str(REPO / "tests" / "service"))
 from browser_helpers import chromium, transferred, wait_for  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
-from bench.search_bench import machine, percentile, wait_ready  # noqa: E402
+from bench.search_bench import append_results, machine, percentile, wait_ready  # noqa: E402
 from service.embedded_db import free_port  # noqa: E402
 from tests.service.service_helpers import fashion_mnist, png_bytes  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Search page (bench/page_bench.py)"
 K = 24  # the page's default
 
@@ -156,18 +155,6 @@ def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
     )
 
 
-def append_results(block: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}"
-    else:
-        start = text.index(SECTION) + len(SECTION)
-        next_section = text.find("\n## ", start)
-        end = len(text) if next_section < 0 else next_section + 1
-        text = text[:end].rstrip("\n") + f"\n\n{block}\n" + text[end:]
-    RESULTS.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="page-bench-") as tmp:
@@ -188,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     block = report(args, measured, demo_s)
     print("\n" + block)
     if not args.no_append:
-        append_results(block)
+        append_results(block, SECTION)
 
 
 if __name__ == "__main__":
