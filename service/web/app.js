@@ -115,7 +115,7 @@ function formatBytes(n) {
 function describe(error) {
   if (!(error instanceof ApiError)) return `unexpected error: ${error.message || error}`;
   switch (error.status) {
-    case 401: return `This service needs an API key for writes (401: ${error.detail}). Enter it and the action is retried.`;
+    case 401: return `This service needs an API key (401: ${error.detail}). Enter it and the action is retried.`;
     case 403: return `The API key was refused (403: ${error.detail}). Enter the right key.`;
     case 413: return `Too large (413): ${error.detail}`;
     case 503: return `The service is not ready (503): ${error.detail}`;
@@ -371,6 +371,7 @@ async function runQuery() {
     $("results").replaceChildren();
     $("results-empty").hidden = false;
     $("results-empty").textContent = "No results: see the message by the query.";
+    askForKey(error, runQuery); // reads need the key when the service protects them
   } finally {
     if (seq === state.querySeq) $("results").setAttribute("aria-busy", "false");
   }
@@ -588,6 +589,7 @@ async function loadBrowsePage(page) {
     $("page-info").textContent = data.items.length ? `page ${page + 1} · ${data.items.length} images` : "";
   } catch (error) {
     setError($("browse-error"), error);
+    askForKey(error, () => loadBrowsePage(page));
   } finally {
     grid.setAttribute("aria-busy", "false");
     $("page-first").disabled = browse.page === 0;
@@ -817,8 +819,9 @@ function openKeyDialog() {
 function setUpKey() {
   $("key-button").addEventListener("click", () => {
     state.pendingWrite = null;
+    const needs = state.config.reads_need_key ? "reads and writes" : "writes";
     $("key-reason").textContent = state.config.writes_need_key
-      ? "This service needs an API key for writes. It is kept in this tab only (session storage) and sent as the X-API-Key header, never in a URL."
+      ? `This service needs an API key for ${needs}. It is kept in this tab only (session storage) and sent as the X-API-Key header, never in a URL.`
       : "This service accepts writes without a key.";
     openKeyDialog();
   });

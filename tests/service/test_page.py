@@ -480,3 +480,32 @@ def test_not_ready_then_ready_and_unreachable_without_reload(
             for status in ("503", "net::ERR_CONNECTION_REFUSED")
         ]
         assert console.unexpected_errors(failures) == []
+
+
+def test_protected_reads_ask_for_the_key_and_images_load_with_it(start_service) -> None:
+    key = "read-key"
+    service = start_service(API_KEY=key, PROTECT_READS=True, MONGO_TIMEOUT_MS=SLOW_DB_MS)
+    with service as client, chromium() as driver:
+        client.headers["X-API-Key"] = key
+        ids = upload_labelled(client, fashion_mnist_pngs(0, 5))
+        driver.get(str(client.base_url) + "/")
+        wait_for(driver, lambda d: text_of(d, "status-text") == "ready", "ready (the probe stays open)")
+        driver.find_element(By.ID, "tab-catalogue").click()
+        message = wait_for(driver, lambda d: text_of(d, "browse-error"), "the 401 on browsing")
+        assert "401" in message
+        key_dialog = driver.find_element(By.ID, "key-dialog")
+        wait_for(driver, lambda d: key_dialog.get_attribute("open") is not None, "the key dialog")
+        driver.find_element(By.ID, "api-key").send_keys(key + Keys.ENTER)
+        assert sorted(wait_for(driver, grid_ids, "the catalogue with the key")) == sorted(ids)
+        # <img> cannot send a header: thumbnails come through fetch with the key, as blob URLs.
+        loaded = "return [...document.querySelectorAll('#browse-grid img')].map(i => [i.src, i.naturalWidth])"
+
+        def thumbnails_shown(d: WebDriver) -> list | None:
+            shown = d.execute_script(loaded)
+            return shown if shown and all(width > 0 for _, width in shown) else None
+
+        images = wait_for(driver, thumbnails_shown, "the thumbnails")
+        assert len(images) == len(ids) and all(src.startswith("blob:") for src, _ in images)
+        console = Console()
+        console.collect(driver)
+        assert console.unexpected_errors([("/images", "401")]) == []
