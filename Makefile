@@ -56,10 +56,11 @@ run: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: setup
+bench: setup browser
 	$(PY) bench/train_throughput.py
 	$(PY) bench/index_bench.py --n 200000
 	$(PY) bench/search_bench.py
+	$(PY) bench/page_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
