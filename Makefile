@@ -10,7 +10,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data test run lint bench clean
+.PHONY: setup data browser test run lint bench clean
 
 setup: $(STAMP) data
 
@@ -36,7 +36,14 @@ data:
 	    || echo "warning: could not install docker-compose with apt-get"; \
 	fi
 
-test: setup
+# The search page's tests drive Debian's Chromium through its chromedriver (Selenium, dev extra).
+browser:
+	@if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null; then \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null) || echo "warning: could not install chromium with apt-get"; \
+	fi
+
+test: setup browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports  # layers index <- training <- service, no import cycles (pyproject.toml)
 	$(PY) -m pytest -q
@@ -50,10 +57,11 @@ run: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: setup
+bench: setup browser
 	$(PY) bench/train_throughput.py
 	$(PY) bench/index_bench.py --n 200000
 	$(PY) bench/search_bench.py
+	$(PY) bench/page_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

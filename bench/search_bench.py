@@ -236,13 +236,13 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict]) -
     return "\n".join(lines)
 
 
-def append_results(block: str) -> None:
+def append_results(block: str, section: str = SECTION) -> None:
     """Insert the block at the end of the service section (created at the end of the file if missing)."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}"
+    if section not in text:
+        text = text.rstrip("\n") + f"\n\n{section}\n\n{block}"
     else:
-        start = text.index(SECTION) + len(SECTION)
+        start = text.index(section) + len(section)
         next_section = text.find("\n## ", start)
         end = len(text) if next_section < 0 else next_section + 1
         text = text[:end].rstrip("\n") + f"\n\n{block}\n" + text[end:]

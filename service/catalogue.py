@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from bson import Binary
-from gridfs.errors import NoFile
+from gridfs.errors import CorruptGridFile, NoFile
 from pymongo.errors import BulkWriteError
 
 from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database
@@ -208,9 +208,9 @@ async def read_file(db: Database, image_id: int, thumbnail: bool = False) -> tup
     bucket = db.thumbnails if thumbnail else db.content
     try:
         stream = await bucket.open_download_stream(image_id)
-    except NoFile:
+        data = await stream.read()
+    except (NoFile, CorruptGridFile):  # Corrupt: a delete removed the chunks while they were read
         return None
-    data = await stream.read()
     media_type = (stream.metadata or {}).get("contentType", "application/octet-stream")
     return data, media_type
 

@@ -14,7 +14,7 @@ from service.body_limit import BodySizeLimit, request_body_limit
 from service.errors import install_error_handlers
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.openapi import install_openapi
-from service.routes import admin, classify, health, images, metrics, search, version
+from service.routes import admin, classify, health, images, metrics, page, search, version
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -31,7 +31,8 @@ def announce(settings: Settings, state: ServiceState) -> None:
     loaded = state.engine.loaded
     size = loaded.index.ntotal if loaded is not None else 0
     print(
-        f"\nssl-retrieval serving {size} indexed images at {base}  (API docs: {base}/docs)\n"
+        f"\nsearch page: {base}/\n"
+        f"ssl-retrieval serving {size} indexed images at {base}  (API docs: {base}/docs)\n"
         f"try a search with a catalogue image:\n"
         f"  curl -s -o /tmp/query.png {base}/images/1/content && "
         f"curl -F file=@/tmp/query.png -F k=5 {base}/search\n",
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (images, search, classify, health, admin, version, metrics):
         app.include_router(module.router)
+    page.install(app)  # GET / (the search page) and /static
     install_openapi(app)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)
     app.add_middleware(

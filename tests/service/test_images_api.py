@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
+from pymongo import MongoClient
 from service_helpers import fashion_mnist_pngs, png_bytes, upload
 
 
@@ -161,3 +162,17 @@ def test_live_is_independent_of_the_model(start_service, data_dir) -> None:
         assert reply["items"][0]["status"] == "pending"
         search = client.post("/search", json={"vector": [0.0, 1.0]})
         assert search.status_code == 503 and "no model" in search.json()["detail"]
+
+
+def test_bytes_deleted_while_read_answer_404_not_500(start_service, mongo_uri, mongo_db_name) -> None:
+    """A delete removes the record, then the bytes: a download in between finds the GridFS file
+    document without its chunks, which is 'no such image', not an internal error."""
+    with start_service() as client:
+        image_id = upload(client, [(fashion_mnist_pngs(0, 1)[0][0], "a.png")])["ids"][0]
+        database = MongoClient(mongo_uri, serverSelectionTimeoutMS=2000)[mongo_db_name]
+        try:
+            assert database["content.chunks"].delete_many({"files_id": image_id}).deleted_count >= 1
+        finally:
+            database.client.close()
+        reply = client.get(f"/images/{image_id}/content")
+        assert reply.status_code == 404 and reply.json() == {"detail": f"no image with id {image_id}"}

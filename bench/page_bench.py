@@ -1,0 +1,182 @@
+"""The search page on the demo catalogue: first-load weight and the browser's search round trip
+against the API's own `POST /search` time.
+
+What `make run` serves, in a temporary DATA_DIR: `python -m service.demo` (demo encoder, 10k
+Fashion-MNIST test images), then `python -m service` as its own process. Headless Chromium (Debian
+`chromium` + `chromium-driver`, Selenium) opens the page with a fresh profile; each round searches
+one new query image (Fashion-MNIST training images, not in the catalogue) through the page's file
+input, timed from the request to the first row of thumbnails on screen, and the same image through
+the API (httpx, loopback), interleaved so both see the same load. Goal (issue 12): first load under
+200 KB, browser round trip within 2x the API's.
+
+    python bench/page_bench.py                 # appends to bench/RESULTS.md
+    python bench/page_bench.py --count 2000 --rounds 20 --no-append
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "service"))
+
+from browser_helpers import chromium, transferred, wait_for  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+from bench.search_bench import append_results, machine, percentile, wait_ready  # noqa: E402
+from service.embedded_db import free_port  # noqa: E402
+from tests.service.service_helpers import fashion_mnist, png_bytes  # noqa: E402
+
+SECTION = "## Search page (bench/page_bench.py)"
+K = 24  # the page's default
+
+# Resolves when the page shows a result set newer than the one on screen now.
+ARM = """
+const list = document.getElementById('results');
+const before = Number(list.dataset.seq || 0);
+window.__benchResult = new Promise(resolve => {
+  const observer = new MutationObserver(() => {
+    if (Number(list.dataset.seq) > before) {
+      observer.disconnect();
+      resolve({shown: Number(list.dataset.shownMs), answered: Number(list.dataset.answeredMs),
+               server: Number(list.dataset.serverMs), count: list.children.length});
+    }
+  });
+  observer.observe(list, {attributes: true, attributeFilter: ['data-seq']});
+});
+"""
+COLLECT = "window.__benchResult.then(arguments[arguments.length - 1]);"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=10_000, help="demo catalogue size (default 10000)")
+    parser.add_argument("--rounds", type=int, default=30, help="queries timed both ways (default 30)")
+    parser.add_argument("--no-append", action="store_true", help="print only, do not write RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def run_demo(data_dir: Path, count: int) -> float:
+    env = dict(os.environ, DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
+    env.pop("MONGO_URI", None)  # the embedded database under DATA_DIR/db, as `make run`
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "service.demo", "--count", str(count)], env=env, cwd=REPO, check=True
+    )
+    return time.perf_counter() - started
+
+
+def measure(url: str, rounds: int, workdir: Path) -> dict:
+    images, _, _ = fashion_mnist("train")
+    queries = []
+    for i in range(rounds + 1):
+        path = workdir / f"query-{i}.png"
+        path.write_bytes(png_bytes(images[i]))
+        queries.append(path)
+    with chromium() as driver, httpx.Client(base_url=url, timeout=60) as client:
+        driver.set_script_timeout(60)
+        driver.get(url + "/")
+        wait_for(driver, lambda d: d.find_element(By.ID, "status-text").text == "ready", "ready", 60)
+        entries = transferred(driver)
+        first_load = sum(e["transfer"] for e in entries)
+        file_input = driver.find_element(By.ID, "query-file")
+        browser, answered, server, api = [], [], [], []
+        for i, path in enumerate(queries):
+            driver.execute_script(ARM)
+            file_input.send_keys(str(path))
+            result = driver.execute_async_script(COLLECT)
+            # the page classifies after searching: let that finish before the next timed search
+            wait_for(
+                driver,
+                lambda d: d.find_element(By.ID, "classify").get_attribute("aria-busy") == "false",
+                "classify",
+                60,
+            )
+            started = time.perf_counter()
+            reply = client.post(
+                "/search", files={"file": (path.name, path.read_bytes(), "image/png")}, data={"k": K}
+            )
+            elapsed = (time.perf_counter() - started) * 1000
+            reply.raise_for_status()
+            if i == 0:
+                continue  # warm-up: first model call, first connection
+            assert result["count"] == K, result
+            browser.append(result["shown"])
+            answered.append(result["answered"])
+            server.append(result["server"])
+            api.append(elapsed)
+    return {
+        "first_load": first_load,
+        "requests": len(entries),
+        "browser": browser,
+        "answered": answered,
+        "server": server,
+        "api": api,
+    }
+
+
+def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
+    def stats(values: list[float]) -> str:
+        return f"{statistics.median(values):.1f} / {percentile(values, 90):.1f}"
+
+    ratio = statistics.median(m["browser"]) / statistics.median(m["api"])
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            f"### {now}",
+            "",
+            f"- machine: {machine()}; Chromium headless (fresh profile), loopback HTTP",
+            f"- command: `python bench/page_bench.py --count {args.count} --rounds {args.rounds}`",
+            f"- catalogue: the demo's ({args.count} Fashion-MNIST test images, demo encoder, embedded "
+            f"SecantusDB; `service.demo` took {demo_s:.0f} s); k={K}; each round a new query image",
+            f"- first load (document, CSS, JS, icon, /ui/config, /health/ready): "
+            f"**{m['first_load'] / 1024:.1f} KB** in {m['requests']} requests (goal < 200 KB)",
+            "",
+            f"| {len(m['api'])} searches | median / p90 ms |",
+            "|---|---:|",
+            f"| browser: request to the first row of thumbnails on screen | {stats(m['browser'])} |",
+            f"| browser: request to JSON answered | {stats(m['answered'])} |",
+            f"| the service's own stage times for the browser's requests | {stats(m['server'])} |",
+            f"| API: POST /search over HTTP (httpx) | {stats(m['api'])} |",
+            "",
+            f"Browser round trip / API POST /search (medians): **{ratio:.2f}x** (goal <= 2x)",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="page-bench-") as tmp:
+        data_dir = Path(tmp)
+        demo_s = run_demo(data_dir, args.count)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
+        env.pop("MONGO_URI", None)
+        command = [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"]
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+        try:
+            wait_ready(url, process, timeout_s=600)  # a busy shared machine is slow to load a model
+            measured = measure(url, args.rounds, data_dir)
+        finally:
+            process.terminate()
+            process.wait(60)
+    block = report(args, measured, demo_s)
+    print("\n" + block)
+    if not args.no_append:
+        append_results(block, SECTION)
+
+
+if __name__ == "__main__":
+    main()
