@@ -6,7 +6,9 @@ directory and the service talks to it over TCP with pymongo, exactly as it would
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -23,6 +25,22 @@ log = logging.getLogger("service.embedded_db")
 
 class EmbeddedDatabaseError(RuntimeError):
     """The embedded database could not be started (message says why)."""
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """preexec_fn of the child: the kernel sends it SIGTERM when the process that started it dies,
+    however it dies (kill -9 included), so no orphan keeps the data directory locked. SIGTERM, not
+    SIGKILL: the server then checkpoints before exiting. Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,13 +85,20 @@ class EmbeddedDatabase:
     """Start with `start()`, stop with `stop()`; `uri` is what pymongo connects to."""
 
     def __init__(
-        self, storage_path: str | Path, port: int = 0, host: str = "127.0.0.1", cache_size: str = "256M"
+        self,
+        storage_path: str | Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        cache_size: str = "256M",
+        durable: bool = True,
     ) -> None:
         self.storage_path = str(storage_path)
         self.host = host
         self.port = port or free_port(host)
         self.cache_size = cache_size
+        self.durable = durable  # fsync the log on every commit: an acknowledged write survives a crash
         self.process: subprocess.Popen | None = None
+        self.restarts = 0
 
     @property
     def uri(self) -> str:
@@ -90,7 +115,12 @@ class EmbeddedDatabase:
             "--cache-size", self.cache_size,
             "--log-level", "WARNING",
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        if self.durable and self.storage_path != ":memory:":
+            command.append("--sync-on-commit")
+        parent = os.getpid()
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, preexec_fn=lambda: _die_with_parent(parent)
+        )
         try:
             wait_for_ping(self.uri, self.process, timeout_s)
         except EmbeddedDatabaseError:
@@ -101,6 +131,23 @@ class EmbeddedDatabase:
             self.process.pid, self.host, self.port, self.storage_path,
         )  # fmt: skip
         return self.uri
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def exited(self) -> int | None:
+        """The exit code once the process has ended (and reaps it: no zombie), else None."""
+        return None if self.process is None else self.process.poll()
+
+    def restart(self, timeout_s: float = 60.0) -> str:
+        """Kill whatever is left of the server (crashed or hung) and start it again on the same port
+        and files, so clients reconnect to the same address by themselves."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.restarts += 1
+        return self.start(timeout_s)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM and wait, so that the server checkpoints its data (a kill -9 can lose it)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from service.catalogue import Limits
@@ -24,6 +25,9 @@ class ServiceState:
     needs_reconcile: bool = True  # set on every swap, cleared by a successful reconcile
     # Serialises refreshes (poller, POST /admin/reload, start-up): load + reconcile run as one.
     refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_sweep: float = field(default_factory=time.monotonic)  # monotonic time of the last orphan sweep
+    last_reconcile_s: float | None = None  # how long the last reconcile took
+    db_problem: str | None = None  # set while the embedded database is being restarted
 
     @property
     def limits(self) -> Limits:
