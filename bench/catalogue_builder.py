@@ -79,7 +79,10 @@ def build_catalogue(
             records = []
             for image_id in batch:
                 data = pngs[image_id % len(pngs)]
-                for bucket, name in (("content", f"synthetic-{image_id}.png"), ("thumbnails", f"{image_id}.png")):
+                for bucket, name in (
+                    ("content", f"synthetic-{image_id}.png"),
+                    ("thumbnails", f"{image_id}.png"),
+                ):
                     files, chunk = _gridfs(image_id, name, data, "image/png", old)
                     documents[f"{bucket}.files"].append(files)
                     documents[f"{bucket}.chunks"].append(chunk)
@@ -90,7 +93,8 @@ def build_catalogue(
                             "sha256": hashlib.sha256(f"synthetic-{image_id}".encode()).hexdigest(),
                             "media_type": "image/png", "width": 28, "height": 28, "size": len(data),
                             "label": f"class-{image_id % 10}", "tags": ["synthetic"], "source": "bench",
-                            "created_at": old, "status": "indexed", "model_version": None, "index_version": None,
+                            "created_at": old, "status": "indexed", "model_version": None,
+                            "index_version": None,
                         }
                     )  # fmt: skip
             for name, docs in documents.items():

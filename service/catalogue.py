@@ -170,8 +170,9 @@ async def store_prepared_many(
 ) -> list[StoredImage]:
     """`store_prepared` for a batch, in a handful of round trips whatever its size: one query for
     the hashes already stored, one block of ids, then bulk inserts in the crash-safe order (bytes,
-    thumbnails, then the pending records). Duplicates within the batch are stored once. Safe to
-    retry after a timeout: ids are fresh per call, so a duplicate key is our own earlier write."""
+    thumbnails, then the pending records: see `sweep_orphans`). Duplicates within the batch are
+    stored once. Safe to retry after a timeout: ids are fresh per call, so a duplicate key is our
+    own earlier write."""
     if not prepared:
         return []
     shas = [p.decoded.sha256 for p in prepared]
@@ -195,7 +196,10 @@ async def store_prepared_many(
                 documents[bucket][1].extend(chunks)
             records[shas[i]] = _record(image_id, item, metadata[i])
         for bucket, (files, chunks) in documents.items():
-            for collection, docs in ((f"{bucket}.chunks", chunks), (f"{bucket}.files", files)):
+            # Files document first, then chunks: a chunk always has its files document, so the
+            # orphan sweep finds every leftover by scanning files documents alone. Nobody reads the
+            # file before the id is returned, which happens only once the record exists.
+            for collection, docs in ((f"{bucket}.files", files), (f"{bucket}.chunks", chunks)):
                 if errors := await _insert_ours(db.db[collection], docs):
                     raise BulkWriteError({"writeErrors": errors, "nInserted": 0})
         for sha, winner in (await _insert_records(db, list(records.values()))).items():
@@ -238,12 +242,13 @@ async def mark_indexed(db: Database, ids: list[int], model_version: str, index_v
 
 
 async def delete_files(db: Database, image_id: int) -> bool:
-    """Bytes and thumbnail: files documents, then chunks (GridFS's own order). Idempotent, and
-    finishes the chunks even when the files document went earlier. True if anything was there."""
+    """Bytes and thumbnail: chunks, then the files document, so that an interrupted delete leaves
+    a files document (which the orphan sweep finds), never loose chunks. Idempotent: every step
+    runs whatever the others find. True if anything was there."""
     found = False
     for bucket in (CONTENT_BUCKET, THUMBNAIL_BUCKET):
-        files = await db.db[f"{bucket}.files"].delete_one({"_id": image_id})
         chunks = await db.db[f"{bucket}.chunks"].delete_many({"files_id": image_id})
+        files = await db.db[f"{bucket}.files"].delete_one({"_id": image_id})
         found = found or bool(files.deleted_count or chunks.deleted_count)
     return found
 

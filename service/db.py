@@ -39,18 +39,19 @@ def chunked(ids: Iterable[int], size: int = ID_CHUNK) -> Iterator[list[int]]:
         yield chunk
 
 
-async def stream_by_id(
+async def stream_docs(
     collection: AsyncCollection,
     query: Mapping[str, Any] | None = None,
     projection: Mapping[str, Any] | None = None,
     batch_size: int = STREAM_BATCH,
 ) -> AsyncIterator[list[dict]]:
-    """All matching documents in `_id` order, a batch at a time: one scan of the collection (the
-    `_id` index on MongoDB), never a query per page nor an id list sent to the server. Run it
-    inside `pymongo.timeout(...)` so the server cancels a scan nobody waits for any more."""
+    """All matching documents, a batch at a time, from ONE scan of the collection: never a query
+    per page (a range query is a full scan on SecantusDB) nor an id list sent to the server; the
+    caller matches ids against a sorted array. Run it inside `pymongo.timeout(...)` so the server
+    cancels (maxTimeMS) a scan nobody waits for any more."""
     cursor = collection.find(dict(query or {}), projection or {"_id": 1}, batch_size=batch_size)
     batch: list[dict] = []
-    async for doc in cursor.sort("_id", ASCENDING):
+    async for doc in cursor:
         batch.append(doc)
         if len(batch) == batch_size:
             yield batch

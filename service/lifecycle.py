@@ -76,10 +76,9 @@ async def refresh(state: ServiceState) -> bool:
         if state.needs_reconcile and state.engine.loaded is not None and await prepare_database(state):
             try:
                 started = time.monotonic()
-                report = await reconcile(state.engine, state.db, _grace(state))
+                report = await reconcile(state.engine, state.db)
                 state.needs_reconcile = False
                 state.last_reconcile_s = time.monotonic() - started
-                state.last_sweep = time.monotonic()  # reconcile ends with an orphan sweep
                 if report is not None:
                     log.info("reconcile finished in %.1f s: %s", state.last_reconcile_s, report)
             except DATABASE_DOWN as exc:
@@ -100,14 +99,19 @@ async def maintenance_loop(state: ServiceState) -> None:
 
 
 async def orphan_sweep_loop(state: ServiceState) -> None:
+    """The first sweep follows the start-up reconcile (not at the same time: both scan the catalogue),
+    then one every ORPHAN_SWEEP_SECONDS."""
     every = state.settings.ORPHAN_SWEEP_SECONDS
     while True:
         await asyncio.sleep(min(every, state.settings.RELOAD_POLL_SECONDS))
-        if time.monotonic() - state.last_sweep < every or not state.db_prepared:
+        due = state.last_sweep is None or time.monotonic() - state.last_sweep >= every
+        if not due or not state.db_prepared or state.last_reconcile_s is None:
             continue
         try:
+            started = time.monotonic()
             await sweep_orphans(state.db, _grace(state))
             state.last_sweep = time.monotonic()
+            state.last_sweep_s = state.last_sweep - started
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # DATABASE_DOWN or a cancelled scan: next time

@@ -5,10 +5,11 @@ The index's own id set is the truth about what is indexed:
     version) are embedded from their stored bytes and added, then marked indexed;
   * index ids without a record (deleted, or a crash between record delete and index remove) are removed;
   * a record whose bytes are gone cannot be embedded and is dropped.
-`sweep_orphans` (on its own schedule, and after a reconcile) deletes GridFS files and chunks that no
-record owns once they are older than a grace period (a crash between the bytes and the record).
+`sweep_orphans` (on its own schedule, first after the start-up reconcile) deletes GridFS files and
+chunks that no record owns once they are older than a grace period (a crash between the bytes and
+the record).
 
-Every query here is a single streamed scan in `_id` order merged against a sorted id array, or an
+Every query here is a single streamed scan matched against a sorted id array, or an
 `$in` of at most ID_CHUNK ids: nothing whose cost grows with the catalogue times a list. Each
 pass runs under `pymongo.timeout`, so the server cancels (maxTimeMS) a scan nobody waits for.
 """
@@ -21,11 +22,10 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pymongo
-from bson import ObjectId
 from tqdm import tqdm
 
 from service.catalogue import INDEXED, delete_files, mark_indexed, read_file
-from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database, chunked, stream_by_id
+from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database, chunked, stream_docs
 from service.engine import Engine, Loaded
 from service.imaging import ImageRejected, decode_image
 from service.indexing import index_images
@@ -66,10 +66,7 @@ def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 async def reconcile(
-    engine: Engine,
-    db: Database,
-    orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE,
-    scan_timeout_s: float = SCAN_TIMEOUT_S,
+    engine: Engine, db: Database, scan_timeout_s: float = SCAN_TIMEOUT_S
 ) -> ReconcileReport | None:
     loaded = engine.loaded
     if loaded is None:
@@ -82,7 +79,7 @@ async def reconcile(
     missing: list[int] = []
     indexed_but_pending: list[int] = []
     with pymongo.timeout(scan_timeout_s):
-        async for batch in stream_by_id(db.images, {}, {"status": 1}):
+        async for batch in stream_docs(db.images, {}, {"status": 1}):
             ids = np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
             present, position = _members(index_ids, ids)
             seen[position[present]] = True
@@ -110,7 +107,6 @@ async def reconcile(
             report.added += await _embed_and_add(engine, db, loaded, chunk, report)
             progress.update(len(chunk))
 
-    report.orphan_files_deleted = await sweep_orphans(db, orphan_grace, scan_timeout_s)
     if report.changed:
         log.info("reconcile of index version %s: %s", loaded.version, report)
     return report
@@ -145,7 +141,7 @@ async def _all_ids(db: Database, collection: str) -> np.ndarray:
     """Every `_id` of a collection, sorted, from one streamed scan."""
     parts = [
         np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
-        async for batch in stream_by_id(db.db[collection])
+        async for batch in stream_docs(db.db[collection])
     ]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
@@ -153,39 +149,27 @@ async def _all_ids(db: Database, collection: str) -> np.ndarray:
 async def sweep_orphans(
     db: Database, grace: timedelta = DEFAULT_ORPHAN_GRACE, scan_timeout_s: float = SCAN_TIMEOUT_S
 ) -> int:
-    """Delete GridFS files (and loose chunks) that no record owns and that are older than `grace`:
-    left by a crash or a failed request between the bytes and the record. One scan of the record
-    ids, one of each bucket's files; chunks are checked only when their files document is missing.
-    Returns the number of image ids whose leftovers were deleted."""
+    """Delete GridFS files that no record owns and that are older than `grace`: left by a crash or
+    a failed request between the bytes and the record. One scan of the record ids and one of each
+    bucket's files documents. (Chunks need no scan of their own: they are written after their files
+    document and deleted before it, see catalogue, so a chunk always has one.) Returns the number
+    of image ids whose leftovers were deleted."""
     cutoff = datetime.now(timezone.utc) - grace
     deleted: set[int] = set()
     with pymongo.timeout(scan_timeout_s):
         record_ids = await _all_ids(db, "images")
+        unowned: set[int] = set()
         for bucket in (CONTENT_BUCKET, THUMBNAIL_BUCKET):
-            file_ids: list[int] = []
-            async for batch in stream_by_id(db.db[f"{bucket}.files"], {"uploadDate": {"$lt": cutoff}}):
+            query = {"uploadDate": {"$lt": cutoff}}
+            async for batch in stream_docs(db.db[f"{bucket}.files"], query):
                 ids = np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
                 owned, _ = _members(record_ids, ids)
-                file_ids += ids[~owned].tolist()
-            # Chunks whose files document never came (a crash between the two inserts).
-            all_files = await _all_ids(db, f"{bucket}.files")
-            old_chunks = db.db[f"{bucket}.chunks"].find(
-                {"_id": {"$lt": ObjectId.from_datetime(cutoff)}, "n": 0}, {"files_id": 1}
-            )
-            loose = [int(d["files_id"]) async for d in old_chunks]
-            if loose:
-                has_file, _ = _members(all_files, np.asarray(loose, np.int64))
-                owned, _ = _members(record_ids, np.asarray(loose, np.int64))
-                file_ids += [
-                    i
-                    for i, f, o in zip(loose, has_file.tolist(), owned.tolist(), strict=True)
-                    if not (f or o)
-                ]
-            for image_id in sorted(set(file_ids) - deleted):
-                # Re-check: a record may have arrived since the scan (an upload just past its grace).
-                if await db.images.find_one({"_id": image_id}, {"_id": 1}) is None:
-                    await delete_files(db, image_id)
-                    deleted.add(image_id)
+                unowned.update(ids[~owned].tolist())
+        for image_id in sorted(unowned):
+            # Re-check: a record may have arrived since the scan (an upload just past its grace).
+            if await db.images.find_one({"_id": image_id}, {"_id": 1}) is None:
+                await delete_files(db, image_id)
+                deleted.add(image_id)
     if deleted:
         log.info("deleted the GridFS leftovers of %d image id(s) without a record", len(deleted))
     return len(deleted)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
 from service.catalogue import Limits
@@ -25,7 +24,8 @@ class ServiceState:
     needs_reconcile: bool = True  # set on every swap, cleared by a successful reconcile
     # Serialises refreshes (poller, POST /admin/reload, start-up): load + reconcile run as one.
     refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_sweep: float = field(default_factory=time.monotonic)  # monotonic time of the last orphan sweep
+    last_sweep: float | None = None  # monotonic time of the last orphan sweep
+    last_sweep_s: float | None = None  # how long it took
     last_reconcile_s: float | None = None  # how long the last reconcile took
     db_problem: str | None = None  # set while the embedded database is being restarted
 

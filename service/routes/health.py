@@ -55,4 +55,6 @@ async def ready(state: StateDep) -> Any:
         index_version=loaded.version,
         index_size=loaded.index.ntotal,
         reconciled=not state.needs_reconcile,
+        reconcile_seconds=state.last_reconcile_s,
+        orphan_sweep_seconds=state.last_sweep_s,
     )

@@ -42,7 +42,9 @@ def test_reconcile_of_10k_finishes_and_the_database_goes_idle(data_dir: Path, tm
         settings = service_settings(data_dir, uri, "large", ORPHAN_GRACE_SECONDS=60, MONGO_TIMEOUT_MS=2000)
         with running_service(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
             ready = wait_until(
-                lambda: (r := client.get("/health/ready")).status_code == 200 and r.json()["reconciled"] and r,
+                lambda: (
+                    (r := client.get("/health/ready")).status_code == 200 and r.json()["reconciled"] and r
+                ),
                 timeout_s=300,
                 what="the start-up reconcile of 10k records",
             )
@@ -51,11 +53,19 @@ def test_reconcile_of_10k_finishes_and_the_database_goes_idle(data_dir: Path, tm
             hits = client.post("/search", json={"id": built.missing[0], "k": 3}).json()["results"]
             assert built.missing[0] in [h["id"] for h in hits]  # (ids sharing its bytes tie with it)
             assert client.get(f"/images/{built.missing[0]}").json()["status"] == "indexed"
+            # The orphan sweep runs on its own, right after the start-up reconcile.
+            wait_until(
+                lambda: client.get("/health/ready").json()["orphan_sweep_seconds"] is not None,
+                timeout_s=300,
+                what="the first orphan sweep",
+            )
             with MongoClient(uri) as mongo:
                 db = mongo["large"]
                 for bucket in ("content", "thumbnails"):
                     assert db[f"{bucket}.files"].count_documents({}) == SIZE  # the 30 orphans are gone
-                    assert db[f"{bucket}.chunks"].count_documents({"files_id": {"$in": built.orphans[:20]}}) == 0
+                    assert (
+                        db[f"{bucket}.chunks"].count_documents({"files_id": {"$in": built.orphans[:20]}}) == 0
+                    )
             # Nothing keeps the server busy once reconcile is done: its CPU falls back to idle.
             wait_until(
                 lambda: cpu_share(database.pid) < 0.10,
