@@ -6,6 +6,7 @@ and old GridFS files without a record (orphans)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pymongo import MongoClient
 from index.search_index import SearchIndex
 from index.store import IndexStore
 from service.catalogue import GRIDFS_CHUNK_SIZE
+from service.db import Database
 from training.encoder import Encoder
 
 BATCH = 1000
@@ -53,6 +55,14 @@ def _gridfs(image_id: int, name: str, data: bytes, media_type: str, uploaded: da
     return files, {"files_id": image_id, "n": 0, "data": Binary(data)}
 
 
+async def _prepare(uri: str, db_name: str) -> None:
+    db = Database.connect(uri, db_name, 10_000)
+    try:
+        await db.prepare()
+    finally:
+        await db.close()
+
+
 def build_catalogue(
     uri: str,
     db_name: str,
@@ -69,6 +79,7 @@ def build_catalogue(
     old = datetime.now(timezone.utc) - timedelta(days=1)
     ids = list(range(1, count + 1))
     orphan_ids = list(range(count + 1, count + orphans + 1))
+    asyncio.run(_prepare(uri, db_name))  # the service's indexes exist before the first record, as in use
     with MongoClient(uri, tz_aware=True) as client:
         db = client[db_name]
         for start in range(0, count + orphans, BATCH):

@@ -26,6 +26,7 @@ IMAGE_ID_COUNTER = "image_id"
 # (measured: 500 ids on a 10k catalogue 1.2 s, 5000 ids 114 s), so cost grows with the list squared.
 ID_CHUNK = 64
 STREAM_BATCH = 1000  # documents per getMore of a streamed scan
+PREPARE_TIMEOUT_S = 900.0
 
 
 def chunked(ids: Iterable[int], size: int = ID_CHUNK) -> Iterator[list[int]]:
@@ -110,8 +111,13 @@ class Database:
         """Indexes and the id counter, created up front (idempotent).
 
         The counter document must exist before concurrent `find_one_and_update($inc)` calls race on
-        it: two upserts of a missing document can both insert.
+        it: two upserts of a missing document can both insert. Building an index over a large
+        existing catalogue takes minutes on SecantusDB, hence the long limit.
         """
+        with pymongo.timeout(PREPARE_TIMEOUT_S):
+            await self._prepare()
+
+    async def _prepare(self) -> None:
         await self.images.create_index([("sha256", ASCENDING)], unique=True, name="sha256_unique")
         await self.images.create_index([("label", ASCENDING)], name="label")
         await self.images.create_index([("tags", ASCENDING)], name="tags")

@@ -125,22 +125,27 @@ async def supervise_embedded_db(state: ServiceState) -> None:
     settings, server = state.settings, state.embedded_db
     assert server is not None
     answered = time.monotonic()
+    hang_limit = settings.EMBEDDED_DB_HANG_SECONDS
     while True:
         await asyncio.sleep(settings.EMBEDDED_DB_CHECK_SECONDS)
         exit_code = server.exited()
         reason = None
         if exit_code is not None:
             reason = f"exited with code {exit_code}"
+        elif not state.db_prepared:  # index builds over a large catalogue block queries for a while
+            answered = time.monotonic()
         else:
             try:
                 await state.db.check_catalogue(settings.MONGO_TIMEOUT_MS / 1000)
                 answered = time.monotonic()
+                hang_limit = settings.EMBEDDED_DB_HANG_SECONDS
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 silent = time.monotonic() - answered
-                if silent >= settings.EMBEDDED_DB_HANG_SECONDS:
+                if silent >= hang_limit:
                     reason = f"no answer to catalogue queries for {silent:.0f} s ({type(exc).__name__})"
+                    hang_limit *= 2  # a server that is only slow is not killed in a loop
         if reason is None:
             continue
         log.error("embedded database (pid %s) %s; restarting it", server.pid, reason)
