@@ -34,6 +34,7 @@ import pymongo
 from tqdm import tqdm
 
 from index.store import CURRENT_FILE, IndexStore
+from service.catalogue import insert_own_documents
 from service.connection import catalogue_connection
 from service.db import (
     CONTENT_BUCKET,
@@ -103,7 +104,7 @@ async def create(db: Database, index_dir: Path, directory: Path, progress: bool 
     version = _copy_current_index(index_dir, partial / "index")
     kept = 0
     with pymongo.timeout(SCAN_TIMEOUT_S), tqdm(desc="backup", unit="img", disable=not progress) as bar:
-        async for batch in stream_docs(db.images, {}, {}):  # whole records
+        async for batch in stream_docs(db.images, {}, None):  # whole records
             for start in range(0, len(batch), ID_CHUNK):
                 records = batch[start : start + ID_CHUNK]
                 kept += await _back_up_chunk(db, records, partial / "db")
@@ -185,16 +186,23 @@ async def restore(db: Database, index_dir: Path, directory: Path, progress: bool
 
 
 async def _insert_file(db: Database, name: str, path: Path, bar: tqdm) -> None:
+    """Insert a collection's documents; the database was empty, so a duplicate key is a retried
+    write of our own (SecantusDB does not deduplicate them), anything else is an error."""
     batch: list[dict] = []
     for document in _read_bson(path) if path.is_file() else ():
         batch.append(document)
         if len(batch) == INSERT_BATCH:
-            await db.db[name].insert_many(batch, ordered=False)
+            await _insert(db, name, batch)
             bar.update(len(batch))
             batch = []
     if batch:
-        await db.db[name].insert_many(batch, ordered=False)
+        await _insert(db, name, batch)
         bar.update(len(batch))
+
+
+async def _insert(db: Database, name: str, documents: list[dict]) -> None:
+    if errors := await insert_own_documents(db.db[name], documents):
+        raise BackupError(f"could not restore {name}: {errors[0].get('errmsg', errors[0])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # one clear line, not a traceback wall
-        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        message = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
     done = "backed up" if args.verb == "create" else "restored"
     print(

@@ -118,7 +118,7 @@ TRANSIENT = (AutoReconnect, NetworkTimeout)  # the write may or may not have bee
 WRITE_ATTEMPTS = 4
 
 
-async def _insert_ours(collection: AsyncCollection, documents: list[dict[str, Any]]) -> list[dict]:
+async def insert_own_documents(collection: AsyncCollection, documents: list[dict[str, Any]]) -> list[dict]:
     """Insert documents whose unique keys carry ids allocated to this call alone, safely when a
     write times out or is retried: the server may have applied an attempt whose answer was lost
     (SecantusDB does not deduplicate retried writes as MongoDB does), so a duplicate key on a
@@ -143,7 +143,7 @@ async def _insert_records(db: Database, records: list[dict[str, Any]]) -> dict[s
     a race to a concurrent upload of the same bytes (their own GridFS files are deleted)."""
     if not records:
         return {}
-    errors = await _insert_ours(db.images, records)
+    errors = await insert_own_documents(db.images, records)
     if errors:
         raise BulkWriteError({"writeErrors": errors, "nInserted": 0})
     # Every record is either ours (inserted now or by an attempt whose answer was lost) or the
@@ -157,7 +157,7 @@ async def _insert_records(db: Database, records: list[dict[str, Any]]) -> dict[s
     for record in losers:
         winner = await db.images.find_one({"sha256": record["sha256"]})
         if winner is None:  # the other upload was deleted meanwhile: store ours after all
-            if await _insert_ours(db.images, [record]):
+            if await insert_own_documents(db.images, [record]):
                 raise RuntimeError(f"could not store the record for {record['filename']}")
             continue
         await delete_files(db, int(record["_id"]))
@@ -200,7 +200,7 @@ async def store_prepared_many(
             # orphan sweep finds every leftover by scanning files documents alone. Nobody reads the
             # file before the id is returned, which happens only once the record exists.
             for collection, docs in ((f"{bucket}.files", files), (f"{bucket}.chunks", chunks)):
-                if errors := await _insert_ours(db.db[collection], docs):
+                if errors := await insert_own_documents(db.db[collection], docs):
                     raise BulkWriteError({"writeErrors": errors, "nInserted": 0})
         for sha, winner in (await _insert_records(db, list(records.values()))).items():
             existing[sha] = winner

@@ -27,6 +27,7 @@ IMAGE_ID_COUNTER = "image_id"
 ID_CHUNK = 64
 STREAM_BATCH = 1000  # documents per getMore of a streamed scan
 PREPARE_TIMEOUT_S = 900.0
+ID_ONLY = {"_id": 1}
 
 
 def chunked(ids: Iterable[int], size: int = ID_CHUNK) -> Iterator[list[int]]:
@@ -43,14 +44,15 @@ def chunked(ids: Iterable[int], size: int = ID_CHUNK) -> Iterator[list[int]]:
 async def stream_docs(
     collection: AsyncCollection,
     query: Mapping[str, Any] | None = None,
-    projection: Mapping[str, Any] | None = None,
+    projection: Mapping[str, Any] | None = ID_ONLY,
     batch_size: int = STREAM_BATCH,
 ) -> AsyncIterator[list[dict]]:
     """All matching documents, a batch at a time, from ONE scan of the collection: never a query
     per page (a range query is a full scan on SecantusDB) nor an id list sent to the server; the
-    caller matches ids against a sorted array. Run it inside `pymongo.timeout(...)` so the server
+    caller matches ids against a sorted array (`projection=None`: whole documents). Run it inside
+    `pymongo.timeout(...)` so the server
     cancels (maxTimeMS) a scan nobody waits for any more."""
-    cursor = collection.find(dict(query or {}), projection or {"_id": 1}, batch_size=batch_size)
+    cursor = collection.find(dict(query or {}), projection, batch_size=batch_size)
     batch: list[dict] = []
     async for doc in cursor:
         batch.append(doc)
