@@ -253,6 +253,13 @@ async def delete_files(db: Database, image_id: int) -> bool:
     return found
 
 
+async def delete_many_files(db: Database, image_ids: list[int]) -> None:
+    """`delete_files` for up to ID_CHUNK ids in four writes (same order: chunks, then files)."""
+    for bucket in (CONTENT_BUCKET, THUMBNAIL_BUCKET):
+        await db.db[f"{bucket}.chunks"].delete_many({"files_id": {"$in": image_ids}})
+        await db.db[f"{bucket}.files"].delete_many({"_id": {"$in": image_ids}})
+
+
 async def delete_image(db: Database, image_id: int) -> dict[str, Any] | None:
     """Record first (it disappears from results at once), then bytes and thumbnail; the caller then
     removes the index entry (a crash in between leaves an index id without a record: reconcile

@@ -24,7 +24,7 @@ import numpy as np
 import pymongo
 from tqdm import tqdm
 
-from service.catalogue import INDEXED, delete_files, mark_indexed, read_file
+from service.catalogue import INDEXED, delete_files, delete_many_files, mark_indexed, read_file
 from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database, chunked, stream_docs
 from service.engine import Engine, Loaded
 from service.imaging import ImageRejected, decode_image
@@ -165,11 +165,13 @@ async def sweep_orphans(
                 ids = np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
                 owned, _ = _members(record_ids, ids)
                 unowned.update(ids[~owned].tolist())
-        for image_id in sorted(unowned):
+        for chunk in chunked(sorted(unowned)):
             # Re-check: a record may have arrived since the scan (an upload just past its grace).
-            if await db.images.find_one({"_id": image_id}, {"_id": 1}) is None:
-                await delete_files(db, image_id)
-                deleted.add(image_id)
+            owned_now = {int(d["_id"]) async for d in db.images.find({"_id": {"$in": chunk}}, {"_id": 1})}
+            orphans = [i for i in chunk if i not in owned_now]
+            if orphans:
+                await delete_many_files(db, orphans)
+                deleted.update(orphans)
     if deleted:
         log.info("deleted the GridFS leftovers of %d image id(s) without a record", len(deleted))
     return len(deleted)
