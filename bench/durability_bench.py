@@ -43,7 +43,9 @@ def ingest_seconds(images: int, settings: dict[str, str], work: Path) -> float:
         "--no-progress",
     ]
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, capture_output=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"ingest failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return time.perf_counter() - started
 
 
