@@ -30,6 +30,7 @@ from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger("service")
+PROBE_TIMEOUT_MS = 20_000  # the supervisor's catalogue probe: late is slow, never is hung
 
 
 async def start(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
@@ -121,45 +122,56 @@ async def orphan_sweep_loop(state: ServiceState) -> None:
 
 async def supervise_embedded_db(state: ServiceState) -> None:
     """Restart the embedded database when it exits (reaped: no zombie) or when it has not answered
-    a real catalogue query for EMBEDDED_DB_HANG_SECONDS; the client reconnects to the same port."""
+    a real catalogue query for EMBEDDED_DB_HANG_SECONDS; the client reconnects to the same port.
+
+    The probe has its own client (a request pool that is merely saturated is not a hung server)
+    and a generous time limit (an overloaded server answers late, a hung one never), and after a
+    restart for silence the limit doubles until the server has answered for that long again: a
+    server that is only slow must not be killed in a loop (each restart costs more than it saves).
+    """
     settings, server = state.settings, state.embedded_db
     assert server is not None
-    answered = time.monotonic()
+    probe = Database.connect(server.uri, settings.MONGO_DB, PROBE_TIMEOUT_MS)
+    answered = healthy_since = time.monotonic()
     hang_limit = settings.EMBEDDED_DB_HANG_SECONDS
-    while True:
-        await asyncio.sleep(settings.EMBEDDED_DB_CHECK_SECONDS)
-        exit_code = server.exited()
-        reason = None
-        if exit_code is not None:
-            reason = f"exited with code {exit_code}"
-        elif not state.db_prepared:  # index builds over a large catalogue block queries for a while
-            answered = time.monotonic()
-        else:
-            try:
-                await state.db.check_catalogue(settings.MONGO_TIMEOUT_MS / 1000)
+    try:
+        while True:
+            await asyncio.sleep(settings.EMBEDDED_DB_CHECK_SECONDS)
+            exit_code = server.exited()
+            reason = None
+            if exit_code is not None:
+                reason = f"exited with code {exit_code}"
+            elif not state.db_prepared:  # index builds over a large catalogue block queries for a while
                 answered = time.monotonic()
-                hang_limit = settings.EMBEDDED_DB_HANG_SECONDS
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                silent = time.monotonic() - answered
-                if silent >= hang_limit:
-                    reason = f"no answer to catalogue queries for {silent:.0f} s ({type(exc).__name__})"
-                    hang_limit *= 2  # a server that is only slow is not killed in a loop
-        if reason is None:
-            continue
-        log.error("embedded database (pid %s) %s; restarting it", server.pid, reason)
-        state.db_problem = f"the embedded database {reason}; restarting it"
-        try:
-            await asyncio.to_thread(server.restart)
-        except EmbeddedDatabaseError as exc:
-            state.db_problem = f"the embedded database could not be restarted: {exc}"
-            log.error("%s; trying again", state.db_problem)
-            continue
-        log.info("embedded database restarted (pid %s)", server.pid)
-        state.db_problem = None
-        state.needs_reconcile = True  # cheap when nothing is missing; repairs what the crash interrupted
-        answered = time.monotonic()
+            else:
+                try:
+                    await probe.check_catalogue(PROBE_TIMEOUT_MS / 1000)
+                    answered = time.monotonic()
+                    if answered - healthy_since >= hang_limit:
+                        hang_limit = settings.EMBEDDED_DB_HANG_SECONDS
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    silent = time.monotonic() - answered
+                    if silent >= hang_limit:
+                        reason = f"no answer to catalogue queries for {silent:.0f} s ({type(exc).__name__})"
+                        hang_limit *= 2
+            if reason is None:
+                continue
+            log.error("embedded database (pid %s) %s; restarting it", server.pid, reason)
+            state.db_problem = f"the embedded database {reason}; restarting it"
+            try:
+                await asyncio.to_thread(server.restart)
+            except EmbeddedDatabaseError as exc:
+                state.db_problem = f"the embedded database could not be restarted: {exc}"
+                log.error("%s; trying again", state.db_problem)
+                continue
+            log.info("embedded database restarted (pid %s)", server.pid)
+            state.db_problem = None
+            state.needs_reconcile = True  # cheap when nothing is missing; repairs what the crash interrupted
+            answered = healthy_since = time.monotonic()
+    finally:
+        await probe.close()
 
 
 async def stop_background(tasks: list[asyncio.Task]) -> None:

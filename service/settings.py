@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     EMBEDDED_DB_DURABLE: bool = Field(True, description="embedded DB fsyncs its log on every commit")
     EMBEDDED_DB_CHECK_SECONDS: float = Field(2.0, gt=0, description="how often the embedded DB is checked")
     EMBEDDED_DB_HANG_SECONDS: float = Field(
-        60.0, gt=0, description="restart the embedded DB after this long without answering a real query"
+        180.0, gt=0, description="restart the embedded DB after this long without answering a real query"
     )
     ORPHAN_GRACE_SECONDS: float = Field(
         600.0, ge=0, description="age before GridFS files without a record are deleted"
