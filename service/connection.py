@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.embedded_db import EmbeddedDatabase, EmbeddedDatabaseError, wait_for_ping
+from service.embedded_db import START_TIMEOUT_S, EmbeddedDatabase, EmbeddedDatabaseError, wait_for_ping
 from service.settings import Settings
 
 ATTACH_TIMEOUT_S = 5.0  # a running server that does not answer within this is an error, not "gone"
@@ -47,7 +47,7 @@ class SharedEmbeddedDatabase(EmbeddedDatabase):
         )
         self.discovery = _discovery_file(settings)
 
-    def start(self, timeout_s: float = 60.0) -> str:
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
         uri = super().start(timeout_s)
         tmp = self.discovery.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"uri": uri, "pid": self.process.pid, "owner": os.getpid()}))

@@ -28,6 +28,7 @@ class EmbeddedDatabaseError(RuntimeError):
 
 
 PR_SET_PDEATHSIG = 1
+START_TIMEOUT_S = 180.0  # seconds for a first answer: 8 s idle, over 60 s on a saturated 2-core machine
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -105,7 +106,7 @@ class EmbeddedDatabase:
     def uri(self) -> str:
         return f"mongodb://{self.host}:{self.port}/?directConnection=true"
 
-    def start(self, timeout_s: float = 60.0) -> str:
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
         if self.storage_path != ":memory:":
             Path(self.storage_path).mkdir(parents=True, exist_ok=True)
         command = [
@@ -141,7 +142,7 @@ class EmbeddedDatabase:
         """The exit code once the process has ended (and reaps it: no zombie), else None."""
         return None if self.process is None else self.process.poll()
 
-    def restart(self, timeout_s: float = 60.0) -> str:
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> str:
         """Kill whatever is left of the server (crashed or hung) and start it again on the same port
         and files, so clients reconnect to the same address by themselves."""
         if self.process is not None and self.process.poll() is None:

@@ -45,7 +45,7 @@ class ServiceProcess:
         self.process: subprocess.Popen | None = None
         self.log = data_dir / f"service-{self.port}.log"
 
-    def start(self, ready_timeout_s: float = 120) -> ServiceProcess:
+    def start(self, ready_timeout_s: float = 300) -> ServiceProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "service", "--log-level", "info"],
