@@ -73,7 +73,7 @@ def test_kill_9_during_uploads_republishes_and_deletes(
         stop, threads = run_workers(uploader, 3)
         wait_until(
             lambda: len(acknowledged) >= 48 and len(store.versions()) > versions_at_start + 1,
-            timeout_s=120,
+            timeout_s=300,
             what="acknowledged uploads and republished versions",
         )
         first.kill9()
@@ -155,7 +155,7 @@ def test_kill_9_during_ingest_of_a_folder(
         try:
             wait_until(
                 lambda: mongo[mongo_db_name].images.estimated_document_count() >= 64,
-                timeout_s=120,
+                timeout_s=300,
                 interval_s=0.05,
                 what="ingest to store a batch",
             )
