@@ -53,9 +53,13 @@ class ServiceProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_until(
-            self.ready, timeout_s=ready_timeout_s, interval_s=0.2, what=f"the service (log: {self.log})"
-        )
+        try:
+            wait_until(
+                self.ready, timeout_s=ready_timeout_s, interval_s=0.2, what=f"the service (log: {self.log})"
+            )
+        except BaseException:
+            self.stop()  # never leave a half-started service (and its database) behind
+            raise
         return self
 
     def ready(self) -> bool:
