@@ -28,7 +28,11 @@ RESTART = {"ORPHAN_GRACE_SECONDS": 0, "ORPHAN_SWEEP_SECONDS": 1}  # nothing uplo
 
 def restart_and_settle(data_dir: Path, env: dict) -> ServiceProcess:
     service = ServiceProcess(data_dir, **env, **RESTART).start()
-    wait_until(service.reconciled, timeout_s=120, interval_s=0.2, what="reconcile and an orphan sweep")
+    try:
+        wait_until(service.reconciled, timeout_s=300, interval_s=0.2, what="reconcile and an orphan sweep")
+    except BaseException:
+        service.stop()
+        raise
     return service
 
 
