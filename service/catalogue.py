@@ -8,17 +8,18 @@ then adds the vector to the index and only then marks the record "indexed".
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from bson import Binary
 from gridfs.errors import CorruptGridFile, NoFile
-from pymongo.errors import BulkWriteError
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import AutoReconnect, BulkWriteError, NetworkTimeout
 
-from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database
+from service.db import CONTENT_BUCKET, ID_CHUNK, THUMBNAIL_BUCKET, Database, chunked
 from service.imaging import DecodedImage, decode_image, make_thumbnail
 
 RunInThread = Callable[..., Awaitable[Any]]
@@ -113,16 +114,71 @@ def _record(image_id: int, prepared: PreparedImage, metadata: ImageMetadata) -> 
     }
 
 
+TRANSIENT = (AutoReconnect, NetworkTimeout)  # the write may or may not have been applied
+WRITE_ATTEMPTS = 4
+
+
+async def insert_own_documents(collection: AsyncCollection, documents: list[dict[str, Any]]) -> list[dict]:
+    """Insert documents whose unique keys carry ids allocated to this call alone, safely when a
+    write times out or is retried: the server may have applied an attempt whose answer was lost
+    (SecantusDB does not deduplicate retried writes as MongoDB does), so a duplicate key on a
+    document we sent is our own earlier attempt, not a failure. Transient errors are retried here
+    (the same documents, the same `_id`s). Returns the write errors that are not duplicate keys."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            await collection.insert_many(documents, ordered=False)
+            return []
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            return [e for e in errors if e.get("code") != DUPLICATE_KEY]
+        except TRANSIENT:
+            if attempt == WRITE_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.2 * 2**attempt)
+    return []
+
+
+async def _insert_records(db: Database, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Insert pending records; returns {sha256: the record that owns it} for the records that lost
+    a race to a concurrent upload of the same bytes (their own GridFS files are deleted)."""
+    if not records:
+        return {}
+    errors = await insert_own_documents(db.images, records)
+    if errors:
+        raise BulkWriteError({"writeErrors": errors, "nInserted": 0})
+    # Every record is either ours (inserted now or by an attempt whose answer was lost) or the
+    # sha256 belongs to another record: find out which, with short `$in` lists.
+    ours = {int(r["_id"]) for r in records}
+    present: set[int] = set()
+    for chunk in chunked(ours):
+        present |= {int(d["_id"]) async for d in db.images.find({"_id": {"$in": chunk}}, {"_id": 1})}
+    losers = [r for r in records if int(r["_id"]) not in present]
+    winners: dict[str, dict[str, Any]] = {}
+    for record in losers:
+        winner = await db.images.find_one({"sha256": record["sha256"]})
+        if winner is None:  # the other upload was deleted meanwhile: store ours after all
+            if await insert_own_documents(db.images, [record]):
+                raise RuntimeError(f"could not store the record for {record['filename']}")
+            continue
+        await delete_files(db, int(record["_id"]))
+        winners[record["sha256"]] = winner
+    return winners
+
+
 async def store_prepared_many(
     db: Database, prepared: list[PreparedImage], metadata: list[ImageMetadata]
 ) -> list[StoredImage]:
     """`store_prepared` for a batch, in a handful of round trips whatever its size: one query for
     the hashes already stored, one block of ids, then bulk inserts in the crash-safe order (bytes,
-    thumbnails, then the pending records). Duplicates within the batch are stored once."""
+    thumbnails, then the pending records: see `sweep_orphans`). Duplicates within the batch are
+    stored once. Safe to retry after a timeout: ids are fresh per call, so a duplicate key is our
+    own earlier write."""
     if not prepared:
         return []
     shas = [p.decoded.sha256 for p in prepared]
-    existing = {d["sha256"]: d async for d in db.images.find({"sha256": {"$in": sorted(set(shas))}})}
+    existing: dict[str, dict[str, Any]] = {}
+    for chunk in _chunks(sorted(set(shas))):
+        existing |= {d["sha256"]: d async for d in db.images.find({"sha256": {"$in": chunk}})}
     first_of: dict[str, int] = {}
     new = [i for i, sha in enumerate(shas) if sha not in existing and first_of.setdefault(sha, i) == i]
     records: dict[str, dict[str, Any]] = {}
@@ -140,28 +196,26 @@ async def store_prepared_many(
                 documents[bucket][1].extend(chunks)
             records[shas[i]] = _record(image_id, item, metadata[i])
         for bucket, (files, chunks) in documents.items():
-            await db.db[f"{bucket}.chunks"].insert_many(chunks, ordered=False)
-            await db.db[f"{bucket}.files"].insert_many(files, ordered=False)
-        attempted = list(records.values())  # writeErrors index into this list, fixed before deletions
-        try:
-            await db.images.insert_many(attempted, ordered=False)
-        except BulkWriteError as exc:  # concurrent uploads of the same bytes won some races
-            for error in exc.details.get("writeErrors", []):
-                lost = attempted[error["index"]]
-                if error.get("code") != DUPLICATE_KEY:
-                    raise
-                await delete_files(db, lost["_id"])
-                winner = await db.images.find_one({"sha256": lost["sha256"]})
-                if winner is None:
-                    raise
-                existing[lost["sha256"]] = winner
-                del records[lost["sha256"]]
+            # Files document first, then chunks: a chunk always has its files document, so the
+            # orphan sweep finds every leftover by scanning files documents alone. Nobody reads the
+            # file before the id is returned, which happens only once the record exists.
+            for collection, docs in ((f"{bucket}.files", files), (f"{bucket}.chunks", chunks)):
+                if errors := await insert_own_documents(db.db[collection], docs):
+                    raise BulkWriteError({"writeErrors": errors, "nInserted": 0})
+        for sha, winner in (await _insert_records(db, list(records.values()))).items():
+            existing[sha] = winner
+            del records[sha]
     stored = []
     for i, sha in enumerate(shas):
         created = sha in records and first_of.get(sha) == i
         record = records[sha] if sha in records else existing[sha]
         stored.append(StoredImage(record, created, prepared[i].decoded))
     return stored
+
+
+def _chunks(values: list[str], size: int = ID_CHUNK) -> Iterator[list[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 async def store_image(
@@ -178,28 +232,44 @@ async def store_image(
 
 
 async def mark_indexed(db: Database, ids: list[int], model_version: str, index_version: str) -> int:
-    """Returns how many of the records still exist (matched), so callers can skip a lookup."""
-    if not ids:
-        return 0
-    result = await db.images.update_many(
-        {"_id": {"$in": ids}},
-        {"$set": {"status": INDEXED, "model_version": model_version, "index_version": index_version}},
-    )
-    return result.matched_count
+    """Returns how many of the records still exist (matched), so callers can skip a lookup.
+    Short `$in` lists; idempotent, so safe to retry."""
+    update = {"$set": {"status": INDEXED, "model_version": model_version, "index_version": index_version}}
+    matched = 0
+    for chunk in chunked(ids):
+        matched += (await db.images.update_many({"_id": {"$in": chunk}}, update)).matched_count
+    return matched
 
 
-async def delete_files(db: Database, image_id: int) -> None:
-    for bucket in (db.content, db.thumbnails):
-        with contextlib.suppress(NoFile):
-            await bucket.delete(image_id)
+async def delete_files(db: Database, image_id: int) -> bool:
+    """Bytes and thumbnail: chunks, then the files document, so that an interrupted delete leaves
+    a files document (which the orphan sweep finds), never loose chunks. Idempotent: every step
+    runs whatever the others find. True if anything was there."""
+    found = False
+    for bucket in (CONTENT_BUCKET, THUMBNAIL_BUCKET):
+        chunks = await db.db[f"{bucket}.chunks"].delete_many({"files_id": image_id})
+        files = await db.db[f"{bucket}.files"].delete_one({"_id": image_id})
+        found = found or bool(files.deleted_count or chunks.deleted_count)
+    return found
+
+
+async def delete_many_files(db: Database, image_ids: list[int]) -> None:
+    """`delete_files` for up to ID_CHUNK ids in four writes (same order: chunks, then files)."""
+    for bucket in (CONTENT_BUCKET, THUMBNAIL_BUCKET):
+        await db.db[f"{bucket}.chunks"].delete_many({"files_id": {"$in": image_ids}})
+        await db.db[f"{bucket}.files"].delete_many({"_id": {"$in": image_ids}})
 
 
 async def delete_image(db: Database, image_id: int) -> dict[str, Any] | None:
-    """Record first (it disappears from results at once), then the bytes. The caller then removes
-    the index entry; a crash in between leaves an index id without a record, which reconcile removes."""
+    """Record first (it disappears from results at once), then bytes and thumbnail; the caller then
+    removes the index entry (a crash in between leaves an index id without a record: reconcile
+    removes it). Every step runs whatever the earlier ones found, so a delete that is retried after
+    a timeout, or repeated after a crash, finishes the job. Returns the record, `{"_id": id}` when
+    only leftovers of an earlier attempt were there (it did take effect), None when nothing was."""
     record = await db.images.find_one_and_delete({"_id": image_id})
-    if record is not None:
-        await delete_files(db, image_id)
+    leftovers = await delete_files(db, image_id)
+    if record is None and leftovers:
+        return {"_id": image_id}
     return record
 
 
@@ -219,12 +289,17 @@ SEARCH_FIELDS = {"label": 1, "tags": 1}  # what a search result shows: less to s
 
 
 async def records_by_id(db: Database, ids: list[int], extra_filter: dict | None = None) -> dict[int, dict]:
-    """{id: record (label and tags only)} for the ids that exist and pass `extra_filter`."""
-    query: dict[str, Any] = {"_id": {"$in": ids}}
-    if extra_filter:
-        query.update(extra_filter)
-    cursor = db.images.find(query, SEARCH_FIELDS, batch_size=max(len(ids), 1))
-    return {int(doc["_id"]): doc async for doc in cursor}
+    """{id: record (label and tags only)} for the ids that exist and pass `extra_filter`; short
+    `$in` lists, concurrently (one long list costs its length squared on SecantusDB)."""
+
+    async def fetch(chunk: list[int]) -> list[dict]:
+        query: dict[str, Any] = {"_id": {"$in": chunk}, **(extra_filter or {})}
+        return await db.images.find(query, SEARCH_FIELDS, batch_size=len(chunk)).to_list()
+
+    found: dict[int, dict] = {}
+    for docs in await asyncio.gather(*(fetch(chunk) for chunk in chunked(ids))):
+        found |= {int(doc["_id"]): doc for doc in docs}
+    return found
 
 
 def metadata_filter(label: str | None, tags: list[str] | tuple[str, ...] | None) -> dict[str, Any]:

@@ -12,13 +12,16 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.embedded_db import EmbeddedDatabase, EmbeddedDatabaseError, wait_for_ping
+from service.embedded_db import START_TIMEOUT_S, EmbeddedDatabase, EmbeddedDatabaseError, wait_for_ping
 from service.settings import Settings
 
 ATTACH_TIMEOUT_S = 5.0  # a running server that does not answer within this is an error, not "gone"
+ORPHAN_EXIT_TIMEOUT_S = 30.0  # how long an orphaned server gets to checkpoint and exit
 
 
 def _discovery_file(settings: Settings) -> Path:
@@ -39,10 +42,12 @@ class SharedEmbeddedDatabase(EmbeddedDatabase):
     """An EmbeddedDatabase that announces itself in DATA_DIR/db.json while it runs."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings.db_dir, port=settings.EMBEDDED_DB_PORT)
+        super().__init__(
+            settings.db_dir, port=settings.EMBEDDED_DB_PORT, durable=settings.EMBEDDED_DB_DURABLE
+        )
         self.discovery = _discovery_file(settings)
 
-    def start(self, timeout_s: float = 60.0) -> str:
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
         uri = super().start(timeout_s)
         tmp = self.discovery.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"uri": uri, "pid": self.process.pid, "owner": os.getpid()}))
@@ -56,13 +61,29 @@ class SharedEmbeddedDatabase(EmbeddedDatabase):
         super().stop(timeout_s)
 
 
-def _read_discovery(path: Path) -> tuple[str, int] | None:
-    """(uri, server pid) from DATA_DIR/db.json, or None when there is none or it is unreadable."""
+def _read_discovery(path: Path) -> tuple[str, int, int | None] | None:
+    """(uri, server pid, owner pid) from DATA_DIR/db.json, or None when there is none or it is unreadable."""
     try:
         running = json.loads(path.read_text())
-        return str(running["uri"]), int(running["pid"])
+        owner = running.get("owner")
+        return str(running["uri"]), int(running["pid"]), None if owner is None else int(owner)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _retire_orphan(pid: int, timeout_s: float = ORPHAN_EXIT_TIMEOUT_S) -> None:
+    """A server whose owner died (it got SIGTERM from the kernel, see embedded_db._die_with_parent,
+    or it predates that): make sure it is asked to stop, and wait for it to let go of the files."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        while _alive(pid) and time.monotonic() < deadline + 10:
+            time.sleep(0.1)
 
 
 def attach_or_start(settings: Settings) -> tuple[str, EmbeddedDatabase | None]:
@@ -74,8 +95,10 @@ def attach_or_start(settings: Settings) -> tuple[str, EmbeddedDatabase | None]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         discovery = _discovery_file(settings)
         running = _read_discovery(discovery)
+        if running is not None and running[2] is not None and not _alive(running[2]) and _alive(running[1]):
+            _retire_orphan(running[1])  # its owner was killed: never attach to an orphan
         if running is not None and _alive(running[1]):
-            uri, pid = running
+            uri, pid, _ = running
             try:
                 wait_for_ping(uri, None, timeout_s=ATTACH_TIMEOUT_S)
             except EmbeddedDatabaseError as exc:

@@ -10,7 +10,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError
+from pymongo.errors import (
+    AutoReconnect,
+    ConnectionFailure,
+    ExecutionTimeout,
+    NetworkTimeout,
+    ServerSelectionTimeoutError,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
@@ -20,7 +26,14 @@ from service.imaging import ImageRejected
 from service.validation import SAFE_TEXT_PATTERN, SAFE_TEXT_RULE, InvalidValue
 
 log = logging.getLogger("service.errors")
-DATABASE_DOWN = (ConnectionFailure, ServerSelectionTimeoutError, AutoReconnect, NetworkTimeout)
+# ExecutionTimeout: the server cancelled a query at its maxTimeMS (busy, not down): also a 503.
+DATABASE_DOWN = (
+    ConnectionFailure,
+    ServerSelectionTimeoutError,
+    AutoReconnect,
+    NetworkTimeout,
+    ExecutionTimeout,
+)
 
 
 class BadRequest(ValueError):
@@ -69,6 +82,8 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
 
 
 def database_message(exc: Exception) -> str:
+    if isinstance(exc, (ExecutionTimeout, TimeoutError)):
+        return f"database too slow: a catalogue query timed out ({type(exc).__name__}); retry shortly"
     return f"database unreachable ({type(exc).__name__}); the service reconnects by itself, retry shortly"
 
 

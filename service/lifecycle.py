@@ -1,38 +1,57 @@
-"""Start-up, the background maintenance loop, and shutdown.
+"""Start-up, the background tasks, and shutdown.
 
-Start-up: start the embedded database when MONGO_URI is unset, connect, create indexes, load (or
-bootstrap) the index version, reconcile. Every RELOAD_POLL_SECONDS the loop retries whatever
-failed (database down at start-up, reconcile interrupted), loads a new CURRENT if one appeared
-(then reconciles), and republishes local changes once they are quiet (debounced). Shutdown
-publishes pending changes and stops the embedded database.
+Start-up: start (or attach to) the embedded database when MONGO_URI is unset, connect, create
+indexes, load (or bootstrap) the index version; the service then serves at once. Background tasks:
+  * maintenance, every RELOAD_POLL_SECONDS: retry whatever failed (database down at start-up,
+    reconcile interrupted), reconcile (start-up, after a swap or a database restart), load a new
+    CURRENT if one appeared, republish local changes once they are quiet (debounced);
+  * the orphan sweep, every ORPHAN_SWEEP_SECONDS (not only inside a reconcile that may not finish);
+  * the embedded database's supervisor (only for a server this process started): restarts it when
+    it exits or stops answering real queries for EMBEDDED_DB_HANG_SECONDS.
+Shutdown publishes pending changes and stops the embedded database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from datetime import timedelta
 
 from service.connection import attach_or_start
 from service.db import Database
+from service.embedded_db import EmbeddedDatabaseError
 from service.engine import Engine
 from service.errors import DATABASE_DOWN
 from service.metrics import ServiceMetrics
-from service.reconcile import reconcile
+from service.reconcile import reconcile, sweep_orphans
 from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger("service")
+PROBE_TIMEOUT_MS = 20_000  # the supervisor's catalogue probe: late is slow, never is hung
 
 
 async def start(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
     # MONGO_URI, or the embedded database: attached when another process announced it, else started
     # (and announced) here; `embedded` is only a server this process started and must stop.
     uri, embedded = await asyncio.to_thread(attach_or_start, settings)
-    db = Database.connect(uri, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS)
+    db = Database.connect(uri, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS, journal=settings.MONGO_JOURNAL)
     state = ServiceState(settings, db, Engine(settings), metrics, embedded)
     await prepare_database(state)
-    await refresh(state)
+    await state.engine.load_current()  # searches are served from here on; reconcile follows in the background
     return state
+
+
+def background_tasks(state: ServiceState) -> list[asyncio.Task]:
+    tasks = [
+        asyncio.create_task(maintenance_loop(state), name="maintenance"),
+        asyncio.create_task(orphan_sweep_loop(state), name="orphan-sweep"),
+    ]
+    if state.embedded_db is not None:
+        tasks.append(asyncio.create_task(supervise_embedded_db(state), name="db-supervisor"))
+    return tasks
 
 
 async def prepare_database(state: ServiceState) -> bool:
@@ -45,6 +64,10 @@ async def prepare_database(state: ServiceState) -> bool:
     return state.db_prepared
 
 
+def _grace(state: ServiceState) -> timedelta:
+    return timedelta(seconds=state.settings.ORPHAN_GRACE_SECONDS)
+
+
 async def refresh(state: ServiceState) -> bool:
     """Load a new CURRENT if there is one, then reconcile when needed. True when a swap happened."""
     async with state.refresh_lock:
@@ -53,8 +76,12 @@ async def refresh(state: ServiceState) -> bool:
             state.needs_reconcile = True
         if state.needs_reconcile and state.engine.loaded is not None and await prepare_database(state):
             try:
-                await reconcile(state.engine, state.db)
+                started = time.monotonic()
+                report = await reconcile(state.engine, state.db)
                 state.needs_reconcile = False
+                state.last_reconcile_s = time.monotonic() - started
+                if report is not None:
+                    log.info("reconcile finished in %.1f s: %s", state.last_reconcile_s, report)
             except DATABASE_DOWN as exc:
                 log.warning("reconcile postponed: database unreachable (%s)", type(exc).__name__)
         return swapped
@@ -62,7 +89,6 @@ async def refresh(state: ServiceState) -> bool:
 
 async def maintenance_loop(state: ServiceState) -> None:
     while True:
-        await asyncio.sleep(state.settings.RELOAD_POLL_SECONDS)
         try:
             await refresh(state)
             await state.engine.publish_if_due()
@@ -70,6 +96,90 @@ async def maintenance_loop(state: ServiceState) -> None:
             raise
         except Exception:  # the loop must survive anything and try again next tick
             log.exception("maintenance step failed; retrying in %.1f s", state.settings.RELOAD_POLL_SECONDS)
+        await asyncio.sleep(state.settings.RELOAD_POLL_SECONDS)
+
+
+async def orphan_sweep_loop(state: ServiceState) -> None:
+    """The first sweep follows the start-up reconcile (not at the same time: both scan the catalogue),
+    then one every ORPHAN_SWEEP_SECONDS."""
+    every = state.settings.ORPHAN_SWEEP_SECONDS
+    while True:
+        await asyncio.sleep(min(every, state.settings.RELOAD_POLL_SECONDS))
+        due = state.last_sweep is None or time.monotonic() - state.last_sweep >= every
+        if not due or not state.db_prepared or state.last_reconcile_s is None:
+            continue
+        try:
+            started = time.monotonic()
+            await sweep_orphans(state.db, _grace(state))
+            state.last_sweep = time.monotonic()
+            state.last_sweep_s = state.last_sweep - started
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # DATABASE_DOWN or a cancelled scan: next time
+            log.warning("orphan sweep failed (%s: %s); retrying later", type(exc).__name__, exc)
+            state.last_sweep = time.monotonic() - every + state.settings.RELOAD_POLL_SECONDS
+
+
+async def supervise_embedded_db(state: ServiceState) -> None:
+    """Restart the embedded database when it exits (reaped: no zombie) or when it has not answered
+    a real catalogue query for EMBEDDED_DB_HANG_SECONDS; the client reconnects to the same port.
+
+    The probe has its own client (a request pool that is merely saturated is not a hung server)
+    and a generous time limit (an overloaded server answers late, a hung one never), and after a
+    restart for silence the limit doubles until the server has answered for that long again: a
+    server that is only slow must not be killed in a loop (each restart costs more than it saves).
+    """
+    settings, server = state.settings, state.embedded_db
+    assert server is not None
+    probe = Database.connect(server.uri, settings.MONGO_DB, PROBE_TIMEOUT_MS)
+    answered = healthy_since = time.monotonic()
+    hang_limit = settings.EMBEDDED_DB_HANG_SECONDS
+    try:
+        while True:
+            await asyncio.sleep(settings.EMBEDDED_DB_CHECK_SECONDS)
+            exit_code = server.exited()
+            reason = None
+            if exit_code is not None:
+                reason = f"exited with code {exit_code}"
+            elif not state.db_prepared:  # index builds over a large catalogue block queries for a while
+                answered = time.monotonic()
+            else:
+                try:
+                    await probe.check_catalogue(PROBE_TIMEOUT_MS / 1000)
+                    answered = time.monotonic()
+                    if answered - healthy_since >= hang_limit:
+                        hang_limit = settings.EMBEDDED_DB_HANG_SECONDS
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    silent = time.monotonic() - answered
+                    if silent >= hang_limit:
+                        reason = f"no answer to catalogue queries for {silent:.0f} s ({type(exc).__name__})"
+                        hang_limit *= 2
+            if reason is None:
+                continue
+            log.error("embedded database (pid %s) %s; restarting it", server.pid, reason)
+            state.db_problem = f"the embedded database {reason}; restarting it"
+            try:
+                await asyncio.to_thread(server.restart)
+            except EmbeddedDatabaseError as exc:
+                state.db_problem = f"the embedded database could not be restarted: {exc}"
+                log.error("%s; trying again", state.db_problem)
+                continue
+            log.info("embedded database restarted (pid %s)", server.pid)
+            state.db_problem = None
+            state.needs_reconcile = True  # cheap when nothing is missing; repairs what the crash interrupted
+            answered = healthy_since = time.monotonic()
+    finally:
+        await probe.close()
+
+
+async def stop_background(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def stop(state: ServiceState) -> None:

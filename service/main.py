@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -48,14 +47,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await lifecycle.start(settings, service_metrics)
         app.state.service = state
-        loop_task = asyncio.create_task(lifecycle.maintenance_loop(state))
+        tasks = lifecycle.background_tasks(state)
         announce(settings, state)
         try:
             yield
         finally:
-            loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop_task
+            await lifecycle.stop_background(tasks)
             await lifecycle.stop(state)
 
     app = FastAPI(title="ssl-retrieval", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)

@@ -1,11 +1,17 @@
-"""Reconcile the catalogue with the loaded index; run at start-up and after every swap.
+"""Reconcile the catalogue with the loaded index (start-up, after every swap), and sweep orphans.
 
 The index's own id set is the truth about what is indexed:
   * records not in the index (pending, indexed before a crash, added while a refresh built the new
     version) are embedded from their stored bytes and added, then marked indexed;
   * index ids without a record (deleted, or a crash between record delete and index remove) are removed;
-  * GridFS files without a record older than a grace period (a crash between the bytes and the
-    record) are deleted; a record whose bytes are gone cannot be embedded and is dropped.
+  * a record whose bytes are gone cannot be embedded and is dropped.
+`sweep_orphans` (on its own schedule, first after the start-up reconcile) deletes GridFS files and
+chunks that no record owns once they are older than a grace period (a crash between the bytes and
+the record).
+
+Every query here is a single streamed scan matched against a sorted id array, or an
+`$in` of at most ID_CHUNK ids: nothing whose cost grows with the catalogue times a list. Each
+pass runs under `pymongo.timeout`, so the server cancels (maxTimeMS) a scan nobody waits for.
 """
 
 from __future__ import annotations
@@ -14,17 +20,20 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
+import pymongo
 from tqdm import tqdm
 
-from service.catalogue import INDEXED, delete_files, mark_indexed, read_file
-from service.db import Database
+from service.catalogue import INDEXED, delete_files, delete_many_files, mark_indexed, read_file
+from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database, chunked, stream_docs
 from service.engine import Engine, Loaded
 from service.imaging import ImageRejected, decode_image
 from service.indexing import index_images
 
 log = logging.getLogger("service.reconcile")
 BATCH = 64
-ORPHAN_GRACE = timedelta(minutes=10)  # an upload in progress has bytes but no record for a moment
+DEFAULT_ORPHAN_GRACE = timedelta(minutes=10)  # an upload in progress has bytes but no record for a moment
+SCAN_TIMEOUT_S = 300.0  # server-side limit of one background scan (100k records take seconds)
 
 
 @dataclass
@@ -41,37 +50,64 @@ class ReconcileReport:
             f"deleted {self.orphan_files_deleted} orphan files, {len(self.unreadable)} unreadable"
         )
 
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.added or self.removed or self.marked_indexed or self.orphan_files_deleted or self.unreadable
+        )
 
-async def reconcile(engine: Engine, db: Database) -> ReconcileReport | None:
+
+def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(is each of `ids` in `sorted_ids`, its position there) by binary search."""
+    if len(sorted_ids) == 0:
+        return np.zeros(len(ids), bool), np.zeros(len(ids), np.int64)
+    position = np.searchsorted(sorted_ids, ids).clip(0, len(sorted_ids) - 1)
+    return sorted_ids[position] == ids, position
+
+
+async def reconcile(
+    engine: Engine, db: Database, scan_timeout_s: float = SCAN_TIMEOUT_S
+) -> ReconcileReport | None:
     loaded = engine.loaded
     if loaded is None:
         return None
     report = ReconcileReport()
-    index_ids = set((await engine.run_in_thread(loaded.index.ids)).tolist())
-    record_status = {int(d["_id"]): d.get("status") async for d in db.images.find({}, {"status": 1})}
+    # The index ids first: any id in them was added after its record was written, so the record
+    # scan that follows sees it unless it was deleted meanwhile (then removing it is right).
+    index_ids = np.sort(await engine.run_in_thread(loaded.index.ids)).astype(np.int64)
+    seen = np.zeros(len(index_ids), bool)
+    missing: list[int] = []
+    indexed_but_pending: list[int] = []
+    with pymongo.timeout(scan_timeout_s):
+        async for batch in stream_docs(db.images, {}, {"status": 1}):
+            ids = np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
+            present, position = _members(index_ids, ids)
+            seen[position[present]] = True
+            missing += ids[~present].tolist()
+            indexed_but_pending += [
+                int(d["_id"])
+                for d, p in zip(batch, present.tolist(), strict=True)
+                if p and d.get("status") != INDEXED
+            ]
 
-    stale = sorted(index_ids - record_status.keys())
-    report.removed = await engine.remove(stale) if stale else 0
+    stale = index_ids[~seen].tolist()
+    if stale:  # re-check the few candidates by point lookups before removing anything
+        still = set()
+        for chunk in chunked(stale):
+            still |= {int(d["_id"]) async for d in db.images.find({"_id": {"$in": chunk}}, {"_id": 1})}
+        stale = [i for i in stale if i not in still]
+        report.removed = await engine.remove(stale) if stale else 0
 
-    indexed_but_pending = [i for i, s in record_status.items() if i in index_ids and s != INDEXED]
     await mark_indexed(db, indexed_but_pending, loaded.model_version, loaded.version)
     report.marked_indexed = len(indexed_but_pending)
 
-    missing = sorted(i for i in record_status if i not in index_ids)
     with tqdm(total=len(missing), desc="reconcile", unit="img", disable=len(missing) < BATCH) as progress:
         for start in range(0, len(missing), BATCH):
             chunk = missing[start : start + BATCH]
             report.added += await _embed_and_add(engine, db, loaded, chunk, report)
             progress.update(len(chunk))
 
-    report.orphan_files_deleted = await _delete_orphan_files(db)
-    if (
-        report.added
-        or report.removed
-        or report.marked_indexed
-        or report.orphan_files_deleted
-        or report.unreadable
-    ):
+    if report.changed:
         log.info("reconcile of index version %s: %s", loaded.version, report)
     return report
 
@@ -86,6 +122,7 @@ async def _embed_and_add(
         if stored is None:
             log.warning("record %d has no stored bytes; dropping the record", image_id)
             await db.images.delete_one({"_id": image_id})
+            await delete_files(db, image_id)  # a thumbnail without its image is an orphan too
             report.unreadable.append(image_id)
             continue
         limit = max(settings.MAX_UPLOAD_BYTES, len(stored[0]))
@@ -100,17 +137,41 @@ async def _embed_and_add(
     return len(await index_images(engine, db, loaded, kept, images))
 
 
-async def _delete_orphan_files(db: Database) -> int:
-    cutoff = datetime.now(timezone.utc) - ORPHAN_GRACE
-    deleted = 0
-    for bucket_name in ("content", "thumbnails"):
-        files = db.db[f"{bucket_name}.files"]
-        old_ids = [d["_id"] async for d in files.find({"uploadDate": {"$lt": cutoff}}, {"_id": 1})]
-        if not old_ids:
-            continue
-        with_record = {d["_id"] async for d in db.images.find({"_id": {"$in": old_ids}}, {"_id": 1})}
-        for file_id in old_ids:
-            if file_id not in with_record:
-                await delete_files(db, file_id)
-                deleted += 1
-    return deleted
+async def _all_ids(db: Database, collection: str) -> np.ndarray:
+    """Every `_id` of a collection, sorted, from one streamed scan."""
+    parts = [
+        np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
+        async for batch in stream_docs(db.db[collection])
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+async def sweep_orphans(
+    db: Database, grace: timedelta = DEFAULT_ORPHAN_GRACE, scan_timeout_s: float = SCAN_TIMEOUT_S
+) -> int:
+    """Delete GridFS files that no record owns and that are older than `grace`: left by a crash or
+    a failed request between the bytes and the record. One scan of the record ids and one of each
+    bucket's files documents. (Chunks need no scan of their own: they are written after their files
+    document and deleted before it, see catalogue, so a chunk always has one.) Returns the number
+    of image ids whose leftovers were deleted."""
+    cutoff = datetime.now(timezone.utc) - grace
+    deleted: set[int] = set()
+    with pymongo.timeout(scan_timeout_s):
+        record_ids = await _all_ids(db, "images")
+        unowned: set[int] = set()
+        for bucket in (CONTENT_BUCKET, THUMBNAIL_BUCKET):
+            query = {"uploadDate": {"$lt": cutoff}}
+            async for batch in stream_docs(db.db[f"{bucket}.files"], query):
+                ids = np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
+                owned, _ = _members(record_ids, ids)
+                unowned.update(ids[~owned].tolist())
+        for chunk in chunked(sorted(unowned)):
+            # Re-check: a record may have arrived since the scan (an upload just past its grace).
+            owned_now = {int(d["_id"]) async for d in db.images.find({"_id": {"$in": chunk}}, {"_id": 1})}
+            orphans = [i for i in chunk if i not in owned_now]
+            if orphans:
+                await delete_many_files(db, orphans)
+                deleted.update(orphans)
+    if deleted:
+        log.info("deleted the GridFS leftovers of %d image id(s) without a record", len(deleted))
+    return len(deleted)

@@ -237,6 +237,9 @@ class Ready(BaseModel):
     model_version: str
     index_version: str
     index_size: int
+    reconciled: bool = Field(description="the index agrees with the records (reconcile since start/swap)")
+    reconcile_seconds: float | None = Field(None, description="how long the last reconcile took")
+    orphan_sweep_seconds: float | None = Field(None, description="how long the last orphan sweep took")
 
 
 class VersionInfo(BaseModel):

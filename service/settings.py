@@ -24,6 +24,18 @@ class Settings(BaseSettings):
     )
     INDEX_DIR: Path | None = Field(None, description="IndexStore root (default DATA_DIR/index)")
 
+    # Reliability: durability, supervision of the embedded database, background clean-up.
+    MONGO_JOURNAL: bool = Field(True, description="writes acknowledged once journaled (j: true)")
+    EMBEDDED_DB_DURABLE: bool = Field(True, description="embedded DB fsyncs its log on every commit")
+    EMBEDDED_DB_CHECK_SECONDS: float = Field(2.0, gt=0, description="how often the embedded DB is checked")
+    EMBEDDED_DB_HANG_SECONDS: float = Field(
+        180.0, gt=0, description="restart the embedded DB after this long without answering a real query"
+    )
+    ORPHAN_GRACE_SECONDS: float = Field(
+        600.0, ge=0, description="age before GridFS files without a record are deleted"
+    )
+    ORPHAN_SWEEP_SECONDS: float = Field(600.0, gt=0, description="how often the orphan sweep runs")
+
     # HTTP.
     HOST: str = "127.0.0.1"
     PORT: int = Field(8000, ge=0, le=65535)

@@ -24,6 +24,10 @@ class ServiceState:
     needs_reconcile: bool = True  # set on every swap, cleared by a successful reconcile
     # Serialises refreshes (poller, POST /admin/reload, start-up): load + reconcile run as one.
     refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_sweep: float | None = None  # monotonic time of the last orphan sweep
+    last_sweep_s: float | None = None  # how long it took
+    last_reconcile_s: float | None = None  # how long the last reconcile took
+    db_problem: str | None = None  # set while the embedded database is being restarted
 
     @property
     def limits(self) -> Limits:

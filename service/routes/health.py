@@ -23,7 +23,7 @@ async def live() -> Live:
 
 @router.get(
     "/ready",
-    summary="Database reachable, model and index loaded (503 with reasons otherwise)",
+    summary="Catalogue queries answered, model and index loaded (503 with reasons otherwise)",
     response_model=Ready,
     responses={
         503: {
@@ -36,8 +36,11 @@ async def live() -> Live:
 )
 async def ready(state: StateDep) -> Any:
     reasons = []
-    try:
-        await asyncio.wait_for(state.db.ping(), timeout=state.settings.MONGO_TIMEOUT_MS / 1000 + 1)
+    if state.db_problem:
+        reasons.append(state.db_problem)
+    try:  # a real catalogue query (a busy server still answers ping), bounded server-side too
+        limit_s = state.settings.MONGO_TIMEOUT_MS / 1000
+        await asyncio.wait_for(state.db.check_catalogue(limit_s), timeout=limit_s + 1)
     except (asyncio.TimeoutError, *DATABASE_DOWN) as exc:
         reasons.append(database_message(exc))
     loaded = state.engine.loaded
@@ -51,4 +54,7 @@ async def ready(state: StateDep) -> Any:
         model_version=loaded.model_version,
         index_version=loaded.version,
         index_size=loaded.index.ntotal,
+        reconciled=not state.needs_reconcile,
+        reconcile_seconds=state.last_reconcile_s,
+        orphan_sweep_seconds=state.last_sweep_s,
     )

@@ -172,8 +172,10 @@ async def get_thumbnail(db: DatabaseDep, image_id: ImageId) -> Response:
     responses={**READ_ERRORS, **error_responses(404)},
 )
 async def remove_image(db: DatabaseDep, engine: EngineDep, image_id: ImageId) -> Deleted:
+    # Every step runs even when an earlier one finds nothing, so a retried or repeated delete
+    # finishes what a timed-out or crashed one started (and says it deleted, which it did).
     record = await delete_image(db, image_id)
-    if record is None:
-        raise HTTPException(404, f"no image with id {image_id}")
     removed = await engine.remove([image_id])
+    if record is None and not removed:
+        raise HTTPException(404, f"no image with id {image_id}")
     return Deleted(id=image_id, deleted=True, removed_from_index=bool(removed))

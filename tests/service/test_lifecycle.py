@@ -124,6 +124,8 @@ def test_reconcile_repairs_a_crash_between_record_and_index(data_dir, mongo_uri,
     store.publish(index)
 
     with running_service(settings) as url, httpx.Client(base_url=url) as client:
+        # Start-up reconcile runs in the background while the service already answers.
+        wait_until(lambda: client.get("/health/ready").json()["reconciled"], what="start-up reconcile")
         assert client.get("/health/ready").json()["index_size"] == 2  # kept + repaired, stale 888 removed
         record = client.get("/images/777").json()
         assert record["status"] == "indexed" and record["model_version"]
