@@ -71,11 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<22} {epochs[-1]:7.1f} {minutes[-1]:8.1f} {top1[-1]:9.2f}% {max(top1):5.2f}%")
     labels = args.baseline_label + [""] * (len(args.baseline) - len(args.baseline_label))
     for value, label in zip(args.baseline, labels, strict=False):
-        for axis in (by_minutes, by_epochs):
-            axis.axhline(value, color="grey", linestyle="--", linewidth=1)
-        by_epochs.annotate(
-            label or f"{value:.1f}%", (0, value), textcoords="offset points", xytext=(2, 3), color="grey"
-        )
+        by_minutes.axhline(value, color="grey", linestyle="--", linewidth=1)
+        by_epochs.axhline(value, color="grey", linestyle="--", linewidth=1, label=label or f"{value:.1f}%")
     by_minutes.set_xlabel("wall-clock minutes")
     by_epochs.set_xlabel("epochs")
     by_minutes.set_ylabel("kNN top-1 (%)")
