@@ -6,8 +6,7 @@ Layout under INDEX_DIR:
   versions/<version>/labels.npy         int64 Nx2 (id, label) for the kNN classifier (if labelled)
   versions/<version>/class_names.json   names for the label indices (if known)
   versions/<version>/encoder.pt         the encoder file that made the vectors (if given)
-  versions/<version>/encoder.inference.pt  its deploy-time form (training.inference), when one was
-                                        written next to the encoder file: copied along with it
+  versions/<version>/encoder.inference.pt  its deploy-time form, copied when next to the encoder
   versions/<version>/manifest.json      what this version is (see `IndexStore.publish`)
   CURRENT                               one line: the name of the current version
 
@@ -18,8 +17,7 @@ its version name, fsyncs `versions/`, then writes `CURRENT.tmp`, fsyncs it and `
 `CURRENT` (and fsyncs INDEX_DIR). A crash at any point leaves the previous version current and
 loadable; leftover temporary directories are ignored by readers and removed by `clean_stale`/`prune`.
 
-For crash testing, setting the environment variable INDEX_STORE_CRASH_AT to one of PUBLISH_STEPS
-makes the process `os._exit(CRASH_EXIT_CODE)` right after that step.
+Crash tests: INDEX_STORE_CRASH_AT=<a PUBLISH_STEPS step> makes it `os._exit(CRASH_EXIT_CODE)` after it.
 
 Thread safety: an IndexStore holds no mutable state; concurrent publishes in one or several
 processes are safe (each writes its own directory; the last CURRENT replace wins).
