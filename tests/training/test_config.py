@@ -70,7 +70,8 @@ def test_a_folder_of_small_pngs_gets_its_native_crop_the_small_stem_and_the_smal
     config, _ = parse_config("simclr", ["--data", f"folder:{folder}"])
     assert (config.crop_size, config.small_stem) == (28, True)
     for name, value in SimCLR.small_image_defaults.items():
-        assert getattr(config, name) == value and config.source(name) == SMALL_IMAGE
+        holder = config.params if hasattr(config.params, name) else config  # method settings or run's
+        assert getattr(holder, name) == value and config.source(name) == SMALL_IMAGE
     assert config.optimizer == "lars"  # what the recipe does not change stays the paper's
     flagged, _ = parse_config(
         "simclr", ["--data", f"folder:{folder}", "--crop-size", "24", "--no-small-stem"]
@@ -92,12 +93,16 @@ def test_the_settings_are_printed_at_start_and_the_checkpoint_stores_the_whole_c
     assert simclr.main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert (
-        "lr=0.3 [paper]" in printed and "crop_size=28 [data]" in printed and "batch_size=32 [flag]" in printed
+        "optimizer=lars [paper]" in printed
+        and "lr=1.2 [small-image]" in printed
+        and "crop_size=28 [data]" in printed
+        and "batch_size=32 [flag]" in printed
     )
     config, _ = parse_config("simclr", [*argv, "--out", str(out)])
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     assert saved["config"] == config.to_dict()
-    assert saved["config"]["params"]["temperature"] == 0.5 and saved["config"]["sources"]["lr"] == PAPER
+    assert saved["config"]["params"]["temperature"] == 0.2 and saved["config"]["sources"]["lr"] == SMALL_IMAGE
+    assert saved["config"]["sources"]["optimizer"] == PAPER
     rebuilt = RunConfig(
         **{k: v for k, v in saved["config"].items() if k not in ("params", "sources")}
         | {"out": Path(saved["config"]["out"]), "adam_betas": tuple(saved["config"]["adam_betas"])}
