@@ -23,6 +23,7 @@ from training import distributed as dist
 from training.commands import run_guarded
 from training.data.datasets import load_dataset
 from training.encoder import Encoder
+from training.precision import add_inference_amp_argument
 
 
 def embed_in_shards(
@@ -64,13 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subset", type=int, default=None, help="embed a seeded random N images only")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument(
-        "--amp",
-        default="auto",
-        choices=["auto", "none", "bf16"],
-        help="inference precision; auto: bf16 where the device computes it natively (the vectors agree "
-        "with fp32 to a cosine of 0.999; tests/training/test_embed.py), fp32 elsewhere",
-    )
+    add_inference_amp_argument(parser)
     return parser.parse_args(argv)
 
 

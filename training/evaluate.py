@@ -27,6 +27,7 @@ from training.data.datasets import ImageDataset, load_dataset, split_held_out
 from training.embed import embed_in_shards
 from training.encoder import Encoder
 from training.knn_monitor import knn_accuracy
+from training.precision import add_inference_amp_argument
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,13 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--linear-epochs", type=int, default=30, help="linear probe epochs (default: 30)")
     parser.add_argument("--batch-size", type=int, default=256, help="embedding batch (default: 256)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    parser.add_argument(
-        "--amp",
-        default="auto",
-        choices=["auto", "none", "bf16"],
-        help="inference precision; auto: bf16 where the device computes it natively (the vectors agree "
-        "with fp32 to a cosine of 0.999; tests/training/test_embed.py), fp32 elsewhere",
-    )
+    add_inference_amp_argument(parser)
     parser.add_argument(
         "--json", type=Path, default=None, help="results file; default: next to the checkpoint"
     )

@@ -8,6 +8,7 @@ bf16 is emulated and slower than fp32, so `auto` stays in fp32 there.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -58,3 +59,14 @@ def resolve_amp(amp: str, device: torch.device, cpuinfo_text: str | None = None)
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--amp` on `device` (None: fp32)."""
     return AMP_DTYPES[resolve_amp(amp, device)]
+
+
+def add_inference_amp_argument(parser: argparse.ArgumentParser) -> None:
+    """`--amp` of the inference commands (training.embed, training.evaluate)."""
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16"],
+        help="inference precision; auto: bf16 where the device computes it natively (the vectors agree "
+        "with fp32 to a cosine of 0.999; tests/training/test_embed.py), fp32 elsewhere",
+    )
