@@ -66,6 +66,10 @@ class Engine:
         self.mutation_lock = asyncio.Lock()
         self._changed_at: float | None = None  # monotonic time of the first unpublished change
         self._last_change: float = 0.0
+        # Set by service.replica: whether this process may republish now (it holds the publisher
+        # lease), and what every republished version records (lease term, change-stream token).
+        self.may_publish: Callable[[], bool] = lambda: True
+        self.publish_extras: Callable[[], dict[str, Any]] = dict
 
     # ----------------------------------------------------------------- threads
     async def run_in_thread(self, function: Callable[..., T], *args: Any) -> T:
@@ -194,7 +198,7 @@ class Engine:
         """Republish the in-memory index as a new version once changes have been quiet for
         PUBLISH_DEBOUNCE_SECONDS (or 6x that since the first change, so a steady stream still gets
         published), or at once with `force` (shutdown)."""
-        if self._changed_at is None:
+        if self._changed_at is None or not self.may_publish():
             return None
         now, debounce = time.monotonic(), self.settings.PUBLISH_DEBOUNCE_SECONDS
         quiet = now - self._last_change >= debounce
@@ -203,7 +207,7 @@ class Engine:
             return None
         async with self.version_lock:
             loaded = self.loaded
-            if loaded is None or self._changed_at is None:
+            if loaded is None or self._changed_at is None or not self.may_publish():
                 return None
             current = await self.run_in_thread(self.store.current_version)
             if current != loaded.version:
@@ -219,6 +223,7 @@ class Engine:
                     "created_by": "service",
                     "based_on": loaded.version,
                     "model_version": loaded.model_version,
+                    **self.publish_extras(),  # read under the mutation lock: it describes this index
                 }
                 try:  # the check above is advisory; the store re-checks under its cross-process lock
                     version = await self.run_in_thread(
@@ -229,15 +234,31 @@ class Engine:
                     log.warning("not republishing: %s", exc)
                     return None
             # The in-memory index now *is* that version: no reload needed for our own publish.
-            loaded.index.manifest["version"] = version  # the parent of our next publish
-            # Our next publish copies the encoder from this version, so older ones can be pruned.
-            loaded.index.encoder_path = self.store.version_dir(version) / ENCODER_FILE
-            self.loaded = replace(loaded, version=version)
+            self._rebase(loaded, version)
             pruned = await self.run_in_thread(self.store.prune, self.settings.INDEX_KEEP_VERSIONS)
             if pruned:
                 log.info("pruned %d old index version(s)", len(pruned))
             log.info("published index version %s (%d vectors)", version, loaded.index.ntotal)
             return version
+
+    def _rebase(self, loaded: Loaded, version: str) -> None:
+        """Name `version` as what the loaded index is (the parent of our next publish), without
+        reloading; our next publish copies the encoder from it, so older versions can be pruned."""
+        loaded.index.manifest["version"] = version
+        loaded.index.encoder_path = self.store.version_dir(version) / ENCODER_FILE
+        self.loaded = replace(loaded, version=version)
+
+    async def adopt(self, version: str) -> bool:
+        """Take a peer's republish of our model as our base instead of loading it (service.replica:
+        a replica that follows the catalogue already holds what it contains)."""
+        async with self.version_lock:
+            loaded = self.loaded
+            if loaded is None or loaded.version == version:
+                return False
+            async with self.mutation_lock:
+                self._rebase(loaded, version)
+            log.info("adopted index version %s (a peer's republish of our model)", version)
+            return True
 
     def shutdown(self) -> None:
         self.records.stop()
