@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +39,10 @@ def ensure_model(settings: Settings) -> str:
     if settings.model_checkpoint.is_file():
         return f"model {settings.model_checkpoint}"
     settings.model_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(DEMO_ENCODER, settings.model_checkpoint)
+    # Copy, then rename: replicas starting together on one volume never read half a file.
+    partial = settings.model_checkpoint.with_name(f".{settings.model_checkpoint.name}.{os.getpid()}.tmp")
+    shutil.copyfile(DEMO_ENCODER, partial)
+    os.replace(partial, settings.model_checkpoint)
     installed = f"demo encoder installed at {settings.model_checkpoint} (model card: {MODEL_CARD})"
     return f"{installed}; {deploy_form(settings)}"
 
