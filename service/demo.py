@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pymongo import MongoClient
 
-from index.store import IndexStore
+from index.synced_store import open_store
 from service.connection import attach_or_start
 from service.ingest import fashion_mnist_items, ingest
 from service.settings import Settings
@@ -33,7 +33,7 @@ MODEL_CARD = ASSETS / "MODEL_CARD.md"
 
 def ensure_model(settings: Settings) -> str:
     """What serves queries: an existing index version, an existing model, or the demo encoder."""
-    current = IndexStore(settings.index_dir).current_version()
+    current = open_store(settings.index_dir, settings.INDEX_STORAGE_URL).current_version()
     if current is not None:
         return f"index version {current}"
     if settings.model_checkpoint.is_file():

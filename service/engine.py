@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from index.search_index import SearchIndex
-from index.store import ENCODER_FILE, CurrentMovedError, IndexStore
+from index.store import ENCODER_FILE, CurrentMovedError
+from index.synced_store import open_store
 from service.batcher import EmbeddingBatcher
 from service.record_cache import RecordCache
 from service.settings import Settings
@@ -54,7 +55,7 @@ class Engine:
         # FAISS's idle OpenMP threads spin and starve torch's on a small machine (a 1-query search
         # gains nothing from them); request concurrency comes from the thread pool instead.
         faiss.omp_set_num_threads(settings.FAISS_THREADS)
-        self.store = IndexStore(settings.index_dir)
+        self.store = open_store(settings.index_dir, settings.INDEX_STORAGE_URL)
         self.executor = ThreadPoolExecutor(settings.INFERENCE_THREADS, thread_name_prefix="inference")
         self.batcher = EmbeddingBatcher(self.executor, settings.EMBED_BATCH_MAX)
         self.records = RecordCache()  # label + tags of hot search results, invalidated on change

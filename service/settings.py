@@ -23,6 +23,12 @@ class Settings(BaseSettings):
         None, description="encoder file used when no index version exists yet (default DATA_DIR/model.pt)"
     )
     INDEX_DIR: Path | None = Field(None, description="IndexStore root (default DATA_DIR/index)")
+    INDEX_STORAGE_URL: str | None = Field(
+        None,
+        description="where index versions live for replicas on several machines: s3://BUCKET/PREFIX "
+        "(endpoint and credentials from boto3's environment, e.g. AWS_ENDPOINT_URL) or a shared "
+        "directory; INDEX_DIR is then a local cache. Unset: INDEX_DIR itself is the store",
+    )
 
     # Reliability: durability, supervision of the embedded database, background clean-up.
     MONGO_JOURNAL: bool = Field(True, description="writes acknowledged once journaled (j: true)")
@@ -78,7 +84,10 @@ class Settings(BaseSettings):
         1, ge=1, description="OpenMP threads per FAISS call (1: no spin-wait contention with torch)"
     )
 
-    @field_validator("MONGO_URI", "API_KEY", "MODEL_CHECKPOINT", "INDEX_DIR", "REPLICA_ID", mode="before")
+    @field_validator(
+        "MONGO_URI", "API_KEY", "MODEL_CHECKPOINT", "INDEX_DIR", "REPLICA_ID", "INDEX_STORAGE_URL",
+        mode="before",
+    )  # fmt: skip
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`API_KEY=` (as docker compose passes an unset variable) means unset, not an empty key."""

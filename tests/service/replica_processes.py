@@ -96,7 +96,8 @@ class ReplicaSet:
 
         def ready() -> bool:
             if process.poll() is not None:
-                raise AssertionError(f"replica {name} exited with {process.returncode}:\n{replica.log_tail()}")
+                tail = replica.log_tail()
+                raise AssertionError(f"replica {name} exited with {process.returncode}:\n{tail}")
             try:
                 return replica.client.get("/health/ready").status_code == 200
             except httpx.TransportError:
