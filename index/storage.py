@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from index.store import CURRENT_FILE, MANIFEST_FILE, TMP_PREFIX, VERSION_PATTERN, VERSIONS_DIR
+from index.store import CURRENT_FILE, MANIFEST_FILE, TMP_PREFIX, VERSION_PATTERN, VERSIONS_DIR, _fsync_dir
 
 try:  # optional: only S3Storage needs it (pip install '.[s3]')
     import boto3
@@ -264,11 +264,3 @@ def storage_from_url(url: str, endpoint_url: str | None = None) -> VersionStorag
     if parsed.scheme in ("", "file"):
         return FileSystemStorage(parsed.path or url)
     raise StorageError(f"{url}: unsupported index storage (use s3://BUCKET/PREFIX or a directory)")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
