@@ -70,6 +70,7 @@ bench: setup browser
 	$(PY) bench/index_bench.py --n 200000
 	$(PY) bench/search_bench.py
 	$(PY) bench/page_bench.py
+	$(PY) bench/replica_visibility.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

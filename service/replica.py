@@ -137,5 +137,6 @@ class Replica:
                 "resumed_from_version": stats.resumed_from_version,
                 "fallback_reconciles": stats.fallback_reconciles,
                 "has_token": self.watcher.token is not None,
+                "apply_lag": stats.lag_summary(),  # write committed -> applied to this index
             },
         }

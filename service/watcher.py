@@ -26,8 +26,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from pymongo.asynchronous.change_stream import AsyncChangeStream
@@ -54,8 +56,9 @@ PIPELINE: list[dict[str, Any]] = [
             ]
         }
     },
-    {"$project": {"operationType": 1, "documentKey": 1}},
+    {"$project": {"operationType": 1, "documentKey": 1, "wallTime": 1}},
 ]
+LAG_WINDOW = 1000  # recent events kept for the apply-lag percentiles
 
 
 @dataclass
@@ -68,6 +71,18 @@ class WatcherStats:
     fallback_reconciles: int = 0  # reconciles run because no usable token existed
     last_event_at: float | None = None  # wall-clock time of the last event applied
     detail: str | None = None
+    # Seconds from each write's commit (the event's wallTime) to its change in this index.
+    lags: deque[float] = field(default_factory=lambda: deque(maxlen=LAG_WINDOW))
+
+    def lag_summary(self) -> dict[str, float | int | None]:
+        ordered = sorted(self.lags)
+
+        def ms_at(quantile: float) -> float | None:
+            if not ordered:
+                return None
+            return round(1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))], 1)
+
+        return {"events": len(ordered), "p50_ms": ms_at(0.5), "p95_ms": ms_at(0.95), "max_ms": ms_at(1.0)}
 
 
 class TokenUnusable(RuntimeError):
@@ -229,6 +244,12 @@ class CatalogueWatcher:
             self.stats.added += await _embed_and_add(engine, db, loaded, upserted, ReconcileReport())
         self.stats.events_applied += len(events)
         self.stats.last_event_at = time.time()
+        for event in events:
+            committed = event.get("wallTime")
+            if isinstance(committed, datetime):
+                if committed.tzinfo is None:  # a client without tz_aware decoding: BSON dates are UTC
+                    committed = committed.replace(tzinfo=timezone.utc)
+                self.stats.lags.append(max(0.0, self.stats.last_event_at - committed.timestamp()))
 
     async def _close(self) -> None:
         stream, self._stream = self._stream, None

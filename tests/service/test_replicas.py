@@ -48,7 +48,9 @@ def test_writes_on_one_replica_reach_the_other_and_publishing_fails_over(replica
     ids = upload(a.client, [(png, f"{i}.png") for i, png in enumerate(images)])["ids"]
     for image_id, png in zip(ids, images, strict=True):
         wait_until(lambda i=image_id, p=png: b.top_id(p) == i, timeout_s=30, what=f"{image_id} on b")
-    assert b.replication()["watcher"]["added"] >= len(ids)
+    watcher = b.replication()["watcher"]
+    assert watcher["added"] >= len(ids) and watcher["apply_lag"]["events"] >= len(ids)
+    assert watcher["apply_lag"]["p50_ms"] <= watcher["apply_lag"]["max_ms"]
 
     # Delete on B: gone from A's results.
     assert b.client.delete(f"/images/{ids[0]}").status_code == 200
