@@ -152,6 +152,11 @@ def main() -> None:
             if i % 4 == 3:  # delete it through the replica that did not upload it; gone from the origin
                 assert other.delete(f"/images/{new_id}").status_code == 200
                 deletes.append(wait_visible(lambda c=origin, d=data, n=new_id: n not in top_ids(c, png=d)))
+            deleted = f", delete in {deletes[-1] * 1000:.0f} ms" if i % 4 == 3 else ""
+            print(
+                f"write {i + 1}/{args.writes}: upload visible in {adds[-1] * 1000:.0f} ms{deleted}",
+                flush=True,
+            )
             time.sleep(max(0.0, 1 / args.write_rate - (time.perf_counter() - began)))
         elapsed = time.perf_counter() - load_started
         stop.set()
