@@ -10,9 +10,10 @@ as a new version through `IndexStore.publish`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -71,6 +72,9 @@ class Engine:
         # lease), and what every republished version records (lease term, change-stream token).
         self.may_publish: Callable[[], bool] = lambda: True
         self.publish_extras: Callable[[], dict[str, Any]] = dict
+        # Ids being embedded and added right now (an upload, a reconcile): the change-stream watcher
+        # waits for them instead of embedding the same images a second time.
+        self._indexing: dict[int, asyncio.Future[None]] = {}
 
     # ----------------------------------------------------------------- threads
     async def run_in_thread(self, function: Callable[..., T], *args: Any) -> T:
@@ -183,6 +187,25 @@ class Engine:
             if removed:
                 self._note_change()
             return int(removed)
+
+    @contextlib.contextmanager
+    def indexing(self, ids: list[int]) -> Iterator[None]:
+        """Mark `ids` as being embedded and added by the caller until the block ends."""
+        loop = asyncio.get_running_loop()
+        mine = {i: loop.create_future() for i in ids if i not in self._indexing}
+        self._indexing.update(mine)
+        try:
+            yield
+        finally:
+            for image_id, done in mine.items():
+                self._indexing.pop(image_id, None)
+                done.set_result(None)
+
+    async def wait_indexing(self, ids: list[int]) -> None:
+        """Until none of `ids` is being indexed by someone else in this process."""
+        pending = [self._indexing[i] for i in ids if i in self._indexing]
+        if pending:
+            await asyncio.gather(*pending)
 
     def _note_change(self) -> None:
         now = time.monotonic()

@@ -35,8 +35,12 @@ from typing import Any
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import OperationFailure, PyMongoError
 
+from service.catalogue import read_file
+from service.engine import Loaded
 from service.errors import DATABASE_DOWN
-from service.reconcile import ReconcileReport, _embed_and_add, reconcile
+from service.imaging import ImageRejected, decode_image
+from service.indexing import index_images
+from service.reconcile import reconcile
 from service.state import ServiceState
 
 log = logging.getLogger("service.watcher")
@@ -229,7 +233,7 @@ class CatalogueWatcher:
 
     async def _apply(self, events: list[Mapping[str, Any]]) -> None:
         """Net effect per id in event order, then removes and adds (adds embed from stored bytes)."""
-        engine, db = self.state.engine, self.state.db
+        engine = self.state.engine
         present: dict[int, bool] = {}
         for event in events:
             image_id = int(event["documentKey"]["_id"])
@@ -239,9 +243,13 @@ class CatalogueWatcher:
         upserted = [i for i, alive in present.items() if alive]
         if deleted:
             self.stats.removed += await engine.remove(deleted)
-        loaded = engine.loaded
-        if upserted and loaded is not None:
-            self.stats.added += await _embed_and_add(engine, db, loaded, upserted, ReconcileReport())
+        if upserted:
+            await engine.wait_indexing(upserted)  # an upload through this replica is adding them now
+            loaded = engine.loaded
+            if loaded is not None:
+                indexed = await engine.run_in_thread(loaded.index.contains, upserted)
+                todo = [i for i, there in zip(upserted, indexed.tolist(), strict=True) if not there]
+                self.stats.added += await self._embed_and_add(loaded, todo)
         self.stats.events_applied += len(events)
         self.stats.last_event_at = time.time()
         for event in events:
@@ -250,6 +258,25 @@ class CatalogueWatcher:
                 if committed.tzinfo is None:  # a client without tz_aware decoding: BSON dates are UTC
                     committed = committed.replace(tzinfo=timezone.utc)
                 self.stats.lags.append(max(0.0, self.stats.last_event_at - committed.timestamp()))
+
+    async def _embed_and_add(self, loaded: Loaded, ids: list[int]) -> int:
+        """Embed the stored bytes and add. Unlike reconcile, never drops a record whose bytes are
+        missing: seen live, that can be a write still in flight; reconcile decides after its grace."""
+        engine, db, settings = self.state.engine, self.state.db, self.state.settings
+        images, kept = [], []
+        for image_id in ids:
+            stored = await read_file(db, image_id)
+            if stored is None:
+                continue  # deleted meanwhile (its delete event follows) or not written yet
+            limit = max(settings.MAX_UPLOAD_BYTES, len(stored[0]))
+            try:
+                decoded = await engine.run_in_thread(decode_image, stored[0], limit, settings.MAX_PIXELS)
+            except ImageRejected as exc:
+                log.warning("record %d: stored bytes unreadable (%s); left pending", image_id, exc)
+                continue
+            images.append(decoded.image)
+            kept.append(image_id)
+        return len(await index_images(engine, db, loaded, kept, images))
 
     async def _close(self) -> None:
         stream, self._stream = self._stream, None
