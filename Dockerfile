@@ -24,7 +24,8 @@ COPY training ./training
 COPY index ./index
 COPY service ./service
 # No `[embedded]` extra: in a container the database is the compose `mongo` service (MONGO_URI).
-RUN pip install .
+# `[s3]`: replicas on several machines can keep index versions in an object store (INDEX_STORAGE_URL).
+RUN pip install '.[s3]'
 
 USER app
 VOLUME ["/data"]

@@ -30,10 +30,18 @@ data:
 	      || echo "warning: could not install dataset-fashion-mnist with apt-get"; \
 	  else echo "note: no apt-get; Fashion-MNIST will be downloaded by torchvision on first use"; fi; \
 	fi
-	@# docker-compose validates docker-compose.yml in tests/service (skipped with a reason without it).
+	@# docker-compose validates docker-compose.yml in tests/service (skipped with a reason without it);
+	@# caddy validates the production profile's proxy configuration (service/deploy/Caddyfile).
 	@if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null; then \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq docker-compose >/dev/null) \
 	    || echo "warning: could not install docker-compose with apt-get"; \
+	fi
+	@# Unpacked into the venv rather than installed: the package would start a web server on :80.
+	@if ! command -v caddy >/dev/null && [ ! -x $(VENV)/bin/caddy ] && command -v apt-get >/dev/null; then \
+	  tmp=$$(mktemp -d) && (cd $$tmp && (apt-get download -qq caddy 2>/dev/null \
+	    || ($(SUDO) apt-get update -qq && apt-get download -qq caddy)) && dpkg -x caddy_*.deb x \
+	    && cp x/usr/bin/caddy $(CURDIR)/$(VENV)/bin/caddy) \
+	    || echo "warning: could not fetch caddy with apt-get download"; rm -rf $$tmp; \
 	fi
 
 # The search page's tests drive Debian's Chromium through its chromedriver (Selenium, dev extra).
@@ -62,6 +70,7 @@ bench: setup browser
 	$(PY) bench/index_bench.py --n 200000
 	$(PY) bench/search_bench.py
 	$(PY) bench/page_bench.py
+	$(PY) bench/replica_visibility.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 from pathlib import Path
 
 from pymongo import MongoClient
 
-from index.store import IndexStore
+from index.synced_store import open_store
 from service.connection import attach_or_start
 from service.ingest import fashion_mnist_items, ingest
 from service.settings import Settings
@@ -32,13 +33,16 @@ MODEL_CARD = ASSETS / "MODEL_CARD.md"
 
 def ensure_model(settings: Settings) -> str:
     """What serves queries: an existing index version, an existing model, or the demo encoder."""
-    current = IndexStore(settings.index_dir).current_version()
+    current = open_store(settings.index_dir, settings.INDEX_STORAGE_URL).current_version()
     if current is not None:
         return f"index version {current}"
     if settings.model_checkpoint.is_file():
         return f"model {settings.model_checkpoint}"
     settings.model_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(DEMO_ENCODER, settings.model_checkpoint)
+    # Copy, then rename: replicas starting together on one volume never read half a file.
+    partial = settings.model_checkpoint.with_name(f".{settings.model_checkpoint.name}.{os.getpid()}.tmp")
+    shutil.copyfile(DEMO_ENCODER, partial)
+    os.replace(partial, settings.model_checkpoint)
     installed = f"demo encoder installed at {settings.model_checkpoint} (model card: {MODEL_CARD})"
     return f"{installed}; {deploy_form(settings)}"
 

@@ -10,9 +10,10 @@ as a new version through `IndexStore.publish`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from index.search_index import SearchIndex
-from index.store import ENCODER_FILE, CurrentMovedError, IndexStore
+from index.store import ENCODER_FILE, CurrentMovedError
+from index.synced_store import open_store
 from service.batcher import EmbeddingBatcher
 from service.record_cache import RecordCache
 from service.settings import Settings
@@ -54,7 +56,7 @@ class Engine:
         # FAISS's idle OpenMP threads spin and starve torch's on a small machine (a 1-query search
         # gains nothing from them); request concurrency comes from the thread pool instead.
         faiss.omp_set_num_threads(settings.FAISS_THREADS)
-        self.store = IndexStore(settings.index_dir)
+        self.store = open_store(settings.index_dir, settings.INDEX_STORAGE_URL)
         self.executor = ThreadPoolExecutor(settings.INFERENCE_THREADS, thread_name_prefix="inference")
         self.batcher = EmbeddingBatcher(self.executor, settings.EMBED_BATCH_MAX)
         self.records = RecordCache()  # label + tags of hot search results, invalidated on change
@@ -66,6 +68,13 @@ class Engine:
         self.mutation_lock = asyncio.Lock()
         self._changed_at: float | None = None  # monotonic time of the first unpublished change
         self._last_change: float = 0.0
+        # Set by service.replica: whether this process may republish now (it holds the publisher
+        # lease), and what every republished version records (lease term, change-stream token).
+        self.may_publish: Callable[[], bool] = lambda: True
+        self.publish_extras: Callable[[], dict[str, Any]] = dict
+        # Ids being embedded and added right now (an upload, a reconcile): the change-stream watcher
+        # waits for them instead of embedding the same images a second time.
+        self._indexing: dict[int, asyncio.Future[None]] = {}
 
     # ----------------------------------------------------------------- threads
     async def run_in_thread(self, function: Callable[..., T], *args: Any) -> T:
@@ -179,6 +188,25 @@ class Engine:
                 self._note_change()
             return int(removed)
 
+    @contextlib.contextmanager
+    def indexing(self, ids: list[int]) -> Iterator[None]:
+        """Mark `ids` as being embedded and added by the caller until the block ends."""
+        loop = asyncio.get_running_loop()
+        mine = {i: loop.create_future() for i in ids if i not in self._indexing}
+        self._indexing.update(mine)
+        try:
+            yield
+        finally:
+            for image_id, done in mine.items():
+                self._indexing.pop(image_id, None)
+                done.set_result(None)
+
+    async def wait_indexing(self, ids: list[int]) -> None:
+        """Until none of `ids` is being indexed by someone else in this process."""
+        pending = [self._indexing[i] for i in ids if i in self._indexing]
+        if pending:
+            await asyncio.gather(*pending)
+
     def _note_change(self) -> None:
         now = time.monotonic()
         self._last_change = now
@@ -194,7 +222,7 @@ class Engine:
         """Republish the in-memory index as a new version once changes have been quiet for
         PUBLISH_DEBOUNCE_SECONDS (or 6x that since the first change, so a steady stream still gets
         published), or at once with `force` (shutdown)."""
-        if self._changed_at is None:
+        if self._changed_at is None or not self.may_publish():
             return None
         now, debounce = time.monotonic(), self.settings.PUBLISH_DEBOUNCE_SECONDS
         quiet = now - self._last_change >= debounce
@@ -203,7 +231,7 @@ class Engine:
             return None
         async with self.version_lock:
             loaded = self.loaded
-            if loaded is None or self._changed_at is None:
+            if loaded is None or self._changed_at is None or not self.may_publish():
                 return None
             current = await self.run_in_thread(self.store.current_version)
             if current != loaded.version:
@@ -219,6 +247,7 @@ class Engine:
                     "created_by": "service",
                     "based_on": loaded.version,
                     "model_version": loaded.model_version,
+                    **self.publish_extras(),  # read under the mutation lock: it describes this index
                 }
                 try:  # the check above is advisory; the store re-checks under its cross-process lock
                     version = await self.run_in_thread(
@@ -229,15 +258,31 @@ class Engine:
                     log.warning("not republishing: %s", exc)
                     return None
             # The in-memory index now *is* that version: no reload needed for our own publish.
-            loaded.index.manifest["version"] = version  # the parent of our next publish
-            # Our next publish copies the encoder from this version, so older ones can be pruned.
-            loaded.index.encoder_path = self.store.version_dir(version) / ENCODER_FILE
-            self.loaded = replace(loaded, version=version)
+            self._rebase(loaded, version)
             pruned = await self.run_in_thread(self.store.prune, self.settings.INDEX_KEEP_VERSIONS)
             if pruned:
                 log.info("pruned %d old index version(s)", len(pruned))
             log.info("published index version %s (%d vectors)", version, loaded.index.ntotal)
             return version
+
+    def _rebase(self, loaded: Loaded, version: str) -> None:
+        """Name `version` as what the loaded index is (the parent of our next publish), without
+        reloading; our next publish copies the encoder from it, so older versions can be pruned."""
+        loaded.index.manifest["version"] = version
+        loaded.index.encoder_path = self.store.version_dir(version) / ENCODER_FILE
+        self.loaded = replace(loaded, version=version)
+
+    async def adopt(self, version: str) -> bool:
+        """Take a peer's republish of our model as our base instead of loading it (service.replica:
+        a replica that follows the catalogue already holds what it contains)."""
+        async with self.version_lock:
+            loaded = self.loaded
+            if loaded is None or loaded.version == version:
+                return False
+            async with self.mutation_lock:
+                self._rebase(loaded, version)
+            log.info("adopted index version %s (a peer's republish of our model)", version)
+            return True
 
     def shutdown(self) -> None:
         self.records.stop()

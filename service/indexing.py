@@ -32,11 +32,12 @@ async def index_images(
     if not todo:
         return []
     encoder = loaded.encoder
-    batch = await engine.run_in_thread(
-        _model_inputs, [image for _, image in todo], encoder.in_channels, encoder.input_size
-    )
-    vectors = await engine.embed(loaded, batch)  # NxD
-    return await index_vectors(engine, db, loaded, [i for i, _ in todo], vectors)
+    with engine.indexing([i for i, _ in todo]):  # the change-stream watcher waits instead of re-embedding
+        batch = await engine.run_in_thread(
+            _model_inputs, [image for _, image in todo], encoder.in_channels, encoder.input_size
+        )
+        vectors = await engine.embed(loaded, batch)  # NxD
+        return await index_vectors(engine, db, loaded, [i for i, _ in todo], vectors)
 
 
 async def index_vectors(

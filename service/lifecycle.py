@@ -26,6 +26,7 @@ from service.engine import Engine
 from service.errors import DATABASE_DOWN
 from service.metrics import ServiceMetrics
 from service.reconcile import reconcile, sweep_orphans
+from service.replica import Replica
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -39,8 +40,13 @@ async def start(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
     uri, embedded = await asyncio.to_thread(attach_or_start, settings)
     db = Database.connect(uri, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS, journal=settings.MONGO_JOURNAL)
     state = ServiceState(settings, db, Engine(settings), metrics, embedded)
+    state.replica = Replica(state)
     await prepare_database(state)
-    await state.engine.load_current()  # searches are served from here on; reconcile follows in the background
+    # Searches are served from here on; reconcile follows in the background unless the change stream
+    # resumes at the loaded version's token (a stream is open before any reconcile reads).
+    if await state.engine.load_current():
+        state.needs_reconcile = not await state.replica.on_swap()
+    await state.replica.start()  # follow the catalogue's change stream, contend for the publisher lease
     return state
 
 
@@ -71,9 +77,12 @@ def _grace(state: ServiceState) -> timedelta:
 async def refresh(state: ServiceState) -> bool:
     """Load a new CURRENT if there is one, then reconcile when needed. True when a swap happened."""
     async with state.refresh_lock:
+        replica = state.replica
+        if replica is not None:
+            await replica.adopt_current()  # a peer's republish of our model: nothing to load
         swapped = await state.engine.load_current()
-        if swapped:
-            state.needs_reconcile = True
+        if swapped:  # the change stream resumes at the version's token, else reconcile
+            state.needs_reconcile = replica is None or not await replica.on_swap()
         if state.needs_reconcile and state.engine.loaded is not None and await prepare_database(state):
             try:
                 started = time.monotonic()
@@ -183,10 +192,14 @@ async def stop_background(tasks: list[asyncio.Task]) -> None:
 
 
 async def stop(state: ServiceState) -> None:
+    if state.replica is not None:
+        await state.replica.stop()
     try:
-        await state.engine.publish_if_due(force=True)
+        await state.engine.publish_if_due(force=True)  # only the lease holder publishes
     except Exception:
         log.exception("could not publish pending index changes at shutdown (reconcile repairs them)")
+    if state.replica is not None:
+        await state.replica.release()
     await state.db.close()
     state.engine.shutdown()
     if state.embedded_db is not None:

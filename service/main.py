@@ -13,7 +13,7 @@ from service.body_limit import BodySizeLimit, request_body_limit
 from service.errors import install_error_handlers
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.openapi import install_openapi
-from service.routes import admin, classify, health, images, metrics, page, search, version
+from service.routes import admin, classify, health, images, metrics, page, replication, search, version
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="ssl-retrieval", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (images, search, classify, health, admin, version, metrics):
+    for module in (images, search, classify, health, admin, version, metrics, replication):
         app.include_router(module.router)
     page.install(app)  # GET / (the search page) and /static
     install_openapi(app)

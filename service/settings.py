@@ -23,6 +23,12 @@ class Settings(BaseSettings):
         None, description="encoder file used when no index version exists yet (default DATA_DIR/model.pt)"
     )
     INDEX_DIR: Path | None = Field(None, description="IndexStore root (default DATA_DIR/index)")
+    INDEX_STORAGE_URL: str | None = Field(
+        None,
+        description="where index versions live for replicas on several machines: s3://BUCKET/PREFIX "
+        "(endpoint and credentials from boto3's environment, e.g. AWS_ENDPOINT_URL) or a shared "
+        "directory; INDEX_DIR is then a local cache. Unset: INDEX_DIR itself is the store",
+    )
 
     # Reliability: durability, supervision of the embedded database, background clean-up.
     MONGO_JOURNAL: bool = Field(True, description="writes acknowledged once journaled (j: true)")
@@ -68,13 +74,20 @@ class Settings(BaseSettings):
     )
     PUBLISH_DEBOUNCE_SECONDS: float = Field(10.0, ge=0, description="quiet time before republishing changes")
     INDEX_KEEP_VERSIONS: int = Field(5, ge=1, description="index versions kept on disk after a publish")
+    PUBLISHER_LEASE_SECONDS: float = Field(
+        10.0, gt=0, description="lease of the one replica that republishes the index (others only load)"
+    )
+    REPLICA_ID: str | None = Field(None, description="name in the publisher lease (default host:pid:random)")
     EMBED_BATCH_MAX: int = Field(64, ge=1, description="largest micro-batch of concurrent embeddings")
     INFERENCE_THREADS: int = Field(2, ge=1, description="thread pool for decode, inference and FAISS")
     FAISS_THREADS: int = Field(
         1, ge=1, description="OpenMP threads per FAISS call (1: no spin-wait contention with torch)"
     )
 
-    @field_validator("MONGO_URI", "API_KEY", "MODEL_CHECKPOINT", "INDEX_DIR", mode="before")
+    @field_validator(
+        "MONGO_URI", "API_KEY", "MODEL_CHECKPOINT", "INDEX_DIR", "REPLICA_ID", "INDEX_STORAGE_URL",
+        mode="before",
+    )  # fmt: skip
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`API_KEY=` (as docker compose passes an unset variable) means unset, not an empty key."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from service.catalogue import Limits
 from service.db import Database
@@ -11,6 +12,16 @@ from service.embedded_db import EmbeddedDatabase
 from service.engine import Engine
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+
+
+class ReplicaHooks(Protocol):
+    """What service.lifecycle calls on service.replica.Replica (defined there; it needs this state)."""
+
+    async def adopt_current(self) -> bool: ...
+    async def on_swap(self) -> bool: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def release(self) -> None: ...
 
 
 @dataclass
@@ -28,6 +39,7 @@ class ServiceState:
     last_sweep_s: float | None = None  # how long it took
     last_reconcile_s: float | None = None  # how long the last reconcile took
     db_problem: str | None = None  # set while the embedded database is being restarted
+    replica: ReplicaHooks | None = None  # change-stream follower + publisher lease (service.replica)
 
     @property
     def limits(self) -> Limits:

@@ -7,6 +7,9 @@ free port (in-memory storage) and waits for a ping. Each test gets its own datab
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from service.embedded_db import EmbeddedDatabase
+from service.embedded_db import EmbeddedDatabase, free_port
 from service.random_model import write_random_encoder
 
 
@@ -65,3 +68,37 @@ def module_db_name(mongo_uri: str) -> Iterator[str]:
     name = _unique_db_name()
     yield name
     _drop(mongo_uri, name)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server (real HTTP, conditional writes) on a free port, with bucket `index-store`."""
+    boto3 = pytest.importorskip("boto3", reason="boto3 is a dev dependency (make setup installs it)")
+    pytest.importorskip("moto.server", reason="moto[server] is a dev dependency (make setup installs it)")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    )
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                client.create_bucket(Bucket="index-store")
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)  # polling a starting server's port, bounded by the deadline
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

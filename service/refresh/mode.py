@@ -48,7 +48,7 @@ class CatalogueMode:
             "data": data if data and str(data).startswith("catalogue") else "catalogue",
             "out": settings.DATA_DIR / "refresh" / method,
         }
-        return filled, current_input_size(settings.index_dir)
+        return filled, current_input_size(settings.index_dir, settings.INDEX_STORAGE_URL)
 
     def run(self, config: RunConfig, options: RefreshOptions) -> int:
         return run_refresh(config, options)

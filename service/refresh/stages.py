@@ -41,6 +41,7 @@ from index.encoder_file import EncoderError, read_encoder_record
 from index.knn import KNNClassifier
 from index.store import ENCODER_FILE as VERSION_ENCODER_FILE
 from index.store import IndexStore, IndexStoreError
+from index.synced_store import open_store
 from service.refresh import catalogue_source  # noqa: F401  (registers --data catalogue)
 from service.settings import Settings
 from training import distributed as dist
@@ -89,10 +90,10 @@ def version_encoder(store: IndexStore, version: str | None) -> Path | None:
     return path if path.is_file() else None
 
 
-def current_input_size(index_dir: Path) -> int | None:
+def current_input_size(index_dir: Path, storage_url: str | None = None) -> int | None:
     """The input size of the encoder in the current index version (None when there is none)."""
     try:
-        store = IndexStore(index_dir)
+        store = open_store(index_dir, storage_url)
         encoder_path = version_encoder(store, store.current_version())
         return int(read_encoder_record(encoder_path)["input_size"]) if encoder_path else None
     except (IndexStoreError, EncoderError, OSError):
@@ -213,7 +214,7 @@ def run_refresh(config: RunConfig, options: RefreshOptions) -> int:
     if not dist.is_main_process():
         return 0
 
-    store = IndexStore(settings.index_dir)
+    store = open_store(settings.index_dir, settings.INDEX_STORAGE_URL)  # the service's storage too
     emb = load_embeddings(embeddings_path)
 
     # 3. Build and write a new version, not yet current.

@@ -175,7 +175,9 @@ async def remove_image(db: DatabaseDep, engine: EngineDep, image_id: ImageId) ->
     # Every step runs even when an earlier one finds nothing, so a retried or repeated delete
     # finishes what a timed-out or crashed one started (and says it deleted, which it did).
     record = await delete_image(db, image_id)
-    removed = await engine.remove([image_id])
+    removed = await engine.remove([image_id])  # this replica's watcher may have removed it first
     if record is None and not removed:
         raise HTTPException(404, f"no image with id {image_id}")
-    return Deleted(id=image_id, deleted=True, removed_from_index=bool(removed))
+    loaded = engine.loaded
+    gone = loaded is not None and not (await engine.run_in_thread(loaded.index.contains, [image_id]))[0]
+    return Deleted(id=image_id, deleted=True, removed_from_index=bool(removed or gone))

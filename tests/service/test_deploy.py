@@ -42,7 +42,7 @@ def as_json(yaml_text: str) -> dict:
 @pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed (make setup apt-installs it)")
 def test_compose_file_is_valid_and_complete() -> None:
     services = compose_config("--services", profile="train").split()
-    assert set(services) == {"mongo", "api", "trainer"}
+    assert {"mongo", "api", "trainer"} <= set(services)
 
     config = as_json(compose_config(profile="train"))
     mongo, api, trainer = (config["services"][name] for name in ("mongo", "api", "trainer"))

@@ -176,6 +176,7 @@ def test_every_documented_operation_answers_as_documented(api: ApiView) -> None:
     assert api.call("GET", "/health/live").status_code == 200
     assert api.call("GET", "/health/ready").status_code == 200
     assert api.call("GET", "/version").status_code == 200
+    assert api.call("GET", "/replication").json()["role"] in ("publisher", "follower")
     assert api.call("GET", "/metrics").status_code == 200
     assert api.call("POST", "/admin/reload", headers=AUTH).status_code == 200
     assert api.call("POST", "/admin/reload").status_code == 401
