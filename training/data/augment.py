@@ -88,7 +88,7 @@ PIPELINES["small"] = (_SMALL,)
 PIPELINES["small-crop08"] = (replace(_SMALL, crop_scale=(0.08, 1.0)),)
 PIPELINES["small-crop35"] = (replace(_SMALL, crop_scale=(0.35, 1.0)),)
 PIPELINES["small-noflip"] = (replace(_SMALL, flip_p=0.0),)
-PIPELINES["small-blur"] = (replace(_SMALL, blur_p=0.5, blur_sigma=(0.1, 0.6)),)
+PIPELINES["simclr-noflip"] = (replace(PIPELINES["simclr"][0], flip_p=0.0),)  # SimCLR's small-image default
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
