@@ -92,7 +92,12 @@ def _read(item: Item) -> bytes:
 
 
 async def ingest(
-    settings: Settings, items: list[Item], tags: list[str], source: str | None, progress: bool = True
+    settings: Settings,
+    items: list[Item],
+    tags: list[str],
+    source: str | None,
+    progress: bool = True,
+    batch_size: int = BATCH,
 ) -> Summary:
     uri, embedded = await asyncio.to_thread(attach_or_start, settings)  # see service.connection
     db = Database.connect(uri, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS)
@@ -119,7 +124,7 @@ async def ingest(
                 bar.update(result.sources)
 
             await run_pipeline(
-                engine, db, loaded, batched(sources, BATCH), limits, workers, PIPELINE_DEPTH, count
+                engine, db, loaded, batched(sources, batch_size), limits, workers, PIPELINE_DEPTH, count
             )
         await publish(engine, db)
     finally:
@@ -158,6 +163,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", type=int, help="at most this many images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH, help=f"images per write and forward pass (default: {BATCH})"
+    )
     args = parser.parse_args(argv)
     if (args.path is None) == (not args.fashion_mnist):
         parser.error("give either PATH or --fashion-mnist")
@@ -165,6 +173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{args.path} does not exist")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     return args
 
 
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no images found", file=sys.stderr)
         return 2
     try:
-        summary = asyncio.run(ingest(Settings(), items, tags, source, progress=not args.no_progress))
+        summary = asyncio.run(ingest(Settings(), items, tags, source, not args.no_progress, args.batch_size))
     except Exception as exc:  # one clear line, not a traceback wall
         print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         return 1

@@ -42,10 +42,13 @@ async def start(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
     state = ServiceState(settings, db, Engine(settings), metrics, embedded)
     state.replica = Replica(state)
     await prepare_database(state)
-    # Searches are served from here on; reconcile follows in the background unless the change stream
-    # resumes at the loaded version's token (a stream is open before any reconcile reads).
+    # Searches are served from here on; reconcile always follows in the background at start-up: after
+    # a crash the version's resume token alone does not bring the index back to the records (a kill -9
+    # test found deleted ids kept and acknowledged uploads missing), so the stream is opened at the
+    # token (before any reconcile reads) and the records, the truth, are reconciled as well.
     if await state.engine.load_current():
-        state.needs_reconcile = not await state.replica.on_swap()
+        await state.replica.on_swap()
+        state.needs_reconcile = True
     await state.replica.start()  # follow the catalogue's change stream, contend for the publisher lease
     return state
 
@@ -109,13 +112,14 @@ async def maintenance_loop(state: ServiceState) -> None:
 
 
 async def orphan_sweep_loop(state: ServiceState) -> None:
-    """The first sweep follows the start-up reconcile (not at the same time: both scan the catalogue),
-    then one every ORPHAN_SWEEP_SECONDS."""
+    """The first sweep follows the start-up reconcile, or its skip when the change stream resumed at
+    the loaded version's token (not at the same time: both scan the catalogue), then one every
+    ORPHAN_SWEEP_SECONDS."""
     every = state.settings.ORPHAN_SWEEP_SECONDS
     while True:
         await asyncio.sleep(min(every, state.settings.RELOAD_POLL_SECONDS))
         due = state.last_sweep is None or time.monotonic() - state.last_sweep >= every
-        if not due or not state.db_prepared or state.last_reconcile_s is None:
+        if not due or not state.db_prepared or state.needs_reconcile:
             continue
         try:
             started = time.monotonic()

@@ -38,6 +38,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from index.rwlock import ReadWriteLock
 from index.store import INFERENCE_ENCODER_FILE
 from training.encoder import Encoder, EncoderError, read_encoder_record, save_encoder
 from training.models import build_embedding_network
@@ -86,13 +87,20 @@ class Agreement:
         )
 
 
+# torch.fx's tracer patches nn.Module.__call__ process-wide while it traces, so a forward pass in
+# another thread (the service embeds while a new version loads) would run through the tracer and
+# fail: traces take this lock exclusively, deploy-time forward passes share it.
+FX_TRACE_LOCK = ReadWriteLock()
+
+
 # ----------------------------------------------------------------------------- folding
 def foldable_pairs(network: nn.Module) -> list[tuple[str, str]]:
     """(layer, batchnorm) module names where the batchnorm directly consumes the layer's output and
     nothing else does (traced with torch.fx, so the pairs follow the data flow, not the attribute
     order). A network fx cannot trace has no pairs: it then runs unfolded."""
     try:
-        graph = torch.fx.symbolic_trace(network).graph
+        with FX_TRACE_LOCK.write():
+            graph = torch.fx.symbolic_trace(network).graph
     except Exception:  # data-dependent control flow: keep the network as it is
         return []
     modules = dict(network.named_modules())
@@ -199,11 +207,12 @@ class InferenceEncoder(Encoder):
     def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """images: uint8 NxCxSxS. Returns float32 NxD, rows L2-normalised."""
         out = []
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size].to(self.device, non_blocking=True)
-            batch = torch.addcmul(self._offset, batch.float(), self._scale).to(self.dtype)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            out.append(F.normalize(self.network(batch).float(), dim=1).cpu())
+        with FX_TRACE_LOCK.read():
+            for start in range(0, images.shape[0], batch_size):
+                batch = images[start : start + batch_size].to(self.device, non_blocking=True)
+                batch = torch.addcmul(self._offset, batch.float(), self._scale).to(self.dtype)
+                batch = batch.contiguous(memory_format=torch.channels_last)
+                out.append(F.normalize(self.network(batch).float(), dim=1).cpu())
         if not out:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         return torch.cat(out).numpy()

@@ -26,10 +26,20 @@ FOLDER_SIZE = 256
 RESTART = {"ORPHAN_GRACE_SECONDS": 0, "ORPHAN_SWEEP_SECONDS": 1}  # nothing uploads after a restart
 
 
+def is_publisher(service: ServiceProcess) -> bool:
+    try:
+        return httpx.get(f"{service.url}/replication", timeout=5).json().get("role") == "publisher"
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
 def restart_and_settle(data_dir: Path, env: dict) -> ServiceProcess:
     service = ServiceProcess(data_dir, **env, **RESTART).start()
     try:
         wait_until(service.reconciled, timeout_s=300, interval_s=0.2, what="reconcile and an orphan sweep")
+        # Only the publisher-lease holder publishes (also on stop); the killed process's lease must
+        # expire before this one takes it over and can publish what reconcile repaired.
+        wait_until(lambda: is_publisher(service), timeout_s=120, interval_s=0.2, what="the publisher lease")
     except BaseException:
         service.stop()
         raise
@@ -146,7 +156,8 @@ def test_kill_9_during_ingest_of_a_folder(
     for i, (data, _) in enumerate(fashion_mnist_pngs(0, FOLDER_SIZE)):
         (folder / f"{i:04d}.png").write_bytes(data)
     env = {"MONGO_URI": mongo_uri, "MONGO_DB": mongo_db_name}
-    command = [sys.executable, "-m", "service.ingest", str(folder), "--no-progress"]
+    # Batches of 32: the kill must land between batches, not after one batch of the whole folder.
+    command = [sys.executable, "-m", "service.ingest", str(folder), "--no-progress", "--batch-size", "32"]
     process_env = {**ServiceProcess(data_dir, **env).env}
 
     # The index must exist first, as when a user ingests into `make run`'s catalogue.
@@ -158,7 +169,7 @@ def test_kill_9_during_ingest_of_a_folder(
     with MongoClient(mongo_uri) as mongo:
         try:
             wait_until(
-                lambda: mongo[mongo_db_name].images.estimated_document_count() >= 64,
+                lambda: mongo[mongo_db_name].images.estimated_document_count() >= 32,
                 timeout_s=300,
                 interval_s=0.05,
                 what="ingest to store a batch",

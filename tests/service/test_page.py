@@ -201,8 +201,8 @@ def test_search_by_upload_then_more_like_this_and_classify(page: Page) -> None:
 
     # More like this: click the third result; the new set is led by that image itself.
     clicked = first_set[2]["id"]
+    seq_before = int(page.driver.find_element(By.ID, "results").get_attribute("data-seq"))  # before the click
     page.driver.find_element(By.CSS_SELECTOR, f'#results [data-id="{clicked}"] .thumb').click()
-    seq_before = int(page.driver.find_element(By.ID, "results").get_attribute("data-seq"))
     wait_for(page.driver, lambda d: page.result_set()[0] > seq_before or None, "the more-like-this results")
     _, cards = page.result_set()
     assert cards[0]["id"] == clicked and cards[0]["score"] == pytest.approx(1.0, abs=1e-3)

@@ -77,9 +77,10 @@ HELP_EXPECTATIONS = [
         [],
         [
             "optimiser (default: lars, the paper's)",
-            "(default: 0.3, the paper's)",
+            "(default: 0.3, the paper's; images <= 64 px: 1.2)",
             "(default: 1e-06, the paper's)",
-            "(default: simclr, the paper's)",
+            "(default: simclr, the paper's; images <= 64 px: simclr-noflip)",
+            "(default: 0.5, the paper's; images <= 64 px: 0.2)",
         ],
     ),
     (
