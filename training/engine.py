@@ -305,7 +305,7 @@ class Trainer:
             bar.update(config.batch_size)
             if state.global_step % config.log_every == 0 or state.global_step == max_steps:
                 self._log_step(loss, metrics, started, images_at_start)
-            self._follow_budget(stop)
+            self._follow_budget(stop, bar)
             if state.step_in_epoch == self.steps_per_epoch:
                 break  # the epoch's end: record and save below before stopping for any reason
             if state.global_step >= max_steps:
@@ -345,9 +345,10 @@ class Trainer:
             return "max_steps"
         return stop.stopped_by if stop.requested() else None
 
-    def _follow_budget(self, stop: StopRequested) -> None:
-        """With --time-budget: refit the schedule's total steps to the measured rate, and end the
-        run (as the budget's end) when the fitted schedule is done, i.e. annealed."""
+    def _follow_budget(self, stop: StopRequested, bar: tqdm) -> None:
+        """With --time-budget: refit the schedule's total steps to the measured rate (the progress
+        bar follows, so its ETA is the budget's), and end the run (as the budget's end) when the
+        fitted schedule is done, i.e. annealed."""
         if self.budget is None:
             return
         self._steps_this_process += 1
@@ -355,6 +356,9 @@ class Trainer:
         if seconds_per_step is not None:
             before = self.schedule.total
             total = self.schedule.refit(self.state.global_step, seconds_per_step, self.budget.seconds_left())
+            if total * self.config.batch_size != bar.total:
+                bar.total = total * self.config.batch_size
+                bar.refresh()
             if before == self.schedule.planned and total != before:
                 self.print(
                     f"--time-budget {self.config.time_budget:g}s at {1 / seconds_per_step:.2f} steps/s: "

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import training.engine
 from training.cli import OneLineParser, build_trainer, parse_config
 from training.config import RunConfig
 from training.data.datasets import epoch_indices, load_dataset
@@ -312,8 +313,16 @@ def test_a_time_budget_refits_the_schedule_within_its_bounds():
     assert [steps.factor(s) for s in (59, 60, 79, 80)] == pytest.approx([1, 0.1, 0.1, 0.01])
 
 
-def test_a_budgeted_run_ends_annealed_not_cut_mid_schedule(tmp_path, small_data):
+def test_a_budgeted_run_ends_annealed_not_cut_mid_schedule(tmp_path, small_data, monkeypatch):
     data, _ = small_data
+    bars = []
+
+    class RecordedBar(training.engine.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(training.engine, "tqdm", RecordedBar)
     # 200 epochs of 3 steps planned, 10% warm-up; an 8-second budget affords a fraction of that.
     trainer = make_trainer(
         tmp_path, data, None, "--epochs", "200", "--warmup-epochs", "20", "--time-budget", "8"
@@ -333,6 +342,8 @@ def test_a_budgeted_run_ends_annealed_not_cut_mid_schedule(tmp_path, small_data)
     assert max(lrs) >= 0.9 * trainer.peak_lr  # ... after a complete warm-up ...
     assert lrs[-1] <= 0.1 * trainer.peak_lr  # ... and it ended at the end of its cosine
     assert trainer.schedule.total - summary["steps"] <= 5  # the schedule's end is where it stopped
+    # The progress bar's total (hence its ETA) is the fitted run, not the 200 planned epochs.
+    assert bars[0].total == trainer.schedule.total * trainer.config.batch_size
 
 
 def test_a_bf16_step_and_an_fp32_step_from_the_same_state_agree(tmp_path, small_data):
