@@ -69,7 +69,11 @@ async def upload_images(state: StateDep, form: Annotated[UploadForm, File()]) ->
     indexed: set[int] = set()
     if loaded is not None:
         ids, images = [s.id for s in stored], [s.decoded.image for s in stored]
-        indexed = set(await index_images(engine, db, loaded, ids, images))
+        await index_images(engine, db, loaded, ids, images)
+        # Searchable now, whoever added it: the change-stream watcher may have indexed a record it
+        # saw inserted before this request got to it (index_images then adds nothing).
+        present = await engine.run_in_thread(loaded.index.contains, ids)
+        indexed = {image_id for image_id, there in zip(ids, present.tolist(), strict=True) if there}
     items = [
         UploadedItem(
             id=item.id,

@@ -76,7 +76,9 @@ def test_kill_9_of_the_database_under_load_recovers_by_itself(data_dir: Path) ->
             assert not alive(first_pid)  # reaped by the service: no zombie
             assert ready_after_back_s < 30
             assert set(statuses) <= {201, 503}, statuses  # down: 503, never a 500
-            assert statuses.count(201) == len(acknowledged) and 503 in statuses
+            # Uploads during the outage either wait for the restarted server (pymongo's server
+            # selection) and succeed, or answer 503: which one depends on timing, never a 500.
+            assert statuses.count(201) == len(acknowledged)
             for image_id, data in acknowledged.items():  # every acknowledged write survived the kill
                 content = http.get(f"/images/{image_id}/content")
                 assert content.status_code == 200 and content.content == data, image_id
