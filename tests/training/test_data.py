@@ -23,6 +23,7 @@ from training.data.datasets import (
     split_held_out,
     stable_id,
 )
+from training.data.images import resize_center_crop
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -164,3 +165,16 @@ def test_a_new_source_plugs_into_the_registry(monkeypatch):
 
     data = load_dataset("catalogue:shop", 8)
     assert data.name == "catalogue:shop" and data.ids.tolist() == [11, 12] and not data.is_labelled
+
+
+RESIZE_SHAPES = [(1, 40, 30), (3, 30, 41), (3, 28, 28), (1, 32, 32), (1, 33, 32), (3, 200, 97), (5, 1, 9, 8)]
+
+
+@pytest.mark.parametrize("shape", RESIZE_SHAPES)
+def test_resize_center_crop_equals_torchvisions(shape):
+    # The service and training share this resize; it must stay the arithmetic of torchvision's
+    # resize (bilinear, antialias) + center_crop, which the encoders were trained with.
+    functional = pytest.importorskip("torchvision.transforms.v2.functional")
+    image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = functional.center_crop(functional.resize(image, [32], antialias=True), [32, 32])
+    assert torch.equal(resize_center_crop(image, 32), expected)

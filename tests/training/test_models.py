@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.encoder import Encoder, make_encoder_record, save_encoder
-from training.models import EmbeddingNetwork, build_backbone, build_embedding_network, network_spec
+from training.models import EmbeddingNetwork, blocks, build_backbone, build_embedding_network, network_spec
 from training.models.heads import LinearHead, MLPHead, PredictionHead, ProjectionHead, build_head
 from training.models.resnet import SplitBatchNorm
 from training.models.vit import sincos_position_embedding_2d
@@ -191,3 +191,35 @@ def test_encoder_round_trip_vit(tmp_path):
     with torch.no_grad():
         expected = F.normalize(live((images.float() / 255 - 0.5) / 0.25), dim=1).numpy()
     np.testing.assert_allclose(Encoder.load(tmp_path / "e.pt").embed(images), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_name", ["BasicBlock", "Bottleneck"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_own_blocks_equal_torchvisions(block_name, stride):
+    # Same parameter names (checkpoints interchangeable) and the same function of the same weights.
+    torchvision_resnet = pytest.importorskip("torchvision.models.resnet")
+    ours_cls, theirs_cls = getattr(blocks, block_name), getattr(torchvision_resnet, block_name)
+    inplanes, planes = 16, 8
+    out = planes * ours_cls.expansion
+
+    def projection() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+
+    torch.manual_seed(0)
+    ours = ours_cls(inplanes, planes, stride, projection())
+    theirs = theirs_cls(inplanes, planes, stride, projection())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, inplanes, 9, 9)
+    for mode in (True, False):  # batch statistics, then running statistics
+        ours.train(mode), theirs.train(mode)
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_full_resnet50_has_torchvision_parameter_count():
+    torchvision_models = pytest.importorskip("torchvision.models")
+    net, dim = build_backbone("resnet50")
+    reference = torchvision_models.resnet50()
+    expected = sum(p.numel() for n, p in reference.named_parameters() if not n.startswith("fc."))
+    assert dim == 2048
+    assert sum(p.numel() for p in net.parameters()) == expected

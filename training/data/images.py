@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -60,13 +61,24 @@ def pil_to_uint8(image: Image.Image, channels: int) -> torch.Tensor:
 
 
 def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size`, then centre-crop to size x size (uint8 CxHxW in, out)."""
-    from torchvision.transforms.v2 import functional as F
-
-    if image.shape[-2:] == (size, size):
+    """Resize the shorter side to `size` (bilinear, antialiased), then centre-crop to size x size
+    (uint8 ...xCxHxW in, out). The same arithmetic as torchvision's `resize` + `center_crop` (torch's
+    native uint8 kernel; a test compares them), without importing torchvision in the service."""
+    height, width = image.shape[-2:]
+    if (height, width) == (size, size):
         return image
-    image = F.resize(image, [size], antialias=True)
-    return F.center_crop(image, [size, size])
+    if width <= height:
+        new_height, new_width = int(size * height / width), size
+    else:
+        new_height, new_width = size, int(size * width / height)
+    if (new_height, new_width) != (height, width):
+        batch = image.reshape(-1, *image.shape[-3:])  # any leading dims (one image or NxCxHxW)
+        batch = F.interpolate(
+            batch, size=[new_height, new_width], mode="bilinear", align_corners=False, antialias=True
+        )
+        image = batch.reshape(*image.shape[:-2], new_height, new_width)
+    top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+    return image[..., top : top + size, left : left + size]
 
 
 def load_uint8(source: bytes | str | os.PathLike, channels: int, size: int, max_pixels: int | None = None):

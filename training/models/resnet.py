@@ -1,5 +1,6 @@
-"""ResNet-18/50 backbones (torchvision's blocks) with a width multiplier, 1- or 3-channel input,
-the CIFAR-style small stem, and MoCo's SplitBatchNorm (single-process shuffling-BN emulation).
+"""ResNet-18/50 backbones (torchvision's layout and parameter names, training/models/blocks.py)
+with a width multiplier, 1- or 3-channel input, the CIFAR-style small stem, and MoCo's
+SplitBatchNorm (single-process shuffling-BN emulation).
 
 The output is the globally average-pooled feature vector (no fc): NxD with D = `feature_dim`.
 """
@@ -11,7 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from training.models.blocks import BasicBlock, Bottleneck
 
 ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
