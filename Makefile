@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 # torch/torchvision are pinned first so that the resolver never pulls a different build.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Two pytest-xdist workers, whole files each: most tests wait on real servers and processes, so two
+# workers fit a 2-core machine (make test TEST_WORKERS=0 runs them in one process).
+TEST_WORKERS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup data browser test run lint bench clean
@@ -54,7 +57,7 @@ browser:
 test: setup browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports  # layers index <- training <- service, no import cycles (pyproject.toml)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # First run: the committed demo encoder and a 10k-image Fashion-MNIST catalogue (service/demo.py),
 # then serve. Both steps are skipped once done, so the next `make run` is up in seconds.
