@@ -3,7 +3,10 @@
 `store_image` is the one function that stores "an image + its record", shared by `POST /images`
 and `python -m service.ingest`. Write order (a crash loses nothing and leaves no orphan that the
 reconcile step cannot repair): GridFS bytes, then the record with status "pending"; the caller
-then adds the vector to the index and only then marks the record "indexed".
+then adds the vector to the index and only then marks the record "indexed", storing the vector
+with it (`vector`: float32 little-endian bytes, tagged by the record's `model_version`). Replicas
+add a record from its stored vector instead of embedding its bytes again (service.watcher); the
+vector never leaves the service (`public_record`, `RECORD_PROJECTION`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 from bson import Binary
 from gridfs.errors import CorruptGridFile, NoFile
+from pymongo import UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import AutoReconnect, BulkWriteError, NetworkTimeout
 
@@ -28,6 +33,9 @@ GRIDFS_CHUNK_SIZE = 255 * 1024  # GridFS's default chunk size
 DUPLICATE_KEY = 11000
 PENDING = "pending"
 INDEXED = "indexed"
+VECTOR = "vector"  # the record's embedding under its `model_version` (float32 little-endian bytes)
+RECORD_PROJECTION = {VECTOR: 0}  # what reads of whole records leave out: nobody outside needs it
+VECTOR_FIELDS = {VECTOR: 1, "model_version": 1}
 
 
 @dataclass
@@ -155,7 +163,7 @@ async def _insert_records(db: Database, records: list[dict[str, Any]]) -> dict[s
     losers = [r for r in records if int(r["_id"]) not in present]
     winners: dict[str, dict[str, Any]] = {}
     for record in losers:
-        winner = await db.images.find_one({"sha256": record["sha256"]})
+        winner = await db.images.find_one({"sha256": record["sha256"]}, RECORD_PROJECTION)
         if winner is None:  # the other upload was deleted meanwhile: store ours after all
             if await insert_own_documents(db.images, [record]):
                 raise RuntimeError(f"could not store the record for {record['filename']}")
@@ -178,7 +186,8 @@ async def store_prepared_many(
     shas = [p.decoded.sha256 for p in prepared]
     existing: dict[str, dict[str, Any]] = {}
     for chunk in _chunks(sorted(set(shas))):
-        existing |= {d["sha256"]: d async for d in db.images.find({"sha256": {"$in": chunk}})}
+        found = db.images.find({"sha256": {"$in": chunk}}, RECORD_PROJECTION)
+        existing |= {d["sha256"]: d async for d in found}
     first_of: dict[str, int] = {}
     new = [i for i, sha in enumerate(shas) if sha not in existing and first_of.setdefault(sha, i) == i]
     records: dict[str, dict[str, Any]] = {}
@@ -231,14 +240,69 @@ async def store_image(
     return await store_prepared(db, prepared, metadata)
 
 
-async def mark_indexed(db: Database, ids: list[int], model_version: str, index_version: str) -> int:
-    """Returns how many of the records still exist (matched), so callers can skip a lookup.
-    Short `$in` lists; idempotent, so safe to retry."""
-    update = {"$set": {"status": INDEXED, "model_version": model_version, "index_version": index_version}}
+async def mark_indexed(
+    db: Database, ids: list[int], model_version: str, index_version: str, vectors: np.ndarray | None = None
+) -> int:
+    """Mark records indexed by `model_version`, storing row i of NxD `vectors` with ids[i] (the
+    vector replicas add instead of embedding again). Returns how many of the records still exist
+    (matched), so callers can skip a lookup. Short batches (SecantusDB evaluates `$in` lists in
+    Python); idempotent, so safe to retry.
+
+    Without vectors (reconcile found the id in the index but the record pending: a crash between
+    the two steps) only records not yet indexed are marked, and any vector they hold is removed,
+    so no vector ever carries a model tag it was not computed by; a record someone marked indexed
+    meanwhile keeps its vector."""
+    status = {"status": INDEXED, "model_version": model_version, "index_version": index_version}
     matched = 0
-    for chunk in chunked(ids):
-        matched += (await db.images.update_many({"_id": {"$in": chunk}}, update)).matched_count
+    if vectors is None:
+        update = {"$set": status, "$unset": {VECTOR: ""}}
+        for chunk in chunked(ids):
+            query = {"_id": {"$in": chunk}, "status": {"$ne": INDEXED}}
+            matched += (await db.images.update_many(query, update)).matched_count
+        return matched
+    if len(vectors) != len(ids):
+        raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
+    rows = np.ascontiguousarray(vectors, dtype="<f4")  # NxD
+    for start in range(0, len(ids), ID_CHUNK):
+        writes = [
+            UpdateOne({"_id": int(image_id)}, {"$set": {**status, VECTOR: encode_vector(rows[start + i])}})
+            for i, image_id in enumerate(ids[start : start + ID_CHUNK])
+        ]
+        matched += (await db.images.bulk_write(writes, ordered=False)).matched_count
     return matched
+
+
+def encode_vector(vector: np.ndarray) -> Binary:
+    """A D vector as stored in a record: float32 little-endian bytes."""
+    return Binary(np.ascontiguousarray(vector, dtype="<f4").tobytes())
+
+
+def decode_vector(stored: Any, dim: int) -> np.ndarray | None:
+    """The D float32 vector of a record's `vector` field, or None when it is absent, of another
+    dimension or not finite (a record written by another model or damaged: embed it instead)."""
+    if not isinstance(stored, bytes | bytearray) or len(stored) != 4 * dim:
+        return None
+    vector = np.frombuffer(stored, dtype="<f4").astype(np.float32)
+    return vector if np.isfinite(vector).all() else None
+
+
+def usable_vector(fields: dict[str, Any], model_version: str, dim: int) -> np.ndarray | None:
+    """The stored vector of a record (or of a change event's fields) when the model that computed
+    it is `model_version`, else None."""
+    if fields.get("model_version") != model_version:
+        return None
+    return decode_vector(fields.get(VECTOR), dim)
+
+
+async def stored_vectors(db: Database, ids: list[int], model_version: str, dim: int) -> dict[int, np.ndarray]:
+    """{id: stored vector} for the records among `ids` whose vector `model_version` computed."""
+    found: dict[int, np.ndarray] = {}
+    for chunk in chunked(ids):
+        async for doc in db.images.find({"_id": {"$in": chunk}}, VECTOR_FIELDS):
+            vector = usable_vector(doc, model_version, dim)
+            if vector is not None:
+                found[int(doc["_id"])] = vector
+    return found
 
 
 async def delete_files(db: Database, image_id: int) -> bool:
@@ -319,7 +383,7 @@ async def list_images(
     query = metadata_filter(label, [tag] if tag else None)
     if cursor is not None:
         query["_id"] = {"$gt": cursor}
-    docs = await db.images.find(query).sort("_id", 1).limit(limit + 1).to_list()
+    docs = await db.images.find(query, RECORD_PROJECTION).sort("_id", 1).limit(limit + 1).to_list()
     next_cursor = int(docs[limit - 1]["_id"]) if len(docs) > limit else None
     return docs[:limit], next_cursor
 

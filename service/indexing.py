@@ -44,14 +44,16 @@ async def index_vectors(
     engine: Engine, db: Database, loaded: Loaded, ids: list[int], vectors: np.ndarray
 ) -> list[int]:
     """Add already computed vectors (rows of NxD `vectors`) for the ids not in the index yet, then
-    mark their records indexed; returns the ids added and still catalogued. One round trip when no
+    mark their records indexed with their vectors (what other replicas add instead of embedding
+    again); returns the ids added and still catalogued. One round trip when no
     record vanished meanwhile: the update matches only existing records, and only when it matched
     fewer than it was given are the missing ones looked up and taken out of the index again."""
     rows = {image_id: row for row, image_id in enumerate(ids)}  # one batch may name a record twice
     added = await engine.add(loaded, vectors[list(rows.values())], list(rows))
     if not added:
         return []
-    matched = await mark_indexed(db, added, loaded.model_version, loaded.version)
+    added_rows = vectors[[rows[i] for i in added]]  # NxD, row i for added[i]
+    matched = await mark_indexed(db, added, loaded.model_version, loaded.version, added_rows)
     if matched == len(added):
         return added
     still_there = {int(d["_id"]) async for d in db.images.find({"_id": {"$in": added}}, {"_id": 1})}

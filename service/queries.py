@@ -1,5 +1,6 @@
-"""Turning a search/classify request into a query vector: an uploaded image, a catalogue id, or a
-raw vector. Shared by `POST /search` and `POST /classify`."""
+"""Turning a search/classify request into a query vector: an uploaded image, a catalogue id (its
+stored vector when the loaded model computed it, else its bytes embedded), or a raw vector.
+Shared by `POST /search` and `POST /classify`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 
-from service.catalogue import read_file
+from service.catalogue import VECTOR_FIELDS, read_file, usable_vector
 from service.db import Database
 from service.engine import Engine, Loaded
 from service.errors import BadRequest
@@ -37,8 +38,15 @@ async def query_vector(engine: Engine, db: Database, loaded: Loaded, query: Any,
         return vector
     if isinstance(query, int):
         started = time.perf_counter()
-        stored = await read_file(db, query)
-        if stored is None or await db.images.count_documents({"_id": query}, limit=1) == 0:
+        record = await db.images.find_one({"_id": query}, VECTOR_FIELDS)
+        if record is None:
+            raise HTTPException(404, f"no image with id {query}")
+        vector = usable_vector(record, loaded.model_version, loaded.index.dim)
+        if vector is not None:  # the vector the index holds for it: nothing to decode or embed
+            timer.add("metadata", started)
+            return vector[None]  # 1xD
+        stored = await read_file(db, query)  # pending, or indexed by another model
+        if stored is None:
             raise HTTPException(404, f"no image with id {query}")
         data = stored[0]
         timer.add("metadata", started)

@@ -2,7 +2,8 @@
 
 The index's own id set is the truth about what is indexed:
   * records not in the index (pending, indexed before a crash, added while a refresh built the new
-    version) are embedded from their stored bytes and added, then marked indexed;
+    version) are added from their stored vector when the loaded model computed it, else embedded
+    from their stored bytes, then marked indexed;
   * index ids without a record (deleted, or a crash between record delete and index remove) are removed;
   * a record whose bytes are gone cannot be embedded and is dropped.
 `sweep_orphans` (on its own schedule, first after the start-up reconcile) deletes GridFS files and
@@ -24,11 +25,18 @@ import numpy as np
 import pymongo
 from tqdm import tqdm
 
-from service.catalogue import INDEXED, delete_files, delete_many_files, mark_indexed, read_file
+from service.catalogue import (
+    INDEXED,
+    delete_files,
+    delete_many_files,
+    mark_indexed,
+    read_file,
+    stored_vectors,
+)
 from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database, chunked, stream_docs
 from service.engine import Engine, Loaded
 from service.imaging import ImageRejected, decode_image
-from service.indexing import index_images
+from service.indexing import index_images, index_vectors
 
 log = logging.getLogger("service.reconcile")
 BATCH = 64
@@ -98,6 +106,7 @@ async def reconcile(
         stale = [i for i in stale if i not in still]
         report.removed = await engine.remove(stale) if stale else 0
 
+    # No vector at hand for these (the index may not give its vectors back): marked without one.
     await mark_indexed(db, indexed_but_pending, loaded.model_version, loaded.version)
     report.marked_indexed = len(indexed_but_pending)
 
@@ -116,8 +125,14 @@ async def _embed_and_add(
     engine: Engine, db: Database, loaded: Loaded, ids: list[int], report: ReconcileReport
 ) -> int:
     settings = engine.settings
+    known = await stored_vectors(db, ids, loaded.model_version, loaded.index.dim)
+    added = 0
+    if known:  # computed by the loaded model already (by a replica, or before a crash): no embedding
+        added = len(await index_vectors(engine, db, loaded, list(known), np.stack(list(known.values()))))
     images, kept = [], []
     for image_id in ids:
+        if image_id in known:
+            continue
         stored = await read_file(db, image_id)
         if stored is None:
             log.warning("record %d has no stored bytes; dropping the record", image_id)
@@ -134,7 +149,7 @@ async def _embed_and_add(
             continue
         images.append(decoded.image)
         kept.append(image_id)
-    return len(await index_images(engine, db, loaded, kept, images))
+    return added + len(await index_images(engine, db, loaded, kept, images))
 
 
 async def _all_ids(db: Database, collection: str) -> np.ndarray:

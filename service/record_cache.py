@@ -87,7 +87,10 @@ class RecordCache:
             self._task = asyncio.get_running_loop().create_task(self._watch(db), name="record-cache-watch")
 
     async def _watch(self, db: Database) -> None:
-        pipeline = [{"$match": {"operationType": {"$in": ["update", "replace", "delete"]}}}]
+        pipeline = [  # only the id: update events would otherwise carry every changed field (vectors)
+            {"$match": {"operationType": {"$in": ["update", "replace", "delete"]}}},
+            {"$project": {"documentKey": 1}},
+        ]
         while True:
             try:
                 async with await db.images.watch(pipeline) as stream:

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         10.0, gt=0, description="lease of the one replica that republishes the index (others only load)"
     )
     REPLICA_ID: str | None = Field(None, description="name in the publisher lease (default host:pid:random)")
+    REPLICA_VECTOR_GRACE_SECONDS: float = Field(
+        2.5,
+        ge=0,
+        description="how long a replica waits for the vector of a record another replica is indexing "
+        "before it embeds the stored bytes itself",
+    )
     EMBED_BATCH_MAX: int = Field(64, ge=1, description="largest micro-batch of concurrent embeddings")
     INFERENCE_THREADS: int = Field(2, ge=1, description="thread pool for decode, inference and FAISS")
     FAISS_THREADS: int = Field(

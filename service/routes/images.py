@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, HTTPException, Path, Query
 from fastapi.responses import Response
 
 from service.catalogue import (
+    RECORD_PROJECTION,
     ImageMetadata,
     delete_image,
     list_images,
@@ -125,7 +126,7 @@ async def list_catalogue(
     responses={**READ_ERRORS, **error_responses(404)},
 )
 async def get_image(db: DatabaseDep, image_id: ImageId) -> ImageRecord:
-    doc = await db.images.find_one({"_id": image_id})
+    doc = await db.images.find_one({"_id": image_id}, RECORD_PROJECTION)
     if doc is None:
         raise HTTPException(404, f"no image with id {image_id}")
     return ImageRecord.model_validate(public_record(doc))

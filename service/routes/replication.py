@@ -33,6 +33,10 @@ class WatcherInfo(BaseModel):
     detail: str | None
     events_applied: int
     added: int
+    added_from_vector: int = Field(description="of `added`: the vector stored by the replica that indexed it")
+    embedded: int = Field(description="of `added`: embedded here from the stored bytes")
+    deferred: int = Field(description="inserts waiting now for the writing replica's vector")
+    grace_expired: int = Field(description="inserts whose vector did not come in time (then embedded)")
     removed: int
     resumed_from_version: str | None = Field(description="the index version whose stored token it resumed at")
     fallback_reconciles: int = Field(description="reconciles run because no usable resume token existed")

@@ -15,6 +15,7 @@ from pymongo import MongoClient
 from service_helpers import png_bytes, running_service, service_settings, wait_until
 
 from index.store import IndexStore
+from service.catalogue import VECTOR_FIELDS, decode_vector
 from service.ingest import main as ingest_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +34,16 @@ def test_fashion_mnist_ingest_is_idempotent(ingest_env, data_dir, mongo_uri, mon
     assert "added 30, already present 0, skipped 0" in capsys.readouterr().out
     assert ingest_main(["--fashion-mnist", "--limit", "40", "--no-progress"]) == 0
     assert "added 10, already present 30, skipped 0" in capsys.readouterr().out
-    assert IndexStore(data_dir / "index").load().ntotal == 40
+    store = IndexStore(data_dir / "index")
+    index = store.load()
+    assert index.ntotal == 40
+    # Every record carries its vector, tagged by the model that computed it (what replicas add).
+    with MongoClient(mongo_uri) as mongo:
+        stored = list(mongo[mongo_db_name].images.find({}, VECTOR_FIELDS))
+    assert {d["model_version"] for d in stored} == {store.read_manifest()["model_version"]}
+    vectors = [decode_vector(d.get("vector"), index.dim) for d in stored]
+    assert len(vectors) == 40 and all(v is not None for v in vectors)
+    np.testing.assert_allclose(np.linalg.norm(np.stack(vectors), axis=1), 1.0, atol=1e-4)  # NxD rows
     settings = service_settings(data_dir, mongo_uri, mongo_db_name)
     with running_service(settings) as url, httpx.Client(base_url=url) as client:
         assert client.get("/health/ready").json()["index_size"] == 40
