@@ -6,25 +6,15 @@ cap holds."""
 from __future__ import annotations
 
 import asyncio
-import time
 
+from bson import Binary
 from gridfs import GridFSBucket
 from pymongo import MongoClient
+from service_helpers import until
 
 from service.catalogue import read_thumbnails
 from service.db import THUMBNAIL_BUCKET, Database
 from service.thumbnail_cache import ENTRY_OVERHEAD, Thumbnail, ThumbnailCache
-
-
-async def _until(predicate, what: str, timeout_s: float = 20.0):
-    """Await `predicate()` (async) until it returns a truthy value, or fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def _png_like(image_id: int, size: int = 300) -> bytes:
@@ -37,13 +27,24 @@ def _store(mongo: MongoClient, name: str, files: dict[int, bytes], chunk_size: i
         bucket.upload_from_stream_with_id(image_id, f"{image_id}.png", data)
 
 
+def _store_in_bulk(mongo: MongoClient, name: str, files: dict[int, bytes]) -> None:
+    """One-chunk files in GridFS's layout, written in two inserts (80 uploads are slow here)."""
+    db = mongo[name]
+    db[f"{THUMBNAIL_BUCKET}.files"].insert_many(
+        [{"_id": i, "length": len(d), "chunkSize": 255 * 1024} for i, d in files.items()]
+    )
+    db[f"{THUMBNAIL_BUCKET}.chunks"].insert_many(
+        [{"files_id": i, "n": 0, "data": Binary(d)} for i, d in files.items()]
+    )
+
+
 def test_batched_read_returns_gridfs_bytes_and_skips_half_deleted_files(
     mongo_uri: str, mongo_db_name: str
 ) -> None:
     small = {i: _png_like(i) for i in range(1, 81)}  # more than one `$in` chunk of ids
-    large = {500: _png_like(500, 2500)}  # several GridFS chunks
+    large = {500: _png_like(500, 2500)}  # several GridFS chunks, written by GridFS itself
     with MongoClient(mongo_uri) as mongo:
-        _store(mongo, mongo_db_name, small)
+        _store_in_bulk(mongo, mongo_db_name, small)
         _store(mongo, mongo_db_name, large, chunk_size=1000)
         mongo[mongo_db_name][f"{THUMBNAIL_BUCKET}.chunks"].delete_many({"files_id": 7})  # files doc stays
         mongo[mongo_db_name][f"{THUMBNAIL_BUCKET}.chunks"].delete_one({"files_id": 500, "n": 1})
@@ -90,7 +91,7 @@ def test_cache_serves_from_memory_and_forgets_what_another_client_deletes(
                     await cache.thumbnails(db, [1, 2, 3])
                     return cache.hits == before + 3
 
-                await _until(warm, "the change stream to open and the cache to serve")
+                await until(warm, "the change stream to open and the cache to serve")
                 assert len(cache) == 3
 
                 GridFSBucket(mongo[mongo_db_name], bucket_name=THUMBNAIL_BUCKET).delete(2)
@@ -98,7 +99,7 @@ def test_cache_serves_from_memory_and_forgets_what_another_client_deletes(
                 async def evicted() -> bool:
                     return 2 not in await cache.thumbnails(db, [1, 2, 3])
 
-                await _until(evicted, "the deletion to reach the cache")
+                await until(evicted, "the deletion to reach the cache")
                 assert sorted(await cache.thumbnails(db, [1, 2, 3])) == [1, 3]
             finally:
                 cache.stop()
@@ -122,7 +123,7 @@ def test_memory_cap_evicts_the_least_recently_used(mongo_uri: str, mongo_db_name
                     await cache.thumbnails(db, [1])
                     return cache.watching and len(cache) == 1
 
-                await _until(serving, "the change stream to open")
+                await until(serving, "the change stream to open")
                 await cache.thumbnails(db, [2, 3])
                 await cache.thumbnails(db, [1])  # 1 is now the most recently used
                 await cache.thumbnails(db, [4])
