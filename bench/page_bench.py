@@ -5,18 +5,22 @@ What `make run` serves, in a temporary DATA_DIR: `python -m service.demo` (demo 
 Fashion-MNIST test images), then `python -m service` as its own process. Headless Chromium (Debian
 `chromium` + `chromium-driver`, Selenium) opens the page with a fresh profile; each round searches
 one new query image (Fashion-MNIST training images, not in the catalogue) through the page's file
-input, timed from the request to the first row of thumbnails on screen, and the same image through
-the API (httpx, loopback), interleaved so both see the same load. Goal (issue 12): first load under
-200 KB, browser round trip within 2x the API's.
+input, timed from the request to the first row of thumbnails on screen, and another new image
+through the API (httpx, loopback), interleaved so both see the same load. Goal (issue 12): first load under
+200 KB, browser round trip within 2x the API's. Also counted: thumbnail requests the page made
+before its results showed (0 when the search answers with the thumbnails inline).
 
     python bench/page_bench.py                 # appends to bench/RESULTS.md
     python bench/page_bench.py --count 2000 --rounds 20 --no-append
+    python bench/page_bench.py --data-dir /tmp/demo-10k   # build once, measure again and again
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -39,18 +43,29 @@ from service.embedded_db import free_port  # noqa: E402
 from tests.service.service_helpers import fashion_mnist, png_bytes  # noqa: E402
 
 SECTION = "## Search page (bench/page_bench.py)"
+STAGE = re.compile(r"(decode|embed|search|metadata|thumbnails) (\d+)")
 K = 24  # the page's default
 
 # Resolves when the page shows a result set newer than the one on screen now.
-ARM = """
+ARM = r"""
 const list = document.getElementById('results');
 const before = Number(list.dataset.seq || 0);
+performance.clearResourceTimings();  // its buffer holds 250 entries
+const armed = performance.now();
 window.__benchResult = new Promise(resolve => {
   const observer = new MutationObserver(() => {
     if (Number(list.dataset.seq) > before) {
       observer.disconnect();
-      resolve({shown: Number(list.dataset.shownMs), answered: Number(list.dataset.answeredMs),
-               server: Number(list.dataset.serverMs), count: list.children.length});
+      const thumbnails = performance.getEntriesByType('resource')
+        .filter(e => e.startTime >= armed && /\/images\/\d+\/thumbnail/.test(e.name)).length;
+      const search = performance.getEntriesByType('resource')
+        .find(e => e.startTime >= armed && new URL(e.name).pathname === '/search');
+      resolve({wire: search ? [search.requestStart - search.startTime,
+                               search.responseStart - search.requestStart,
+                               search.responseEnd - search.responseStart] : [0, 0, 0],
+               shown: Number(list.dataset.shownMs), answered: Number(list.dataset.answeredMs),
+               server: Number(list.dataset.serverMs), count: list.children.length, thumbnails,
+               timing: document.getElementById('timing').textContent});
     }
   });
   observer.observe(list, {attributes: true, attributeFilter: ['data-seq']});
@@ -64,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=10_000, help="demo catalogue size (default 10000)")
     parser.add_argument("--rounds", type=int, default=30, help="queries timed both ways (default 30)")
     parser.add_argument("--no-append", action="store_true", help="print only, do not write RESULTS.md")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="DATA_DIR to use and keep (the demo catalogue is built there when empty); default: a "
+        "temporary one",
+    )
+    parser.add_argument("--label", default="", help="a note for the heading of the results block")
     return parser.parse_args(argv)
 
 
@@ -77,13 +99,27 @@ def run_demo(data_dir: Path, count: int) -> float:
     return time.perf_counter() - started
 
 
-def measure(url: str, rounds: int, workdir: Path) -> dict:
+def query_files(workdir: Path, first: int, count: int) -> list[Path]:
+    """Fashion-MNIST training images (never in the demo catalogue) as PNG files."""
     images, _, _ = fashion_mnist("train")
-    queries = []
-    for i in range(rounds + 1):
+    paths = []
+    for i in range(first, first + count):
         path = workdir / f"query-{i}.png"
         path.write_bytes(png_bytes(images[i]))
-        queries.append(path)
+        paths.append(path)
+    return paths
+
+
+def stage_times(timing_text: str) -> dict[str, float]:
+    """The service's stage times from the page's timing line ("... server 40 ms (decode 3 · ...)")."""
+    return {name: float(ms) for name, ms in STAGE.findall(timing_text.partition("server")[2])}
+
+
+def measure(url: str, rounds: int, workdir: Path) -> dict:
+    # Two sets of new images, so that neither side searches an image the other just searched (the
+    # second search of an image would find its results' records in the service's memory).
+    page_queries = query_files(workdir, 0, rounds + 1)
+    api_queries = query_files(workdir, rounds + 1, rounds + 1)
     with chromium() as driver, httpx.Client(base_url=url, timeout=60) as client:
         driver.set_script_timeout(60)
         driver.get(url + "/")
@@ -91,8 +127,9 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
         entries = transferred(driver)
         first_load = sum(e["transfer"] for e in entries)
         file_input = driver.find_element(By.ID, "query-file")
-        browser, answered, server, api = [], [], [], []
-        for i, path in enumerate(queries):
+        browser, answered, server, api, thumbnail_requests = [], [], [], [], []
+        browser_stages, api_stages, wire = [], [], []
+        for i, (path, api_path) in enumerate(zip(page_queries, api_queries, strict=True)):
             driver.execute_script(ARM)
             file_input.send_keys(str(path))
             result = driver.execute_async_script(COLLECT)
@@ -105,17 +142,21 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
             )
             started = time.perf_counter()
             reply = client.post(
-                "/search", files={"file": (path.name, path.read_bytes(), "image/png")}, data={"k": K}
+                "/search", files={"file": (api_path.name, api_path.read_bytes(), "image/png")}, data={"k": K}
             )
             elapsed = (time.perf_counter() - started) * 1000
             reply.raise_for_status()
             if i == 0:
                 continue  # warm-up: first model call, first connection
             assert result["count"] == K, result
+            thumbnail_requests.append(result["thumbnails"])
             browser.append(result["shown"])
             answered.append(result["answered"])
             server.append(result["server"])
+            browser_stages.append(stage_times(result["timing"]))
+            wire.append(result["wire"])
             api.append(elapsed)
+            api_stages.append(reply.json()["timing_ms"])
     return {
         "first_load": first_load,
         "requests": len(entries),
@@ -123,7 +164,16 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
         "answered": answered,
         "server": server,
         "api": api,
+        "thumbnail_requests": thumbnail_requests,
+        "browser_stages": browser_stages,
+        "api_stages": api_stages,
+        "wire": wire,
     }
+
+
+def median_stages(rows: list[dict[str, float]]) -> str:
+    names = [name for name in ("decode", "embed", "search", "metadata", "thumbnails") if name in rows[0]]
+    return ", ".join(f"{name} {statistics.median(row.get(name, 0.0) for row in rows):.0f}" for name in names)
 
 
 def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
@@ -131,15 +181,18 @@ def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
         return f"{statistics.median(values):.1f} / {percentile(values, 90):.1f}"
 
     ratio = statistics.median(m["browser"]) / statistics.median(m["api"])
+    queued, waiting, download = (list(column) for column in zip(*m["wire"], strict=True))
+    built = "built by an earlier run" if args.data_dir else f"`service.demo` took {demo_s:.0f} s"
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join(
         [
-            f"### {now}",
+            f"### {now}{' ' + args.label if args.label else ''}",
             "",
             f"- machine: {machine()}; Chromium headless (fresh profile), loopback HTTP",
-            f"- command: `python bench/page_bench.py --count {args.count} --rounds {args.rounds}`",
+            f"- command: `python bench/page_bench.py --count {args.count} --rounds {args.rounds}`"
+            + (" with `--data-dir` (the catalogue built by an earlier run)" if args.data_dir else ""),
             f"- catalogue: the demo's ({args.count} Fashion-MNIST test images, demo encoder, embedded "
-            f"SecantusDB; `service.demo` took {demo_s:.0f} s); k={K}; each round a new query image",
+            f"SecantusDB; {built}); k={K}; each round a new query image for each side",
             f"- first load (document, CSS, JS, icon, /ui/config, /health/ready): "
             f"**{m['first_load'] / 1024:.1f} KB** in {m['requests']} requests (goal < 200 KB)",
             "",
@@ -148,7 +201,16 @@ def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
             f"| browser: request to the first row of thumbnails on screen | {stats(m['browser'])} |",
             f"| browser: request to JSON answered | {stats(m['answered'])} |",
             f"| the service's own stage times for the browser's requests | {stats(m['server'])} |",
+            f"| browser's POST /search (Resource Timing): start to request sent | {stats(queued)} |",
+            f"| ... request sent to first byte of the answer | {stats(waiting)} |",
+            f"| ... first to last byte of the answer | {stats(download)} |",
             f"| API: POST /search over HTTP (httpx) | {stats(m['api'])} |",
+            "",
+            f"Service stage medians, ms: browser's requests {median_stages(m['browser_stages'])}; "
+            f"API's {median_stages(m['api_stages'])}",
+            "",
+            f"Thumbnail requests started and finished before the results showed, per search: median "
+            f"{statistics.median(m['thumbnail_requests']):.0f}, max {max(m['thumbnail_requests'])}",
             "",
             f"Browser round trip / API POST /search (medians): **{ratio:.2f}x** (goal <= 2x)",
         ]
@@ -157,8 +219,12 @@ def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="page-bench-") as tmp:
-        data_dir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.data_dir is None:
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="page-bench-")))
+        else:
+            data_dir = args.data_dir
+            data_dir.mkdir(parents=True, exist_ok=True)
         demo_s = run_demo(data_dir, args.count)
         port = free_port()
         url = f"http://127.0.0.1:{port}"

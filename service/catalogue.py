@@ -349,6 +349,39 @@ async def read_file(db: Database, image_id: int, thumbnail: bool = False) -> tup
     return data, media_type
 
 
+async def read_thumbnails(db: Database, ids: list[int]) -> dict[int, bytes]:
+    """{id: PNG bytes} for the ids whose thumbnail is stored: per ID_CHUNK ids, one query for the
+    files documents and one for the chunks, concurrently (GridFS's own reader makes two sequential
+    round trips per file). A file whose chunks do not add up to its length (a delete in progress)
+    is left out, as `read_file` leaves it."""
+    files = db.db[f"{THUMBNAIL_BUCKET}.files"]
+    chunks = db.db[f"{THUMBNAIL_BUCKET}.chunks"]
+
+    async def fetch(chunk: list[int]) -> dict[int, bytes]:
+        lengths, parts = await asyncio.gather(
+            files.find({"_id": {"$in": chunk}}, {"length": 1}, batch_size=len(chunk)).to_list(),
+            chunks.find({"files_id": {"$in": chunk}}, {"_id": 0, "files_id": 1, "n": 1, "data": 1}).to_list(),
+        )
+        pieces: dict[int, dict[int, bytes]] = {}
+        for part in parts:
+            pieces.setdefault(int(part["files_id"]), {})[int(part["n"])] = bytes(part["data"])
+        found = {}
+        for doc in lengths:
+            image_id = int(doc["_id"])
+            numbered = pieces.get(image_id, {})
+            if sorted(numbered) != list(range(len(numbered))):
+                continue  # a chunk is missing: a delete in progress
+            data = b"".join(numbered[n] for n in range(len(numbered)))
+            if len(data) == doc["length"]:
+                found[image_id] = data
+        return found
+
+    thumbnails: dict[int, bytes] = {}
+    for part in await asyncio.gather(*(fetch(chunk) for chunk in chunked(ids))):
+        thumbnails |= part
+    return thumbnails
+
+
 SEARCH_FIELDS = {"label": 1, "tags": 1}  # what a search result shows: less to send and decode
 
 

@@ -28,6 +28,7 @@ from index.synced_store import open_store
 from service.batcher import EmbeddingBatcher
 from service.record_cache import RecordCache
 from service.settings import Settings
+from service.thumbnail_cache import ThumbnailCache
 from training.encoder import Encoder, EncoderError, read_encoder_record
 from training.inference import load_deploy_encoder
 
@@ -60,6 +61,7 @@ class Engine:
         self.executor = ThreadPoolExecutor(settings.INFERENCE_THREADS, thread_name_prefix="inference")
         self.batcher = EmbeddingBatcher(self.executor, settings.EMBED_BATCH_MAX)
         self.records = RecordCache()  # label + tags of hot search results, invalidated on change
+        self.thumbnails = ThumbnailCache(settings.THUMBNAIL_CACHE_BYTES)  # their PNGs, likewise
         self.loaded: Loaded | None = None
         self.problem: str | None = "the model and index are not loaded yet"
         # Serialises version changes (bootstrap, reload, publish) with each other.
@@ -286,4 +288,5 @@ class Engine:
 
     def shutdown(self) -> None:
         self.records.stop()
+        self.thumbnails.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)

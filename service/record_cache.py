@@ -4,13 +4,9 @@ A search result needs only a record's label and tags (`catalogue.SEARCH_FIELDS`)
 come back again and again, and each round trip to the database costs milliseconds. The cache holds
 those fields for up to `capacity` records (least recently used go first).
 
-Invalidation follows the database itself, not the code paths that write: a change stream on
-`images` (updates, replacements, deletions, from this service or any other process) evicts the
-record within the stream's latency (milliseconds). The cache serves nothing unless that stream is
-open: before it started, after it failed (a standalone mongod has no change streams) and while it
-reconnects, every lookup goes to the database. A read racing an invalidation is not cached: each
-eviction bumps a generation counter, and records fetched under an older generation are returned but
-not kept.
+Invalidation follows the database itself (`service.followed_cache`): a change stream on `images`
+(updates, replacements, deletions, from this service or any other process) evicts the record
+within the stream's latency (milliseconds), and nothing is served while that stream is not open.
 
 Filters are evaluated on cached records only for the forms the service builds (`label` equality,
 `tags` `$all`, `label` `$type: "string"`); any other filter reads the database.
@@ -18,33 +14,29 @@ Filters are evaluated on cached records only for the forms the service builds (`
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections import OrderedDict
 from typing import Any
 
+from pymongo.asynchronous.collection import AsyncCollection
+
 from service.catalogue import records_by_id
 from service.db import Database
-
-log = logging.getLogger("service.record_cache")
-RETRY_SECONDS = 2.0
+from service.followed_cache import FollowedCache
 
 
-class RecordCache:
+class RecordCache(FollowedCache):
     def __init__(self, capacity: int = 100_000) -> None:
+        super().__init__()
         self.capacity = capacity
         self._records: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        self._generation = 0
-        self._watching = False  # the change stream is open: the cache may serve
-        self._task: asyncio.Task | None = None
         self.hits = 0
         self.misses = 0
 
     # ----------------------------------------------------------------- lookups
     async def records(self, db: Database, ids: list[int], mongo_filter: dict[str, Any]) -> dict[int, dict]:
         """{id: record (label, tags)} for the ids that exist and pass `mongo_filter`."""
-        self._ensure_watching(db)
-        if not self._watching or not _supported(mongo_filter):
+        self.ensure_watching(db)
+        if not self.watching or not _supported(mongo_filter):
             return await records_by_id(db, ids, mongo_filter)
         found: dict[int, dict] = {}
         missing = []
@@ -58,9 +50,9 @@ class RecordCache:
         self.hits += len(found)
         self.misses += len(missing)
         if missing:
-            generation = self._generation
+            generation = self.generation
             fetched = await records_by_id(db, missing)
-            if generation == self._generation and self._watching:
+            if self.may_keep(generation):
                 for image_id, record in fetched.items():
                     self._put(image_id, record)
             found.update(fetched)
@@ -72,52 +64,15 @@ class RecordCache:
         while len(self._records) > self.capacity:
             self._records.popitem(last=False)
 
-    def invalidate(self, ids: list[int] | None = None) -> None:
-        """Forget `ids` (all records when None)."""
-        self._generation += 1
+    def source(self, db: Database) -> AsyncCollection:
+        return db.images
+
+    def forget(self, ids: list[int] | None) -> None:
         if ids is None:
             self._records.clear()
         else:
             for image_id in ids:
                 self._records.pop(image_id, None)
-
-    # ----------------------------------------------------------------- the change stream
-    def _ensure_watching(self, db: Database) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._watch(db), name="record-cache-watch")
-
-    async def _watch(self, db: Database) -> None:
-        pipeline = [  # only the id: update events would otherwise carry every changed field (vectors)
-            {"$match": {"operationType": {"$in": ["update", "replace", "delete"]}}},
-            {"$project": {"documentKey": 1}},
-        ]
-        while True:
-            try:
-                async with await db.images.watch(pipeline) as stream:
-                    self.invalidate()  # whatever changed while no stream was open
-                    self._watching = True
-                    async for change in stream:
-                        key = change.get("documentKey", {}).get("_id")
-                        self.invalidate([int(key)] if isinstance(key, int) else None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # no change streams here, or the database went away
-                log.info("record cache off (%s: %s); retrying", type(exc).__name__, exc)
-            finally:
-                self._watching = False
-                self.invalidate()
-            await asyncio.sleep(RETRY_SECONDS)
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        self._watching = False
-        self.invalidate()
-
-    @property
-    def watching(self) -> bool:
-        return self._watching
 
 
 def _supported(mongo_filter: dict[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from service.validation import Label, Tag, parse_tags
 
 MAX_VECTOR_DIM = 65536
+MAX_INLINE_THUMBNAILS = 64
 
 
 # ----------------------------------------------------------------------------- errors
@@ -92,6 +93,13 @@ class SearchOptions(BaseModel):
         default_factory=list, max_length=32, description="only images with all these tags"
     )
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="only results at least this similar")
+    thumbnails: int = Field(
+        0,
+        ge=0,
+        le=MAX_INLINE_THUMBNAILS,
+        description="inline the thumbnails of the first N results (`thumbnail_data_url`), read in one "
+        "batch: a page shows them without a request per result; 0: none",
+    )
 
 
 class SearchForm(FormTags, SearchOptions):
@@ -197,13 +205,22 @@ class SearchHit(BaseModel):
     tags: list[str]
     content_url: str
     thumbnail_url: str
+    thumbnail_data_url: str | None = Field(
+        None,
+        description="the thumbnail as a `data:image/png;base64,` URL, for the first `thumbnails` "
+        "results (null for the others, and when not asked)",
+    )
+
+
+class SearchTiming(Timing):
+    thumbnails: float = Field(description="reading the inlined thumbnails (0 when none were asked)")
 
 
 class SearchResponse(BaseModel):
     results: list[SearchHit] = Field(description="best first")
     model_version: str
     index_version: str
-    timing_ms: Timing
+    timing_ms: SearchTiming
 
 
 class ClassProbability(BaseModel):

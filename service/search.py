@@ -31,10 +31,9 @@ class Timer:
     def add(self, stage: str, started: float) -> None:
         self.stages[stage] = self.stages.get(stage, 0.0) + (time.perf_counter() - started) * 1000.0
 
-    def as_dict(self) -> dict[str, float]:
-        return {
-            name: round(self.stages.get(name, 0.0), 3) for name in ("decode", "embed", "search", "metadata")
-        }
+    def as_dict(self, *extra: str) -> dict[str, float]:
+        names = ("decode", "embed", "search", "metadata", *extra)
+        return {name: round(self.stages.get(name, 0.0), 3) for name in names}
 
 
 @dataclass

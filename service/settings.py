@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     MAX_PIXELS: int = Field(40_000_000, ge=1, description="width*height limit (decompression bombs)")
     SEARCH_MAX_K: int = Field(1000, ge=1)
     THUMBNAIL_SIZE: int = Field(128, ge=8, description="longer side of stored thumbnails, pixels")
+    THUMBNAIL_CACHE_BYTES: int = Field(
+        64 * 2**20, ge=0, description="memory for hot thumbnails (search results, GET thumbnail); 0: none"
+    )
 
     # Classifier: weighted kNN of Wu et al. 2018 (InstDisc), k = 200, tau = 0.07.
     CLASSIFY_K: int = Field(200, ge=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, HTTPException, Path, Query
+from fastapi import APIRouter, File, Header, HTTPException, Path, Query
 from fastapi.responses import Response
 
 from service.catalogue import (
@@ -37,6 +37,8 @@ from service.validation import Label, Tag
 router = APIRouter(prefix="/images", tags=["images"], route_class=ContractRoute)
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="the 64-bit catalogue id")]
 READ_ERRORS = {**AUTH_ERRORS, **error_responses(422, 503)}
+# The bytes of an id never change while it exists (ids are never reused): cache for a day, never revalidate.
+IMMUTABLE = "public, max-age=86400, immutable"
 
 
 @router.post(
@@ -132,16 +134,6 @@ async def get_image(db: DatabaseDep, image_id: ImageId) -> ImageRecord:
     return ImageRecord.model_validate(public_record(doc))
 
 
-async def _file_response(db: DatabaseDep, image_id: int, thumbnail: bool) -> Response:
-    found = await read_file(db, image_id, thumbnail)
-    if found is None:
-        raise HTTPException(404, f"no image with id {image_id}")
-    data, media_type = found
-    return Response(
-        data, media_type=media_type, headers={"Cache-Control": "public, max-age=86400, immutable"}
-    )
-
-
 @router.get(
     "/{image_id}/content",
     dependencies=[ReadAccess],
@@ -156,18 +148,52 @@ async def _file_response(db: DatabaseDep, image_id: int, thumbnail: bool) -> Res
     },
 )
 async def get_content(db: DatabaseDep, image_id: ImageId) -> Response:
-    return await _file_response(db, image_id, thumbnail=False)
+    found = await read_file(db, image_id)
+    if found is None:
+        raise HTTPException(404, f"no image with id {image_id}")
+    data, media_type = found
+    return Response(data, media_type=media_type, headers={"Cache-Control": IMMUTABLE})
+
+
+THUMBNAIL_HEADERS = {
+    "ETag": {"description": "a strong validator: a hash of the bytes", "schema": {"type": "string"}},
+    "Cache-Control": {"description": IMMUTABLE, "schema": {"type": "string"}},
+}
 
 
 @router.get(
     "/{image_id}/thumbnail",
     dependencies=[ReadAccess],
     summary="A small PNG thumbnail",
+    description="Served from memory when recently read (a search result); `If-None-Match` with the "
+    "ETag answers 304 without the bytes.",
     response_class=Response,
-    responses={**binary_response("a PNG thumbnail", "image/png"), **READ_ERRORS, **error_responses(404)},
+    responses={
+        200: binary_response("a PNG thumbnail", "image/png")[200] | {"headers": THUMBNAIL_HEADERS},
+        304: {"description": "If-None-Match names this thumbnail's ETag: the cached copy is current"},
+        **READ_ERRORS,
+        **error_responses(404),
+    },
 )
-async def get_thumbnail(db: DatabaseDep, image_id: ImageId) -> Response:
-    return await _file_response(db, image_id, thumbnail=True)
+async def get_thumbnail(
+    db: DatabaseDep,
+    engine: EngineDep,
+    image_id: ImageId,
+    if_none_match: Annotated[str | None, Header(description="ETag(s) of a cached copy")] = None,
+) -> Response:
+    thumbnail = (await engine.thumbnails.thumbnails(db, [image_id])).get(image_id)
+    if thumbnail is None:
+        raise HTTPException(404, f"no image with id {image_id}")
+    headers = {"Cache-Control": IMMUTABLE, "ETag": thumbnail.etag}
+    if if_none_match is not None and _etag_matches(if_none_match, thumbnail.etag):
+        return Response(status_code=304, headers=headers)
+    return Response(thumbnail.data, media_type="image/png", headers=headers)
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    """If-None-Match's weak comparison (RFC 9110 13.1.2): `*`, or any listed tag, W/ ignored."""
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 @router.delete(
@@ -180,6 +206,7 @@ async def remove_image(db: DatabaseDep, engine: EngineDep, image_id: ImageId) ->
     # Every step runs even when an earlier one finds nothing, so a retried or repeated delete
     # finishes what a timed-out or crashed one started (and says it deleted, which it did).
     record = await delete_image(db, image_id)
+    engine.thumbnails.invalidate([image_id])  # gone here at once; elsewhere when the stream says so
     removed = await engine.remove([image_id])  # this replica's watcher may have removed it first
     if record is None and not removed:
         raise HTTPException(404, f"no image with id {image_id}")

@@ -3,6 +3,8 @@ a vector (JSON). Two routes on one path, split by media type (`ContractRoute`), 
 
 from __future__ import annotations
 
+import base64
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File
@@ -18,10 +20,13 @@ from service.state import ServiceState
 from service.uploads import read_upload
 
 router = APIRouter(tags=["search"], route_class=ContractRoute)
+PNG_DATA_URL = "data:image/png;base64,"
 SEARCH = {
     "summary": "Similar images",
     "description": 'Multipart (`file` + optional `k`, `label`, `tags`, `min_score`) or JSON (`{"id": ...}` '
-    'or `{"vector": [...]}` + the same options). Results are best first, with cosine similarity scores.',
+    'or `{"vector": [...]}` + the same options). Results are best first, with cosine similarity scores. '
+    "`thumbnails=N` inlines the first N results' thumbnails as data URLs, for a page that shows them "
+    "at once.",
     "dependencies": [ReadAccess],
     "responses": {**AUTH_ERRORS, **error_responses(400, 404, 413, 415, 422, 503)},
 }
@@ -46,6 +51,7 @@ async def run_search(
         options.min_score,
         timer=timer,
     )
+    inline = await inline_thumbnails(state, [hit.id for hit in hits[: options.thumbnails]], timer)
     return SearchResponse(
         results=[
             SearchHit(
@@ -55,13 +61,24 @@ async def run_search(
                 tags=hit.record.get("tags") or [],
                 content_url=f"/images/{hit.id}/content",
                 thumbnail_url=f"/images/{hit.id}/thumbnail",
+                thumbnail_data_url=inline.get(hit.id),
             )
             for hit in hits
         ],
         model_version=loaded.model_version,
         index_version=loaded.version,
-        timing_ms=timer.as_dict(),
+        timing_ms=timer.as_dict("thumbnails"),
     )
+
+
+async def inline_thumbnails(state: ServiceState, ids: list[int], timer: Timer) -> dict[int, str]:
+    """{id: data URL} of the thumbnails of `ids` (from memory, the rest in one batched read)."""
+    if not ids:
+        return {}
+    started = time.perf_counter()
+    found = await state.engine.thumbnails.thumbnails(state.db, ids)
+    timer.add("thumbnails", started)
+    return {i: PNG_DATA_URL + base64.b64encode(t.data).decode("ascii") for i, t in found.items()}
 
 
 @router.post("/search", **SEARCH)

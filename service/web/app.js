@@ -5,6 +5,9 @@
 const KEY_STORAGE = "ssl-retrieval.api-key";
 const REQUEST_TIMEOUT_MS = 60000;
 const WAIT_FOR_THUMBNAILS = 12; // the round trip ends when the first row(s) of thumbnails show
+// The search answers with the thumbnails of the first results inline (one batched read on the
+// server, no request per result): as many as are loaded eagerly (see renderResults).
+const INLINE_THUMBNAILS = 48;
 const VOTERS_SHOWN = 24;
 
 const $ = (id) => document.getElementById(id);
@@ -22,6 +25,7 @@ const state = {
   polling: false,
   browse: { cursors: [null], page: 0, next: null, label: "", tag: "", loaded: false },
   record: null,
+  inlineThumbnails: new Map(), // id -> data: URL, from the result set shown
   pendingWrite: null,
   knownLabels: new Set(),
 };
@@ -82,9 +86,10 @@ async function api(path, { method = "GET", json, form, write = false, as = "json
   throw new ApiError(response.status, detail || `HTTP ${response.status}`);
 }
 
-/** Images are plain <img src> unless reads need the key: then they come through fetch + blob. */
+/** Images are plain <img src> unless reads need the key: then they come through fetch + blob
+ * (a data: URL, an inlined thumbnail, needs neither). */
 function showImage(img, url) {
-  if (!state.config.reads_need_key) {
+  if (!state.config.reads_need_key || url.startsWith("data:")) {
     img.src = url;
     return;
   }
@@ -307,12 +312,13 @@ function setQueryFromId(id, caption) {
 
 function searchRequest(filters, signal) {
   const query = state.query;
+  const options = { ...filters, thumbnails: Math.min(filters.k, INLINE_THUMBNAILS) };
   if (query.kind === "id") {
-    return api("/search", { method: "POST", json: { id: query.id, ...filters }, signal });
+    return api("/search", { method: "POST", json: { id: query.id, ...options }, signal });
   }
   const form = new FormData();
   form.append("file", query.file, query.name);
-  for (const [name, value] of Object.entries(filters)) {
+  for (const [name, value] of Object.entries(options)) {
     form.append(name, Array.isArray(value) ? value.join(",") : String(value));
   }
   return api("/search", { method: "POST", form, signal });
@@ -390,6 +396,8 @@ function renderResults(results) {
   $("results-empty").hidden = results.length > 0;
   $("results-empty").textContent = "No catalogue image passes these filters.";
   rememberLabels(results.map((r) => r.label));
+  state.inlineThumbnails = new Map(results.filter((r) => r.thumbnail_data_url)
+    .map((r) => [r.id, r.thumbnail_data_url]));
   const images = [];
   const cards = results.map((result, rank) => {
     const card = document.createElement("li");
@@ -407,7 +415,7 @@ function renderResults(results) {
     img.height = 112;
     img.decoding = "async";
     if (rank >= 48) img.loading = "lazy";
-    showImage(img, result.thumbnail_url);
+    showImage(img, result.thumbnail_data_url ?? result.thumbnail_url);
     images.push(img);
     more.append(img);
     more.addEventListener("click", () => setQueryFromId(result.id));
@@ -449,7 +457,7 @@ function renderResults(results) {
 function showTiming(data, answeredMs, shownMs, seq) {
   const t = data.timing_ms || {};
   const server = Object.values(t).reduce((a, b) => a + b, 0);
-  const parts = ["decode", "embed", "search", "metadata"].filter((k) => k in t).map((k) => `${k} ${t[k].toFixed(0)}`);
+  const parts = ["decode", "embed", "search", "metadata", "thumbnails"].filter((k) => k in t).map((k) => `${k} ${t[k].toFixed(0)}`);
   $("timing").textContent = `${data.results.length} results · shown in ${shownMs.toFixed(0)} ms · server ${server.toFixed(0)} ms (${parts.join(" · ")} ms)`;
   $("timing").title = `model ${data.model_version}, index ${data.index_version}`;
   // For measurements (the browser test reads these): request to JSON, and to thumbnails shown.
@@ -519,7 +527,7 @@ function renderClassify(data) {
     img.loading = "lazy";
     img.width = 48;
     img.height = 48;
-    showImage(img, `/images/${n.id}/thumbnail`);
+    showImage(img, state.inlineThumbnails.get(n.id) ?? `/images/${n.id}/thumbnail`);
     button.append(img);
     button.addEventListener("click", () => setQueryFromId(n.id));
     item.append(button);

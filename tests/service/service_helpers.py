@@ -3,6 +3,7 @@ service running under uvicorn on a free port in a background thread (real HTTP).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -103,6 +104,17 @@ def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.1, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(interval_s)
+
+
+async def until(predicate, what: str, timeout_s: float = 20.0):
+    """Await `predicate()` (async) until it returns a truthy value, or fail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 def upload(client: httpx.Client, items: list[tuple[bytes, str]], label: str | None = None, **form) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +39,20 @@ def test_upload_read_list_delete(start_service) -> None:
 
         query = {"file": ("q.png", items[2][0], "image/png")}
         assert client.post("/search", files=query).json()["results"][0]["id"] == ids[2]
+        # Inline thumbnails: the first N results carry the same bytes GET .../thumbnail serves (and
+        # that read puts them in the service's memory: the delete below must still remove them).
+        inline = client.post("/search", files=query, data={"k": "5", "thumbnails": "3"}).json()["results"]
+        assert [r["thumbnail_data_url"] is not None for r in inline] == [True] * 3 + [False] * 2
+        for result in inline[:3]:
+            prefix, encoded = result["thumbnail_data_url"].split(",")
+            served = client.get(f"/images/{result['id']}/thumbnail")
+            assert prefix == "data:image/png;base64" and base64.b64decode(encoded) == served.content
+        etag = client.get(f"/images/{ids[2]}/thumbnail").headers["etag"]
+        revalidated = client.get(f"/images/{ids[2]}/thumbnail", headers={"If-None-Match": f'"x", {etag}'})
+        assert revalidated.status_code == 304 and revalidated.content == b""
+        assert revalidated.headers["etag"] == etag
+        other = client.get(f"/images/{ids[3]}/thumbnail", headers={"If-None-Match": etag})
+        assert other.status_code == 200 and other.headers["etag"] != etag
         deleted = client.delete(f"/images/{ids[2]}")
         assert deleted.status_code == 200 and deleted.json()["removed_from_index"] is True
         for path in (f"/images/{ids[2]}", f"/images/{ids[2]}/content", f"/images/{ids[2]}/thumbnail"):

@@ -4,23 +4,12 @@ another client is seen (change stream invalidation), and filters give what the d
 from __future__ import annotations
 
 import asyncio
-import time
 
 from pymongo import MongoClient
+from service_helpers import until
 
 from service.db import Database
 from service.record_cache import RecordCache
-
-
-async def _until(predicate, what: str, timeout_s: float = 20.0):
-    """Await `predicate()` (async) until it returns a truthy value, or fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def test_cache_serves_hits_and_follows_changes_made_elsewhere(mongo_uri: str, mongo_db_name: str) -> None:
@@ -45,7 +34,7 @@ def test_cache_serves_hits_and_follows_changes_made_elsewhere(mongo_uri: str, mo
                     await cache.records(db, [1, 2, 3], {})
                     return cache.hits == before + 3
 
-                await _until(warm, "the change stream to open and the cache to serve")
+                await until(warm, "the change stream to open and the cache to serve")
 
                 # Filters on cached records agree with the database's own evaluation.
                 for mongo_filter, expected in (
@@ -69,7 +58,7 @@ def test_cache_serves_hits_and_follows_changes_made_elsewhere(mongo_uri: str, mo
                     found = await cache.records(db, [1, 2, 3], {})
                     return found.get(1, {}).get("label") == "lion" and 2 not in found
 
-                await _until(changed, "the update and the deletion to reach the cache")
+                await until(changed, "the update and the deletion to reach the cache")
                 assert sorted(await cache.records(db, [1, 2, 3], {"label": "cat"})) == []
             finally:
                 cache.stop()

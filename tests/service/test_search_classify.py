@@ -31,7 +31,8 @@ def test_search_by_upload_returns_the_image_first(catalogue: Catalogue, position
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True)
     assert first["content_url"] == f"/images/{first['id']}/content"
-    assert set(body["timing_ms"]) == {"decode", "embed", "search", "metadata"}
+    assert set(body["timing_ms"]) == {"decode", "embed", "search", "metadata", "thumbnails"}
+    assert all(r["thumbnail_data_url"] is None for r in body["results"])  # not asked for
     assert body["model_version"] and body["index_version"]
 
 
