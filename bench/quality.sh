@@ -7,6 +7,11 @@
 #   bash bench/quality.sh                    # CPU: ResNet-18 x0.25, 8 min per method
 #   BUDGET=1200 DEVICE=cuda ARCH="--arch resnet18" AMP=bf16 EPOCHS=20 bash bench/quality.sh
 #
+# Learning curves (kNN against minutes and epochs, every method in one PNG): KNN_EVERY=1 records
+# the kNN monitor each epoch (on KNN_SUBSET training images as memory) and plots them to CURVES;
+# SUBSET trains on that many images so that short budgets still give several epochs:
+#   SUBSET=10000 EPOCHS=100 BUDGET=300 KNN_EVERY=1 CURVES=bench/curves-methods.png bash bench/quality.sh
+#
 # Short runs use a short warm-up (the papers' 10 epochs would never reach the peak lr) and, for
 # MoCo v1/v2, the CIFAR demo's queue K=4096 (the paper's 65536 exceeds this 60k data set).
 set -euo pipefail
@@ -15,12 +20,17 @@ PY=${PY:-.venv/bin/python}
 BUDGET=${BUDGET:-480}
 EPOCHS=${EPOCHS:-1}
 DEVICE=${DEVICE:-cpu}
-AMP=${AMP:-none}
+AMP=${AMP:-auto}
+KNN_EVERY=${KNN_EVERY:-0}
+KNN_SUBSET=${KNN_SUBSET:-10000}
+SUBSET=${SUBSET:-}
+CURVES=${CURVES:-}
 ARCH=${ARCH:---arch resnet18 --width 0.25}
 OUT=${OUT:-runs/quality}
 METHODS=${METHODS:-"simclr moco-v2 moco-v3 moco-v1 instdisc instdisc-softmax"}
 COMMON="--data fashion-mnist $ARCH --batch-size 256 --epochs $EPOCHS --warmup-epochs 0.05 \
-  --time-budget $BUDGET --device $DEVICE --amp $AMP --knn-every 0 --no-progress"
+  --time-budget $BUDGET --device $DEVICE --amp $AMP --knn-every $KNN_EVERY --knn-subset $KNN_SUBSET \
+  --no-progress${SUBSET:+ --subset $SUBSET}"
 
 command_for() {
   case "$1" in
@@ -51,3 +61,9 @@ result = json.load(open(path))
 print(f"{method:<16} {result['knn/top1']:7.2f}% {result['knn/top5']:7.2f}% {minutes:>8} python {command}")
 PY
 done
+if [ "$KNN_EVERY" != 0 ] && [ -n "$CURVES" ]; then
+  runs=()
+  for method in $METHODS; do runs+=("$OUT/$method"); done
+  $PY bench/plot_curves.py "${runs[@]}" --out "$CURVES" \
+    --title "Fashion-MNIST kNN monitor (${KNN_SUBSET} memory): ${SUBSET:-60000} training images, ${BUDGET} s per method"
+fi
