@@ -5,15 +5,15 @@
 For each size: a synthetic catalogue (records + small GridFS files + thumbnails, an index holding
 the ids; some records missing from the index, some stale index ids, some orphan files) under a
 fresh DATA_DIR, then `python -m service` as `make run` starts it (embedded, durable SecantusDB).
-Measured: time to the first 200 from /health/ready, time until the start-up reconcile has
-finished, POST /search latency (by vector and by id, one client in a loop) during the reconcile,
-the database's CPU share once it is done, and one orphan sweep on its own.
+Measured: the build (set-up, reported apart), time to the first 200 from /health/ready, the
+start-up reconcile and the service's first orphan sweep after it (as /health/ready reports them),
+POST /search latency during each (by vector and by id in turn, one client in a loop), the files
+left after the sweep, and the database's CPU share once both are done.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -23,20 +23,19 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import numpy as np
+from pymongo import MongoClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.catalogue_builder import build_catalogue  # noqa: E402
-from service.db import Database  # noqa: E402
 from service.embedded_db import EmbeddedDatabase, free_port  # noqa: E402
 from service.random_model import write_random_encoder  # noqa: E402
-from service.reconcile import sweep_orphans  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
+MISSING, STALE, ORPHANS = 64, 50, 100  # damage for reconcile and the sweep to repair
 
 
 def cpu_seconds(pid: int) -> float:
@@ -48,7 +47,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def search_loop(base: str, stop: threading.Event, dim: int, ids: list[int], out: dict) -> None:
+def search_loop(base: str, stop: threading.Event, dim: int, ids: list[int], out: list) -> None:
+    """POST /search in a loop (by vector and by id in turn); appends (finished at, status, seconds)."""
     rng = np.random.default_rng(0)
     with httpx.Client(base_url=base, timeout=60) as client:
         n = 0
@@ -64,7 +64,36 @@ def search_loop(base: str, stop: threading.Event, dim: int, ids: list[int], out:
                 status = client.post("/search", json=body).status_code
             except httpx.HTTPError:
                 status = 0
-            out.setdefault(status, []).append(time.perf_counter() - started)
+            finished = time.perf_counter()
+            out.append((finished, status, finished - started))
+
+
+def latency_summary(samples: list[tuple[float, int, float]], since: float, until: float) -> dict:
+    """Count, errors and p50/p99/max (ms) of the searches that finished in [since, until]."""
+    window = [(status, seconds) for at, status, seconds in samples if since <= at <= until]
+    ok = [seconds for status, seconds in window if status == 200]
+    errors: dict[int, int] = {}
+    for status, _ in window:
+        if status != 200:
+            errors[status] = errors.get(status, 0) + 1
+    return {
+        "searches": len(window),
+        "errors": errors,
+        "p50_ms": round(percentile(ok, 50) * 1000, 1),
+        "p99_ms": round(percentile(ok, 99) * 1000, 1),
+        "max_ms": round(max(ok, default=float("nan")) * 1000, 1),
+    }
+
+
+def wait_for(client: httpx.Client, field: str, service: subprocess.Popen) -> dict:
+    """/health/ready once `field` is truthy (polled every 0.5 s)."""
+    while True:
+        if service.poll() is not None:
+            raise RuntimeError("the service exited")
+        ready = client.get("/health/ready").json()
+        if ready.get(field):
+            return ready
+        time.sleep(0.5)
 
 
 def bench(size: int, work: Path) -> dict:
@@ -72,12 +101,15 @@ def bench(size: int, work: Path) -> dict:
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     encoder = write_random_encoder(data_dir / "model.pt", width=0.25)
+    # Set-up, not measured: the catalogue is written with the server non-durable (no fsync per
+    # commit); the service below opens the same files durable, as `make run` does.
     builder_db = EmbeddedDatabase(data_dir / "db", durable=False)
     uri = builder_db.start()
     started = time.perf_counter()
     built = build_catalogue(
-        uri, "retrieval", size, data_dir / "index", encoder, missing=64, stale=50, orphans=100
-    )
+        uri, "retrieval", size, data_dir / "index", encoder, missing=MISSING, stale=STALE, orphans=ORPHANS,
+        progress=lambda done, total: print(f"building: {done}/{total} images", end="\r", file=sys.stderr),
+    )  # fmt: skip
     build_s = time.perf_counter() - started
     builder_db.stop()
 
@@ -85,11 +117,17 @@ def bench(size: int, work: Path) -> dict:
     env = {**os.environ, "DATA_DIR": str(data_dir), "ORPHAN_GRACE_SECONDS": "60", "PORT": str(port)}
     env.pop("MONGO_URI", None)
     base = f"http://127.0.0.1:{port}"
+    result: dict = {
+        "images": size,
+        "build_s": round(build_s, 1),
+        "build_phases_s": {phase: round(s, 1) for phase, s in built.build_s.items()},
+        "load_at_start": os.getloadavg()[0],
+    }
     launched = time.perf_counter()
     service = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "warning"], env=env)
-    latencies: dict[int, list[float]] = {}
+    samples: list[tuple[float, int, float]] = []
     stop = threading.Event()
-    result: dict = {"images": size, "build_s": round(build_s, 1)}
+    loop: threading.Thread | None = None
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
             while True:
@@ -101,43 +139,37 @@ def bench(size: int, work: Path) -> dict:
                 if service.poll() is not None:
                     raise RuntimeError("the service exited")
                 time.sleep(0.2)
-            result["ready_s"] = round(time.perf_counter() - launched, 1)
+            ready_at = time.perf_counter()
+            result["ready_s"] = round(ready_at - launched, 1)
             dim = client.get("/version").json()["embed_dim"]
-            loop = threading.Thread(target=search_loop, args=(base, stop, dim, built.ids, latencies))
+            loop = threading.Thread(target=search_loop, args=(base, stop, dim, built.ids, samples))
             loop.start()
-            while not client.get("/health/ready").json().get("reconciled"):
-                time.sleep(0.5)
-            result["reconciled_s"] = round(time.perf_counter() - launched, 1)
+            ready = wait_for(client, "reconciled", service)
+            reconciled_at = time.perf_counter()
+            result["reconciled_after_launch_s"] = round(reconciled_at - launched, 1)
+            result["reconcile_s"] = ready.get("reconcile_seconds")
+            result["index_size"] = ready["index_size"]  # size: MISSING added, STALE removed
+            # The first orphan sweep follows the start-up reconcile; searches go on through it.
+            ready = wait_for(client, "orphan_sweep_seconds", service)
+            swept_at = time.perf_counter()
+            result["orphan_sweep_s"] = ready["orphan_sweep_seconds"]
             stop.set()
             loop.join()
-            ready = client.get("/health/ready").json()
-            result["index_size"] = ready["index_size"]
-            result["reconcile_s"] = ready.get("reconcile_seconds")
+            result["search_during_reconcile"] = latency_summary(samples, ready_at, reconciled_at)
+            result["search_during_sweep"] = latency_summary(samples, reconciled_at, swept_at)
+            with MongoClient(json.loads((data_dir / "db.json").read_text())["uri"]) as mongo:
+                db = mongo["retrieval"]
+                buckets = ("content", "thumbnails")
+                result["files_left"] = {b: db[f"{b}.files"].count_documents({}) for b in buckets}
             db_pid = json.loads((data_dir / "db.json").read_text())["pid"]
             before, t0 = cpu_seconds(db_pid), time.perf_counter()
-            time.sleep(5)
+            time.sleep(5)  # the measurement window
             result["db_cpu_after"] = round((cpu_seconds(db_pid) - before) / (time.perf_counter() - t0), 3)
-            ok = latencies.get(200, [])
-            result["searches"] = sum(len(v) for v in latencies.values())
-            result["search_errors"] = {k: len(v) for k, v in latencies.items() if k != 200}
-            result["search_p50_ms"] = round(percentile(ok, 50) * 1000, 1)
-            result["search_p99_ms"] = round(percentile(ok, 99) * 1000, 1)
-            result["search_max_ms"] = round(max(ok, default=float("nan")) * 1000, 1)
-
-            async def sweep() -> float:
-                db = Database.connect(
-                    json.loads((data_dir / "db.json").read_text())["uri"], "retrieval", 2000
-                )
-                try:
-                    t = time.perf_counter()
-                    await sweep_orphans(db, timedelta(seconds=60))
-                    return time.perf_counter() - t
-                finally:
-                    await db.close()
-
-            result["orphan_sweep_s"] = round(asyncio.run(sweep()), 1)
+            result["load_at_end"] = os.getloadavg()[0]
     finally:
         stop.set()
+        if loop is not None:
+            loop.join()
         service.send_signal(signal.SIGTERM)
         service.wait(120)
     return result
