@@ -28,12 +28,14 @@ from training import distributed as dist
 from training.checkpoint import resolve_resume
 from training.commands import OneLineParser, run_guarded
 from training.config import (
+    CONV_ARCHS,
     DATA,
     DEFAULT,
     FILE,
     FLAG,
     PAPER,
     SMALL_IMAGE,
+    SMALL_IMAGE_GRID,
     SMALL_IMAGE_MAX_SIZE,
     ConfigError,
     RunConfig,
@@ -143,10 +145,18 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
     ]
     if native is not None and native <= SMALL_IMAGE_MAX_SIZE:
         layers.append((DATA, {"crop_size": native}))
-        layers.append((SMALL_IMAGE, {"small_stem": True, **method.small_image_defaults}))
+        small = {"small_stem": True, **method.small_image_defaults}
+        arch = merged.get("arch", filled.get("arch", method.paper_values().get("arch", RunConfig.arch)))
+        if not method.embedding_is_head and str(arch).startswith(CONV_ARCHS):
+            small.setdefault("embedding_grid", SMALL_IMAGE_GRID)
+        layers.append((SMALL_IMAGE, small))
     layers.append(("catalogue", filled))
     layers += explicit
     engine, params, sources = layered(layers, RunConfig, method.Params)
+    if method.embedding_is_head and engine.get("embedding_grid", 1) != 1:
+        raise ConfigError(
+            f"--embedding-grid applies to a pooled backbone; {method.name}'s embedding is its head"
+        )
     config = RunConfig(**engine, params=method.Params(**params), sources=tuple(sorted(sources.items())))
     return config, options
 

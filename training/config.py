@@ -28,6 +28,7 @@ from training.models import ARCH_NAMES
 # Where a value came from (printed at start; stored with the config).
 DEFAULT, PAPER, SMALL_IMAGE, DATA, FILE, FLAG = "default", "paper", "small-image", "data", "file", "flag"
 SMALL_IMAGE_MAX_SIZE = 64  # native image side up to which the small-image recipe applies (CIFAR, MNIST)
+SMALL_IMAGE_GRID = 2  # small images' retrieval embedding: the last stage pooled to 2x2 (bench/RESULTS.md)
 CONV_ARCHS = ("resnet",)  # prefixes of convolutional backbones (channels_last applies to these)
 
 
@@ -88,6 +89,14 @@ class RunConfig:
     small_stem: bool = setting(
         False,
         "ResNet 3x3 stride-1 stem without max-pool (CIFAR variant); on for small images",
+        group="backbone",
+    )
+    embedding_grid: int = setting(
+        1,
+        "retrieval embedding: the last ResNet stage average-pooled to a GxG grid (G*G*D values); 1 is "
+        "the papers' global pool; 2 for small images, whose layout is part of the class "
+        "(bench/RESULTS.md: +1.1 points kNN on Fashion-MNIST, +6.7 on glyphs); methods whose "
+        "embedding is a head's output (InstDisc) keep 1",
         group="backbone",
     )
     patch_size: int = setting(16, "ViT patch size", group="backbone")
@@ -167,7 +176,15 @@ class RunConfig:
         self.params.check(self)
 
     def _problems(self):
-        for name in ("epochs", "batch_size", "crop_size", "log_every", "workers", "patch_size"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "crop_size",
+            "log_every",
+            "workers",
+            "patch_size",
+            "embedding_grid",
+        ):
             if getattr(self, name) <= 0:
                 yield f"--{name.replace('_', '-')} must be positive"
         for name in ("max_steps", "time_budget", "subset", "knn_subset"):
@@ -182,6 +199,8 @@ class RunConfig:
             yield "--augmentation is required (this method sets no default)"
         if self.lr_schedule == "step" and not self.lr_steps:
             yield "--lr-schedule step needs --lr-steps (epochs at which to decay)"
+        if self.embedding_grid != 1 and not self.is_convolutional:
+            yield f"--embedding-grid {self.embedding_grid} needs a ResNet backbone, not {self.arch}"
         if self.amp == "fp16" and self.device == "cpu":
             yield "--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU"
         world = world_size()

@@ -5,7 +5,7 @@ from there, so that a published index and the model that embeds queries for it a
 Encoder file (`torch.save` of a dict, also the "encoder" entry of a training checkpoint):
   format        "ssl-retrieval/encoder/v1"
   method        e.g. "moco-v2"
-  network       spec for `training.models.build_embedding_network` (arch, its kwargs, head)
+  network       spec for `training.models.build_embedding_network` (arch, its kwargs, head, grid)
   state_dict    weights of that network
   embed_dim     D, the embedding size
   input_size    S: images are resized (shorter side) and centre-cropped to SxS
@@ -44,9 +44,12 @@ __all__ = [
 ]
 
 
-def weights_version(method: str, state_dict: dict[str, torch.Tensor]) -> str:
-    """`method-<12 hex>`: a hash of the weights, so equal weights give equal versions."""
+def weights_version(method: str, state_dict: dict[str, torch.Tensor], grid: int = 1) -> str:
+    """`method-<12 hex>`: a hash of the weights (and of the embedding's pooling grid when it is not
+    the global pool: the same weights then embed differently), so equal encoders give equal versions."""
     digest = hashlib.sha256()
+    if grid != 1:
+        digest.update(f"grid={grid}".encode())
     for name in sorted(state_dict):
         digest.update(name.encode())
         digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
@@ -75,7 +78,7 @@ def make_encoder_record(
         "in_channels": int(in_channels),
         "mean": list(map(float, mean)),
         "std": list(map(float, std)),
-        "version": weights_version(method, state),
+        "version": weights_version(method, state, int(network_spec.get("grid", 1))),
         "metrics": dict(metrics or {}),
     }
 

@@ -43,6 +43,7 @@ from training.encoder import make_encoder_record, save_encoder
 from training.errors import TrainingError
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method
+from training.models import EmbeddingNetwork
 from training.optim.agc import adaptive_gradient_clip_
 from training.plotting import plot_history
 from training.precision import autocast_dtype, resolve_amp
@@ -72,7 +73,9 @@ class Trainer:
         self.dataset = dataset
         self.augment = augment
         self.mean, self.std = list(mean), list(std)
-        self.encoder_spec = encoder_spec
+        self.encoder_spec = dict(encoder_spec)
+        if config.embedding_grid != 1:
+            self.encoder_spec["grid"] = config.embedding_grid
         self.knn = knn
         self.out = Path(config.out)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -147,10 +150,16 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"))
 
     def embedding_network(self) -> nn.Module:
-        return self.method.embedding_network()
+        """The retrieval embedding: the method's, pooled to `--embedding-grid` when that is not 1."""
+        network = self.method.embedding_network()
+        if self.config.embedding_grid == 1:
+            return network
+        return EmbeddingNetwork(network.backbone, network.head, self.config.embedding_grid)
 
     def embed_dim(self) -> int:
-        return int(self.method.embed_dim())
+        if self.config.embedding_grid == 1:
+            return int(self.method.embed_dim())
+        return self.embedding_network().out_dim
 
     # -- checkpoints ----------------------------------------------------------------------------
 

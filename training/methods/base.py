@@ -71,6 +71,9 @@ class Method(nn.Module):
     # and the recipe for small images (native side <= 64 px: MNIST, CIFAR), over the paper's.
     small_image_defaults: ClassVar[dict[str, Any]] = {}
     notes: ClassVar[str | None] = None  # shown in --help above the method's flags
+    # The retrieval embedding is a head's output (InstDisc's 128-d), not the pooled backbone: the
+    # engine's --embedding-grid (a pooling of the backbone) does not apply.
+    embedding_is_head: ClassVar[bool] = False
 
     @classmethod
     def paper_values(cls) -> dict[str, Any]:

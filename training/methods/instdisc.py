@@ -73,6 +73,7 @@ class InstDisc(Method):
     # The bank is updated identically on every rank; broadcasting it from rank 0 at every
     # forward (DDP's broadcast_buffers) would move N x 128 floats per step for nothing.
     ddp_broadcast_buffers = False
+    embedding_is_head = True  # the paper's 128-d L2-normalised output is what the bank and kNN use
 
     def __init__(
         self,

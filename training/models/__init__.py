@@ -2,7 +2,8 @@
 
 Network spec (plain JSON-able dict, stored in the encoder file):
   {"arch": "resnet18", "kwargs": {"in_channels": 1, "small_stem": true, "width": 0.25},
-   "head": null | <head spec, see training.models.heads>}
+   "head": null | <head spec, see training.models.heads>,
+   "grid": G (optional, ResNet without head only: the last stage pooled to GxG, not to 1x1)}
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.models.heads import build_head
@@ -37,26 +39,58 @@ def build_backbone(
 
 
 class EmbeddingNetwork(nn.Module):
-    """backbone (+ optional head): what the encoder file stores and `Encoder` rebuilds."""
+    """backbone (+ optional head): what the encoder file stores and `Encoder` rebuilds.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module | None = None) -> None:
+    `grid` > 1 (a ResNet without head): the last stage average-pooled to a GxG grid instead of
+    1x1, so the vector keeps the coarse layout that global pooling throws away (for small images
+    where position is part of the class; bench/RESULTS.md, "Which vector is the retrieval
+    embedding"). The weights are the same; only the pooling differs."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None = None, grid: int = 1) -> None:
         super().__init__()
+        if grid != 1:
+            check_grid(grid, backbone, head)
         self.backbone = backbone
         self.head = head
+        self.grid = grid
+
+    @property
+    def out_dim(self) -> int:
+        if self.head is not None:
+            return int(self.head.out_dim)
+        return int(self.backbone.feature_dim) * self.grid**2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid != 1:
+            stage = self.backbone.feature_map(x)  # NxDxHxW
+            return torch.flatten(F.adaptive_avg_pool2d(stage, self.grid), 1)  # Nx(D*G*G)
         features = self.backbone(x)  # NxD
         return features if self.head is None else self.head(features)
 
 
-def network_spec(arch: str, backbone_kwargs: dict[str, Any], head: dict[str, Any] | None = None) -> dict:
+def check_grid(grid: int, backbone: nn.Module, head: nn.Module | None) -> None:
+    if grid < 1:
+        raise ValueError(f"embedding grid must be >= 1, got {grid}")
+    if head is not None:
+        raise ValueError("a grid embedding pools the backbone; this method's embedding is its head's output")
+    if not hasattr(backbone, "feature_map"):
+        raise ValueError(f"a grid embedding needs a convolutional backbone, not {type(backbone).__name__}")
+
+
+def network_spec(
+    arch: str, backbone_kwargs: dict[str, Any], head: dict[str, Any] | None = None, grid: int = 1
+) -> dict:
     """The spec for `build_embedding_network`. A training-only split BN becomes plain BN: both have
-    the same state_dict keys and behave identically in eval mode."""
+    the same state_dict keys and behave identically in eval mode. `grid` is written only when it
+    is not the papers' global pool, so older files and their versions stay as they were."""
     kwargs = dict(backbone_kwargs)
     if kwargs.get("norm") == "split_bn":
         kwargs["norm"] = "bn"
         kwargs.pop("num_splits", None)
-    return {"arch": arch, "kwargs": kwargs, "head": dict(head) if head else None}
+    spec = {"arch": arch, "kwargs": kwargs, "head": dict(head) if head else None}
+    if grid != 1:
+        spec["grid"] = int(grid)
+    return spec
 
 
 def build_embedding_network(spec: dict[str, Any]) -> nn.Module:
@@ -65,4 +99,4 @@ def build_embedding_network(spec: dict[str, Any]) -> nn.Module:
     except (KeyError, TypeError) as exc:
         raise ValueError(f"invalid network spec {spec!r}: {exc}") from exc
     head = build_head(spec["head"]) if spec.get("head") else None
-    return EmbeddingNetwork(backbone, head)
+    return EmbeddingNetwork(backbone, head, int(spec.get("grid", 1)))

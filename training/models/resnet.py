@@ -124,10 +124,13 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, norm_layer=self._norm_layer) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage before pooling: NxDxhxw."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # NxC0xH'xW'
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)  # NxD
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.feature_map(x)), 1)  # NxD
 
 
 def build_resnet(
