@@ -41,6 +41,7 @@ __all__ = [
     "make_encoder_record",
     "read_encoder_record",
     "save_encoder",
+    "with_embedding_grid",
 ]
 
 
@@ -80,6 +81,22 @@ def make_encoder_record(
         "std": list(map(float, std)),
         "version": weights_version(method, state, int(network_spec.get("grid", 1))),
         "metrics": dict(metrics or {}),
+    }
+
+
+def with_embedding_grid(record: dict[str, Any], grid: int) -> dict[str, Any]:
+    """The same encoder (same weights) with its retrieval embedding pooled to `grid` x `grid`
+    (training.models.EmbeddingNetwork); embed_dim and version follow. ValueError if it cannot apply."""
+    spec = {k: v for k, v in record["network"].items() if k != "grid"}
+    if grid != 1:
+        spec["grid"] = int(grid)
+    network = build_embedding_network(spec)  # validates: a ResNet without head
+    network.load_state_dict(record["state_dict"])
+    return {
+        **record,
+        "network": spec,
+        "embed_dim": network.out_dim,
+        "version": weights_version(record["method"], record["state_dict"], int(grid)),
     }
 
 

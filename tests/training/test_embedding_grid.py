@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from training import simclr
 from training.cli import parse_config
 from training.config import DEFAULT, FLAG, SMALL_IMAGE
-from training.encoder import Encoder, make_encoder_record, read_encoder_record
+from training.encoder import Encoder, make_encoder_record, read_encoder_record, with_embedding_grid
 from training.inference import InferenceEncoder, inference_record
 from training.models import EmbeddingNetwork, build_backbone, build_embedding_network, network_spec
 from training.models.heads import LinearHead
@@ -131,3 +131,28 @@ def test_a_small_image_run_writes_a_grid_encoder_that_embeds_at_the_grid_size(tm
     assert record["network"]["grid"] == 2 and record["embed_dim"] == 4 * feature_dim
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     assert Encoder(record).embed(images).shape == (3, 4 * feature_dim)
+
+
+def test_an_existing_encoder_is_regridded_without_touching_its_weights():
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18", **KWARGS)
+    network = trained_like(EmbeddingNetwork(backbone))
+    record = make_encoder_record(
+        "simclr", network_spec("resnet18", KWARGS), network, dim, 28, 1, [0.5], [0.25]
+    )
+    gridded = with_embedding_grid(record, 2)
+    assert gridded["embed_dim"] == 4 * dim and gridded["network"]["grid"] == 2
+    assert gridded["state_dict"] is record["state_dict"] and gridded["version"] != record["version"]
+    back = with_embedding_grid(gridded, 1)
+    assert back["version"] == record["version"] and back["network"] == record["network"]
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    cells = torch.from_numpy(Encoder(gridded).embed(images)).view(4, dim, 4).mean(2)
+    assert torch.allclose(
+        F.normalize(cells, dim=1), torch.from_numpy(Encoder(record).embed(images)), atol=1e-5
+    )
+    headed = make_encoder_record(
+        "instdisc", network_spec("resnet18", KWARGS, LinearHead(dim, 8).spec),
+        EmbeddingNetwork(backbone, LinearHead(dim, 8)), 8, 28, 1, [0.5], [0.25],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="head"):
+        with_embedding_grid(headed, 2)
