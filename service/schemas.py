@@ -213,7 +213,10 @@ class SearchHit(BaseModel):
 
 
 class SearchTiming(Timing):
-    thumbnails: float = Field(description="reading the inlined thumbnails (0 when none were asked)")
+    thumbnails: float = Field(
+        description="waiting for the inlined thumbnails once the results were known (they are read "
+        "concurrently with the results' metadata; 0 when none were asked)"
+    )
 
 
 class SearchResponse(BaseModel):
