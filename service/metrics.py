@@ -32,6 +32,15 @@ class ServiceMetrics:
         )
         self.index_size = Gauge("index_vectors", "Vectors in the loaded index", registry=self.registry)
         self.versions = Info("retrieval", "Loaded model and index versions", registry=self.registry)
+        self.cache_entries = Gauge(
+            "cache_entries", "Entries held by the search caches", ["cache"], registry=self.registry
+        )
+        self.cache_hits = Gauge(
+            "cache_hits", "Lookups served from a search cache since start", ["cache"], registry=self.registry
+        )
+        self.cache_misses = Gauge(
+            "cache_misses", "Lookups a search cache sent to the database", ["cache"], registry=self.registry
+        )
         self.embed_batches = Gauge(
             "embed_batches", "Forward passes run by the micro-batcher", registry=self.registry
         )

@@ -260,6 +260,11 @@ class Ready(BaseModel):
     reconciled: bool = Field(description="the index agrees with the records (reconcile since start/swap)")
     reconcile_seconds: float | None = Field(None, description="how long the last reconcile took")
     orphan_sweep_seconds: float | None = Field(None, description="how long the last orphan sweep took")
+    caches_warm: bool = Field(
+        False,
+        description="the search results' record and thumbnail caches were filled in the background "
+        "since start-up (searches are served either way; before, new results cost database reads)",
+    )
 
 
 class VersionInfo(BaseModel):
