@@ -15,6 +15,7 @@ is not kept (`FollowedCache.may_keep`), so the caches stay as correct as their c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,8 @@ WARM_BATCH = 256  # documents per getMore: short enough that a search never wait
 DUTY = 0.25  # the share of time the warm-up may keep the database busy
 IDLE_POLL_S = 0.005  # how often a paused warm-up looks whether the searches in flight finished
 CHECK_S = 1.0  # how often the loop looks for a cache to (re)warm
-SCAN_TIMEOUT_S = 600.0  # server-side limit of one warm-up scan (cancelled if nobody reads it)
+RETRY_S = 60.0  # after a failed warm-up (database away, a batch timed out)
+BATCH_TIMEOUT_S = 60.0  # server-side limit of one batch (the scan is cancelled if nobody reads it)
 Busy = Callable[[], bool]
 
 
@@ -48,7 +50,8 @@ async def _batches(collection: AsyncCollection, projection: dict[str, Any], cach
                 await asyncio.sleep(IDLE_POLL_S)
             generation = cache.generation
             started = time.perf_counter()
-            docs = await cursor.to_list(WARM_BATCH)
+            with pymongo.timeout(BATCH_TIMEOUT_S):
+                docs = await cursor.to_list(WARM_BATCH)
             if not docs:
                 return
             yield docs, generation
@@ -59,10 +62,10 @@ async def _batches(collection: AsyncCollection, projection: dict[str, Any], cach
 
 async def warm_records(db: Database, cache: RecordCache, busy: Busy = lambda: False) -> int:
     """Fill `cache` with records (label, tags) until its capacity; returns how many it then holds."""
-    with pymongo.timeout(SCAN_TIMEOUT_S):
-        async for docs, generation in _batches(db.images, SEARCH_FIELDS, cache, busy):
+    async with contextlib.aclosing(_batches(db.images, SEARCH_FIELDS, cache, busy)) as batches:
+        async for docs, generation in batches:
             if not cache.fill(docs, generation):
-                break
+                break  # full: the cursor is closed on the way out
     return len(cache)
 
 
@@ -73,14 +76,14 @@ async def warm_thumbnails(db: Database, cache: ThumbnailCache, busy: Busy = lamb
         return 0
     files = db.db[f"{THUMBNAIL_BUCKET}.files"]
     chunks = db.db[f"{THUMBNAIL_BUCKET}.chunks"]
-    with pymongo.timeout(SCAN_TIMEOUT_S):
-        lengths: dict[int, int] = {}
-        async for docs, _ in _batches(files, {"length": 1}, cache, busy):
-            lengths |= {int(d["_id"]): int(d["length"]) for d in docs if isinstance(d["_id"], int)}
-        pieces: dict[int, dict[int, bytes]] = {}  # files of several chunks, read so far
-        pieces_generation = cache.generation
-        projection = {"_id": 0, "files_id": 1, "n": 1, "data": 1}
-        async for docs, generation in _batches(chunks, projection, cache, busy):
+    lengths: dict[int, int] = {}
+    async for docs, _ in _batches(files, {"length": 1}, cache, busy):
+        lengths |= {int(d["_id"]): int(d["length"]) for d in docs if isinstance(d["_id"], int)}
+    pieces: dict[int, dict[int, bytes]] = {}  # files of several chunks, read so far
+    pieces_generation = cache.generation
+    projection = {"_id": 0, "files_id": 1, "n": 1, "data": 1}
+    async with contextlib.aclosing(_batches(chunks, projection, cache, busy)) as batches:
+        async for docs, generation in batches:
             if generation != pieces_generation:  # an invalidation: pieces read before are suspect
                 pieces.clear()
                 pieces_generation = generation
@@ -109,11 +112,12 @@ async def keep_caches_warm(
     ]
     if thumbnails.max_bytes > 0:
         warmers.append((thumbnails, lambda: warm_thumbnails(db, thumbnails, busy)))
+    retry_at = [0.0] * len(warmers)
     while True:
-        for cache, warm in warmers:
+        for i, (cache, warm) in enumerate(warmers):
             cache.ensure_watching(db)
             opening = cache.openings
-            if not cache.watching or cache.warmed_for == opening:
+            if not cache.watching or cache.warmed_for == opening or time.monotonic() < retry_at[i]:
                 continue
             started = time.monotonic()
             try:
@@ -121,7 +125,11 @@ async def keep_caches_warm(
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database went away or the scan timed out: next time
-                log.warning("%s warm-up failed (%s: %s)", type(cache).__name__, type(exc).__name__, exc)
+                log.warning(
+                    "%s warm-up failed (%s: %s); retrying in %.0f s",
+                    type(cache).__name__, type(exc).__name__, exc, RETRY_S,
+                )  # fmt: skip
+                retry_at[i] = time.monotonic() + RETRY_S
                 continue
             cache.warmed_for = opening
             took = time.monotonic() - started
