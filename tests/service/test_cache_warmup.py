@@ -157,7 +157,10 @@ def test_an_upload_is_served_from_memory_and_deletes_and_updates_are_seen(start_
         assert _cache_counts(client, "thumbnails") == (hits + 1, misses)  # no database read
 
         hits, misses = _cache_counts(client, "thumbnails")
-        found = client.post("/search", json={"id": image_id, "k": 2, "thumbnails": 2}).json()["results"]
+        reply = client.post("/search", json={"id": image_id, "k": 2, "thumbnails": 2})
+        # Where the request's time went, for browsers' dev tools and Resource Timing.
+        assert re.fullmatch(r"body;dur=[0-9.]+, app;dur=[0-9.]+", reply.headers["server-timing"])
+        found = reply.json()["results"]
         assert {r["id"]: r["label"] for r in found} == {image_id: label, other_id: "other"}
         assert all(r["thumbnail_data_url"].startswith("data:image/png;base64,") for r in found)
         assert _cache_counts(client, "thumbnails") == (hits + 2, misses)
