@@ -111,9 +111,14 @@ class InlineThumbnails:
         return {i: PNG_DATA_URL + base64.b64encode(found[i].data).decode("ascii") for i in ids if i in found}
 
     def cancel(self) -> None:
-        """The search failed before its thumbnails were needed: stop reading them."""
-        if self.task is not None and not self.task.done():
+        """The search failed before its thumbnails were needed: stop reading them (and take a
+        failed read's error, which the search's own error already reports)."""
+        if self.task is None:
+            return
+        if not self.task.done():
             self.task.cancel()
+        elif not self.task.cancelled():
+            self.task.exception()
 
 
 @router.post("/search", **SEARCH)
