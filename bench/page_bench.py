@@ -8,7 +8,10 @@ one new query image (Fashion-MNIST training images, not in the catalogue) throug
 input, timed from the request to the first row of thumbnails on screen, and another new image
 through the API (httpx, loopback), interleaved so both see the same load. Goal (issue 12): first load under
 200 KB, browser round trip within 2x the API's. Also counted: thumbnail requests the page made
-before its results showed (0 when the search answers with the thumbnails inline).
+before its results showed (0 when the search answers with the thumbnails inline). The timed rounds
+start once the service says its search caches are warm (`caches_warm` in /health/ready: records and
+thumbnails read in the background after start-up), as for anyone who searches a running service;
+the cache lookups that still went to the database during the rounds are counted (/metrics).
 
     python bench/page_bench.py                 # appends to bench/RESULTS.md
     python bench/page_bench.py --count 2000 --rounds 20 --no-append
@@ -43,6 +46,7 @@ from service.embedded_db import free_port  # noqa: E402
 from tests.service.service_helpers import fashion_mnist, png_bytes  # noqa: E402
 
 SECTION = "## Search page (bench/page_bench.py)"
+CACHE_COUNT = re.compile(r'^cache_(hits|misses)\{cache="(\w+)"\} ([0-9.e+]+)$', re.M)
 STAGE = re.compile(r"(decode|embed|search|metadata|thumbnails) (\d+)")
 K = 24  # the page's default
 
@@ -60,10 +64,13 @@ window.__benchResult = new Promise(resolve => {
         .filter(e => e.startTime >= armed && /\/images\/\d+\/thumbnail/.test(e.name)).length;
       const search = performance.getEntriesByType('resource')
         .find(e => e.startTime >= armed && new URL(e.name).pathname === '/search');
+      const timing = name => search?.serverTiming.find(t => t.name === name)?.duration ?? 0;
       resolve({wire: search ? [search.requestStart - search.startTime,
                                search.responseStart - search.requestStart,
                                search.responseEnd - search.responseStart] : [0, 0, 0],
+               serverTiming: [timing('body'), timing('app')],
                shown: Number(list.dataset.shownMs), answered: Number(list.dataset.answeredMs),
+               rendered: Number(list.dataset.renderedMs),
                server: Number(list.dataset.serverMs), count: list.children.length, thumbnails,
                timing: document.getElementById('timing').textContent});
     }
@@ -115,6 +122,29 @@ def stage_times(timing_text: str) -> dict[str, float]:
     return {name: float(ms) for name, ms in STAGE.findall(timing_text.partition("server")[2])}
 
 
+def server_timing_of(header: str) -> list[float]:
+    """[body, app] durations (ms) from a Server-Timing header."""
+    found = dict(re.findall(r"(\w+);dur=([0-9.]+)", header))
+    return [float(found.get("body", 0)), float(found.get("app", 0))]
+
+
+def wait_warm(url: str, timeout_s: float = 900) -> float:
+    """Seconds until /health/ready says the search caches are warm."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        reply = httpx.get(f"{url}/health/ready", timeout=30)
+        if reply.status_code == 200 and reply.json().get("caches_warm"):
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise SystemExit(f"the search caches were not warm after {timeout_s:.0f} s")
+
+
+def cache_counts(url: str) -> dict[str, float]:
+    """{"records hits": n, "thumbnails misses": n, ...} from /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {f"{cache} {kind}": float(n) for kind, cache, n in CACHE_COUNT.findall(text)}
+
+
 def measure(url: str, rounds: int, workdir: Path) -> dict:
     # Two sets of new images, so that neither side searches an image the other just searched (the
     # second search of an image would find its results' records in the service's memory).
@@ -127,8 +157,9 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
         entries = transferred(driver)
         first_load = sum(e["transfer"] for e in entries)
         file_input = driver.find_element(By.ID, "query-file")
-        browser, answered, server, api, thumbnail_requests = [], [], [], [], []
-        browser_stages, api_stages, wire = [], [], []
+        counts_before = cache_counts(url)
+        browser, answered, rendered, server, api, thumbnail_requests = [], [], [], [], [], []
+        browser_stages, api_stages, wire, server_timing, api_server_timing = [], [], [], [], []
         for i, (path, api_path) in enumerate(zip(page_queries, api_queries, strict=True)):
             driver.execute_script(ARM)
             file_input.send_keys(str(path))
@@ -152,22 +183,30 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
             thumbnail_requests.append(result["thumbnails"])
             browser.append(result["shown"])
             answered.append(result["answered"])
+            rendered.append(result["rendered"])
             server.append(result["server"])
             browser_stages.append(stage_times(result["timing"]))
             wire.append(result["wire"])
+            server_timing.append(result["serverTiming"])
+            api_server_timing.append(server_timing_of(reply.headers.get("server-timing", "")))
             api.append(elapsed)
             api_stages.append(reply.json()["timing_ms"])
+        counts = cache_counts(url)
     return {
+        "cache_counts": {name: counts[name] - counts_before.get(name, 0.0) for name in sorted(counts)},
         "first_load": first_load,
         "requests": len(entries),
         "browser": browser,
         "answered": answered,
+        "rendered": rendered,
         "server": server,
         "api": api,
         "thumbnail_requests": thumbnail_requests,
         "browser_stages": browser_stages,
         "api_stages": api_stages,
         "wire": wire,
+        "server_timing": server_timing,
+        "api_server_timing": api_server_timing,
     }
 
 
@@ -176,12 +215,14 @@ def median_stages(rows: list[dict[str, float]]) -> str:
     return ", ".join(f"{name} {statistics.median(row.get(name, 0.0) for row in rows):.0f}" for name in names)
 
 
-def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
+def report(args: argparse.Namespace, m: dict, demo_s: float, warm_s: float) -> str:
     def stats(values: list[float]) -> str:
         return f"{statistics.median(values):.1f} / {percentile(values, 90):.1f}"
 
     ratio = statistics.median(m["browser"]) / statistics.median(m["api"])
     queued, waiting, download = (list(column) for column in zip(*m["wire"], strict=True))
+    body, app = (list(column) for column in zip(*m["server_timing"], strict=True))
+    api_body, api_app = (list(column) for column in zip(*m["api_server_timing"], strict=True))
     built = "built by an earlier run" if args.data_dir else f"`service.demo` took {demo_s:.0f} s"
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join(
@@ -193,6 +234,9 @@ def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
             + (" with `--data-dir` (the catalogue built by an earlier run)" if args.data_dir else ""),
             f"- catalogue: the demo's ({args.count} Fashion-MNIST test images, demo encoder, embedded "
             f"SecantusDB; {built}); k={K}; each round a new query image for each side",
+            f"- search caches warm {warm_s:.0f} s after the service was ready; cache lookups during "
+            f"the rounds (both sides, searches and classifications): "
+            + ", ".join(f"{name} {n:.0f}" for name, n in m["cache_counts"].items()),
             f"- first load (document, CSS, JS, icon, /ui/config, /health/ready): "
             f"**{m['first_load'] / 1024:.1f} KB** in {m['requests']} requests (goal < 200 KB)",
             "",
@@ -200,11 +244,16 @@ def report(args: argparse.Namespace, m: dict, demo_s: float) -> str:
             "|---|---:|",
             f"| browser: request to the first row of thumbnails on screen | {stats(m['browser'])} |",
             f"| browser: request to JSON answered | {stats(m['answered'])} |",
+            f"| browser: request to result cards in the DOM | {stats(m['rendered'])} |",
             f"| the service's own stage times for the browser's requests | {stats(m['server'])} |",
             f"| browser's POST /search (Resource Timing): start to request sent | {stats(queued)} |",
             f"| ... request sent to first byte of the answer | {stats(waiting)} |",
             f"| ... first to last byte of the answer | {stats(download)} |",
+            f"| ... in the service (Server-Timing): headers to the last byte of the body | {stats(body)} |",
+            f"| ... in the service: headers to the answer's start | {stats(app)} |",
             f"| API: POST /search over HTTP (httpx) | {stats(m['api'])} |",
+            f"| ... in the service: headers to the last byte of the body | {stats(api_body)} |",
+            f"| ... in the service: headers to the answer's start | {stats(api_app)} |",
             "",
             f"Service stage medians, ms: browser's requests {median_stages(m['browser_stages'])}; "
             f"API's {median_stages(m['api_stages'])}",
@@ -234,11 +283,17 @@ def main(argv: list[str] | None = None) -> None:
         process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
         try:
             wait_ready(url, process, timeout_s=600)  # a busy shared machine is slow to load a model
+            warm_s = wait_warm(url)
             measured = measure(url, args.rounds, data_dir)
         finally:
             process.terminate()
-            process.wait(60)
-    block = report(args, measured, demo_s)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:  # report what was measured all the same
+                print(f"the service (pid {process.pid}) did not stop within 60 s: killed", file=sys.stderr)
+                process.kill()
+                process.wait(60)
+    block = report(args, measured, demo_s, warm_s)
     print("\n" + block)
     if not args.no_append:
         append_results(block, SECTION)

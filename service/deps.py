@@ -1,4 +1,8 @@
-"""Request dependencies as `Annotated` aliases (full-stack-fastapi-template style)."""
+"""Request dependencies as `Annotated` aliases (full-stack-fastapi-template style).
+
+All are `async def`: they only look things up, and FastAPI runs a plain `def` dependency in its
+thread pool, a thread hand-off per dependency per request (several per search) that costs
+milliseconds on a busy machine."""
 
 from __future__ import annotations
 
@@ -18,26 +22,26 @@ from service.state import ServiceState
 log = logging.getLogger("service.auth")
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_settings(state: StateDep) -> Settings:
+async def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
-def get_db(state: StateDep) -> Database:
+async def get_db(state: StateDep) -> Database:
     return state.db
 
 
-def get_engine(state: StateDep) -> Engine:
+async def get_engine(state: StateDep) -> Engine:
     return state.engine
 
 
-def get_loaded(state: StateDep) -> Loaded:
+async def get_loaded(state: StateDep) -> Loaded:
     """The model + index snapshot this request runs on to the end (503 when none is loaded)."""
     return state.engine.require()
 
@@ -62,12 +66,12 @@ def _check_key(request: Request, expected: SecretStr | None, given: str | None) 
         raise HTTPException(403, "invalid API key")
 
 
-def require_write_key(request: Request, settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
+async def require_write_key(request: Request, settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
     """Writes and admin: the key is needed whenever API_KEY is set."""
     _check_key(request, settings.API_KEY, x_api_key)
 
 
-def require_read_key(request: Request, settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
+async def require_read_key(request: Request, settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
     """Reads: open unless PROTECT_READS is true."""
     _check_key(request, settings.API_KEY if settings.PROTECT_READS else None, x_api_key)
 

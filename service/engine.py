@@ -77,6 +77,19 @@ class Engine:
         # Ids being embedded and added right now (an upload, a reconcile): the change-stream watcher
         # waits for them instead of embedding the same images a second time.
         self._indexing: dict[int, asyncio.Future[None]] = {}
+        self._serving = 0  # searches and classifications in flight: background scans wait for them
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a search or classification, so background work (cache warm-up) yields to it."""
+        self._serving += 1
+        try:
+            yield
+        finally:
+            self._serving -= 1
+
+    def busy(self) -> bool:
+        return self._serving > 0
 
     # ----------------------------------------------------------------- threads
     async def run_in_thread(self, function: Callable[..., T], *args: Any) -> T:

@@ -32,6 +32,8 @@ class FollowedCache:
     def __init__(self) -> None:
         self._generation = 0
         self._watching = False  # the change stream is open: the cache may serve
+        self.openings = 0  # how often the stream opened (each opening starts from an empty cache)
+        self.warmed_for = 0  # the opening after which service.cache_warmup last filled the cache
         self._task: asyncio.Task | None = None
 
     def source(self, db: Database) -> AsyncCollection:
@@ -58,6 +60,11 @@ class FollowedCache:
     def watching(self) -> bool:
         return self._watching
 
+    @property
+    def warm(self) -> bool:
+        """Serving, and filled by the warm-up since its stream last opened."""
+        return self._watching and self.warmed_for == self.openings
+
     def ensure_watching(self, db: Database) -> None:
         if self._task is None or self._task.done():
             name = f"{type(self).__name__}-watch"
@@ -74,6 +81,7 @@ class FollowedCache:
                 async with await self.source(db).watch(pipeline) as stream:
                     self.invalidate()  # whatever changed while no stream was open
                     self._watching = True
+                    self.openings += 1
                     async for change in stream:
                         key = change.get("documentKey", {}).get("_id")
                         self.invalidate([int(key)] if isinstance(key, int) else None)

@@ -6,6 +6,8 @@ indexes, load (or bootstrap) the index version; the service then serves at once.
     reconcile interrupted), reconcile (start-up, after a swap or a database restart), load a new
     CURRENT if one appeared, republish local changes once they are quiet (debounced);
   * the orphan sweep, every ORPHAN_SWEEP_SECONDS (not only inside a reconcile that may not finish);
+  * the cache warm-up (service.cache_warmup): search results' records and thumbnails read into
+    memory once the caches' change streams are open, yielding to searches;
   * the embedded database's supervisor (only for a server this process started): restarts it when
     it exits or stops answering real queries for EMBEDDED_DB_HANG_SECONDS.
 Shutdown publishes pending changes and stops the embedded database.
@@ -19,6 +21,7 @@ import logging
 import time
 from datetime import timedelta
 
+from service.cache_warmup import keep_caches_warm
 from service.connection import attach_or_start
 from service.db import Database
 from service.embedded_db import EmbeddedDatabaseError
@@ -57,6 +60,7 @@ def background_tasks(state: ServiceState) -> list[asyncio.Task]:
     tasks = [
         asyncio.create_task(maintenance_loop(state), name="maintenance"),
         asyncio.create_task(orphan_sweep_loop(state), name="orphan-sweep"),
+        asyncio.create_task(warm_caches_loop(state), name="cache-warmup"),
     ]
     if state.embedded_db is not None:
         tasks.append(asyncio.create_task(supervise_embedded_db(state), name="db-supervisor"))
@@ -131,6 +135,14 @@ async def orphan_sweep_loop(state: ServiceState) -> None:
         except Exception as exc:  # DATABASE_DOWN or a cancelled scan: next time
             log.warning("orphan sweep failed (%s: %s); retrying later", type(exc).__name__, exc)
             state.last_sweep = time.monotonic() - every + state.settings.RELOAD_POLL_SECONDS
+
+
+async def warm_caches_loop(state: ServiceState) -> None:
+    """Once the database is prepared, keep the search caches warm (service.cache_warmup)."""
+    while not state.db_prepared:
+        await asyncio.sleep(state.settings.RELOAD_POLL_SECONDS)
+    engine = state.engine
+    await keep_caches_warm(state.db, engine.records, engine.thumbnails, engine.busy)
 
 
 async def supervise_embedded_db(state: ServiceState) -> None:

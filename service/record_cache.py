@@ -58,6 +58,21 @@ class RecordCache(FollowedCache):
             found.update(fetched)
         return {i: found[i] for i in ids if i in found and _matches(found[i], mongo_filter)}
 
+    def fill(self, found: list[dict[str, Any]], generation: int) -> bool:
+        """Warm-up: keep records (SEARCH_FIELDS) read while `generation` was current as the least
+        recently used, only while they fit without evicting anything. False once the cache is full."""
+        if not self.may_keep(generation):
+            return True  # something changed meanwhile: this batch is not kept, later ones may be
+        for record in found:
+            image_id = int(record["_id"])
+            if image_id in self._records:
+                continue
+            if len(self._records) >= self.capacity:
+                return False
+            self._records[image_id] = record
+            self._records.move_to_end(image_id, last=False)
+        return True
+
     def _put(self, image_id: int, record: dict[str, Any]) -> None:
         self._records[image_id] = record
         self._records.move_to_end(image_id)
@@ -73,6 +88,12 @@ class RecordCache(FollowedCache):
         else:
             for image_id in ids:
                 self._records.pop(image_id, None)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 def _supported(mongo_filter: dict[str, Any]) -> bool:

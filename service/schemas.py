@@ -213,7 +213,10 @@ class SearchHit(BaseModel):
 
 
 class SearchTiming(Timing):
-    thumbnails: float = Field(description="reading the inlined thumbnails (0 when none were asked)")
+    thumbnails: float = Field(
+        description="waiting for the inlined thumbnails once the results were known (they are read "
+        "concurrently with the results' metadata; 0 when none were asked)"
+    )
 
 
 class SearchResponse(BaseModel):
@@ -257,6 +260,11 @@ class Ready(BaseModel):
     reconciled: bool = Field(description="the index agrees with the records (reconcile since start/swap)")
     reconcile_seconds: float | None = Field(None, description="how long the last reconcile took")
     orphan_sweep_seconds: float | None = Field(None, description="how long the last orphan sweep took")
+    caches_warm: bool = Field(
+        False,
+        description="the search results' record and thumbnail caches were filled in the background "
+        "since start-up (searches are served either way; before, new results cost database reads)",
+    )
 
 
 class VersionInfo(BaseModel):

@@ -8,6 +8,7 @@ index is exhausted. Ids without a record (deleted a moment ago) are dropped the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +55,11 @@ async def filtered_search(
     min_score: float | None = None,
     extra_filter: dict[str, Any] | None = None,
     timer: Timer | None = None,
+    on_candidates: Callable[[list[int]], None] | None = None,
 ) -> list[Hit]:
-    """Top-k hits (best first) whose records pass the filters. query: float32 D or 1xD."""
+    """Top-k hits (best first) whose records pass the filters. query: float32 D or 1xD.
+    `on_candidates` sees each round's candidate ids (best first) before their records are looked
+    up, to start work on them meanwhile (reading their thumbnails)."""
     timer = timer or Timer()
     mongo_filter = {**metadata_filter(label, tags), **(extra_filter or {})}
     total = loaded.index.ntotal
@@ -73,6 +77,8 @@ async def filtered_search(
         candidates = [(int(i), float(s)) for i, s in zip(row_ids[valid], row_scores[valid], strict=True)]
         started = time.perf_counter()
         ids = [i for i, _ in candidates]
+        if on_candidates is not None and ids:
+            on_candidates(ids)
         records = await engine.records.records(db, ids, mongo_filter) if candidates else {}
         timer.add("metadata", started)
         hits.extend(Hit(i, s, records[i]) for i, s in candidates if i in records)

@@ -67,6 +67,32 @@ class ThumbnailCache(FollowedCache):
             found |= fetched
         return found
 
+    @property
+    def warm(self) -> bool:
+        return self.max_bytes <= 0 or super().warm  # a cache of no bytes needs no warming
+
+    def offer(self, image_id: int, data: bytes, generation: int) -> None:
+        """Keep a thumbnail this process has in hand (an upload's), read or written while
+        `generation` was current, as the most recently used."""
+        if self.may_keep(generation):
+            self._put(image_id, Thumbnail.of(data))
+
+    def fill(self, found: dict[int, bytes], generation: int) -> bool:
+        """Warm-up: keep thumbnails read while `generation` was current as the least recently used,
+        only while they fit without evicting anything. False once the cache is full (stop reading)."""
+        if not self.may_keep(generation):
+            return True  # something changed meanwhile: this batch is not kept, later ones may be
+        for image_id, data in found.items():
+            if image_id in self._thumbnails:
+                continue
+            cost = len(data) + ENTRY_OVERHEAD
+            if self.size + cost > self.max_bytes:
+                return False
+            self._thumbnails[image_id] = Thumbnail.of(data)
+            self._thumbnails.move_to_end(image_id, last=False)
+            self.size += cost
+        return True
+
     def _put(self, image_id: int, thumbnail: Thumbnail) -> None:
         cost = len(thumbnail.data) + ENTRY_OVERHEAD
         if cost > self.max_bytes:
@@ -92,6 +118,9 @@ class ThumbnailCache(FollowedCache):
         else:
             for image_id in ids:
                 self._drop(image_id)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._thumbnails
 
     def __len__(self) -> int:
         return len(self._thumbnails)

@@ -32,9 +32,10 @@ async def classify_image(
     settings = state.settings
     data = await read_upload(form.file, settings.MAX_UPLOAD_BYTES)
     timer = Timer()
-    vector = await query_vector(state.engine, state.db, loaded, data, timer)
     k, tau = form.k or settings.CLASSIFY_K, form.tau or settings.CLASSIFY_TAU
-    result = await classify(state.engine, state.db, loaded, vector, k, tau, timer)
+    with state.engine.serving():
+        vector = await query_vector(state.engine, state.db, loaded, data, timer)
+        result = await classify(state.engine, state.db, loaded, vector, k, tau, timer)
     if result.label is None:
         raise BadRequest("no labelled images in the catalogue to vote: upload images with a label first", 409)
     return ClassifyResponse(

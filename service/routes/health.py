@@ -57,4 +57,5 @@ async def ready(state: StateDep) -> Any:
         reconciled=not state.needs_reconcile,
         reconcile_seconds=state.last_reconcile_s,
         orphan_sweep_seconds=state.last_sweep_s,
+        caches_warm=state.engine.records.warm and state.engine.thumbnails.warm,
     )

@@ -64,7 +64,14 @@ async def upload_images(state: StateDep, form: Annotated[UploadForm, File()]) ->
         prepared.append(
             await engine.run_in_thread(prepare_image, data, upload.filename or "upload", state.limits)
         )
+    # Taken before the writes: a delete (by anyone) whose invalidation reaches the cache before the
+    # new thumbnails go in keeps them out. (The records are not kept here: the `indexed` update
+    # below invalidates them; the first search reads them.)
+    generation = engine.thumbnails.generation
     stored = await store_prepared_many(db, prepared, [metadata] * len(prepared))
+    for item, image in zip(stored, prepared, strict=True):
+        if item.created:  # the first search that shows a new image reads no thumbnail
+            engine.thumbnails.offer(item.id, image.thumbnail, generation)
     given = _given_metadata(form)
     updated = {item.id: await _update_metadata(db, item.record, given) for item in stored if not item.created}
 

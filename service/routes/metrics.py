@@ -35,4 +35,8 @@ async def metrics(state: StateDep) -> Response:
         }
     )
     m.embed_batches.set(state.engine.batcher.batches_run)
+    for name, cache in (("records", state.engine.records), ("thumbnails", state.engine.thumbnails)):
+        m.cache_entries.labels(name).set(len(cache))
+        m.cache_hits.labels(name).set(cache.hits)
+        m.cache_misses.labels(name).set(cache.misses)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,6 +3,7 @@ a vector (JSON). Two routes on one path, split by media type (`ContractRoute`), 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from service.routing import ContractRoute
 from service.schemas import SearchForm, SearchHit, SearchOptions, SearchQuery, SearchResponse, error_responses
 from service.search import Timer, filtered_search
 from service.state import ServiceState
+from service.thumbnail_cache import Thumbnail
 from service.uploads import read_upload
 
 router = APIRouter(tags=["search"], route_class=ContractRoute)
@@ -39,19 +41,28 @@ async def run_search(
     if options.k > state.settings.SEARCH_MAX_K:
         raise BadRequest(f"k: must be at most {state.settings.SEARCH_MAX_K}")
     timer = Timer()
-    vector = await query_vector(state.engine, state.db, loaded, query, timer)
-    hits = await filtered_search(
-        state.engine,
-        state.db,
-        loaded,
-        vector,
-        options.k,
-        options.label,
-        options.tags,
-        options.min_score,
-        timer=timer,
-    )
-    inline = await inline_thumbnails(state, [hit.id for hit in hits[: options.thumbnails]], timer)
+    # Without metadata filters the first candidates are the results (bar records deleted a moment
+    # ago): their thumbnails are read while their records are.
+    filtered = options.label is not None or bool(options.tags)
+    prefetch = InlineThumbnails(state, 0 if filtered else options.thumbnails)
+    with state.engine.serving():
+        try:
+            vector = await query_vector(state.engine, state.db, loaded, query, timer)
+            hits = await filtered_search(
+                state.engine,
+                state.db,
+                loaded,
+                vector,
+                options.k,
+                options.label,
+                options.tags,
+                options.min_score,
+                timer=timer,
+                on_candidates=prefetch.start,
+            )
+            inline = await prefetch.data_urls([hit.id for hit in hits[: options.thumbnails]], timer)
+        finally:
+            prefetch.cancel()
     return SearchResponse(
         results=[
             SearchHit(
@@ -71,14 +82,43 @@ async def run_search(
     )
 
 
-async def inline_thumbnails(state: ServiceState, ids: list[int], timer: Timer) -> dict[int, str]:
-    """{id: data URL} of the thumbnails of `ids` (from memory, the rest in one batched read)."""
-    if not ids:
-        return {}
-    started = time.perf_counter()
-    found = await state.engine.thumbnails.thumbnails(state.db, ids)
-    timer.add("thumbnails", started)
-    return {i: PNG_DATA_URL + base64.b64encode(t.data).decode("ascii") for i, t in found.items()}
+class InlineThumbnails:
+    """The thumbnails of the first results as data URLs: those of the first `prefetch` candidates
+    read (from memory, the rest in one batched read) concurrently with their records, any other
+    result's after."""
+
+    def __init__(self, state: ServiceState, prefetch: int) -> None:
+        self.state = state
+        self.prefetch = prefetch
+        self.task: asyncio.Task[dict[int, Thumbnail]] | None = None
+        self.asked: set[int] = set()
+
+    def start(self, candidates: list[int]) -> None:
+        if self.task is None and self.prefetch > 0:  # the first round's candidates only
+            ids = candidates[: self.prefetch]
+            self.asked = set(ids)
+            self.task = asyncio.ensure_future(self.state.engine.thumbnails.thumbnails(self.state.db, ids))
+
+    async def data_urls(self, ids: list[int], timer: Timer) -> dict[int, str]:
+        """{id: data URL} for the ids whose thumbnail is stored."""
+        if not ids:
+            return {}
+        started = time.perf_counter()
+        found = await self.task if self.task is not None else {}
+        if missing := [i for i in ids if i not in self.asked]:
+            found = found | await self.state.engine.thumbnails.thumbnails(self.state.db, missing)
+        timer.add("thumbnails", started)
+        return {i: PNG_DATA_URL + base64.b64encode(found[i].data).decode("ascii") for i in ids if i in found}
+
+    def cancel(self) -> None:
+        """The search failed before its thumbnails were needed: stop reading them (and take a
+        failed read's error, which the search's own error already reports)."""
+        if self.task is None:
+            return
+        if not self.task.done():
+            self.task.cancel()
+        elif not self.task.cancelled():
+            self.task.exception()
 
 
 @router.post("/search", **SEARCH)

@@ -9,6 +9,7 @@ const WAIT_FOR_THUMBNAILS = 12; // the round trip ends when the first row(s) of 
 // server, no request per result): as many as are loaded eagerly (see renderResults).
 const INLINE_THUMBNAILS = 48;
 const VOTERS_SHOWN = 24;
+const STALE_AFTER_MS = 300; // results shown longer than this after a new query was sent are dimmed
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -106,6 +107,23 @@ function imageLoaded(img) {
     img.addEventListener("load", resolve, { once: true });
     img.addEventListener("error", resolve, { once: true });
   });
+}
+
+/** Mark `element` busy (aria-busy) and, only if that lasts past STALE_AFTER_MS, dim it as stale.
+ * A timer rather than a delayed CSS transition: a pending transition keeps the browser producing
+ * frames for its whole delay, CPU taken from the search it waits for on a small machine.
+ * Returns the function that ends it. */
+const staleTimers = new Map(); // element -> the timer of its latest markBusy
+function markBusy(element) {
+  clearTimeout(staleTimers.get(element)); // a superseded request's timer must not dim the new one
+  element.setAttribute("aria-busy", "true");
+  const timer = setTimeout(() => element.classList.add("stale"), STALE_AFTER_MS);
+  staleTimers.set(element, timer);
+  return () => {
+    clearTimeout(timer);
+    element.classList.remove("stale");
+    element.setAttribute("aria-busy", "false");
+  };
 }
 
 // ---------------------------------------------------------------- messages
@@ -352,7 +370,7 @@ async function runQuery() {
   $("search-again").disabled = false;
   setError($("search-error"), "");
   setError($("classify-error"), "");
-  $("results").setAttribute("aria-busy", "true");
+  const idle = markBusy($("results"));
   $("classify").setAttribute("aria-busy", "true");
   $("timing").textContent = "searching…";
   const started = performance.now();
@@ -362,9 +380,11 @@ async function runQuery() {
     if (seq !== state.querySeq) return;
     const answered = performance.now();
     const images = renderResults(data.results);
+    const rendered = performance.now();
     await Promise.all(images.slice(0, WAIT_FOR_THUMBNAILS).map(imageLoaded));
     if (seq !== state.querySeq) return;
-    showTiming(data, answered - started, performance.now() - started, seq);
+    showTiming(data, { answered: answered - started, rendered: rendered - started,
+                       shown: performance.now() - started }, seq);
     searched = true;
   } catch (error) {
     if (seq !== state.querySeq) return;
@@ -379,7 +399,7 @@ async function runQuery() {
     $("results-empty").textContent = "No results: see the message by the query.";
     askForKey(error, runQuery); // reads need the key when the service protects them
   } finally {
-    if (seq === state.querySeq) $("results").setAttribute("aria-busy", "false");
+    if (seq === state.querySeq) idle();
   }
   if (searched) {
     await runClassify(seq, abort.signal);
@@ -454,17 +474,20 @@ function renderResults(results) {
   return images;
 }
 
-function showTiming(data, answeredMs, shownMs, seq) {
+/** times: ms from the request's start to the JSON answered, the cards in the DOM, the first
+ * thumbnails loaded. */
+function showTiming(data, times, seq) {
   const t = data.timing_ms || {};
   const server = Object.values(t).reduce((a, b) => a + b, 0);
   const parts = ["decode", "embed", "search", "metadata", "thumbnails"].filter((k) => k in t).map((k) => `${k} ${t[k].toFixed(0)}`);
-  $("timing").textContent = `${data.results.length} results · shown in ${shownMs.toFixed(0)} ms · server ${server.toFixed(0)} ms (${parts.join(" · ")} ms)`;
+  $("timing").textContent = `${data.results.length} results · shown in ${times.shown.toFixed(0)} ms · server ${server.toFixed(0)} ms (${parts.join(" · ")} ms)`;
   $("timing").title = `model ${data.model_version}, index ${data.index_version}`;
   // For measurements (the browser test reads these): request to JSON, and to thumbnails shown.
   const list = $("results");
   list.dataset.seq = String(seq);
-  list.dataset.answeredMs = answeredMs.toFixed(1);
-  list.dataset.shownMs = shownMs.toFixed(1);
+  list.dataset.answeredMs = times.answered.toFixed(1);
+  list.dataset.renderedMs = times.rendered.toFixed(1);
+  list.dataset.shownMs = times.shown.toFixed(1);
   list.dataset.serverMs = server.toFixed(1);
 }
 
@@ -584,7 +607,7 @@ async function loadBrowsePage(page) {
   const cursor = browse.cursors[page];
   if (cursor != null) params.set("cursor", String(cursor));
   const grid = $("browse-grid");
-  grid.setAttribute("aria-busy", "true");
+  const idle = markBusy(grid);
   setError($("browse-error"), "");
   try {
     const data = await api(`/images?${params}`);
@@ -599,7 +622,7 @@ async function loadBrowsePage(page) {
     setError($("browse-error"), error);
     askForKey(error, () => loadBrowsePage(page));
   } finally {
-    grid.setAttribute("aria-busy", "false");
+    idle();
     $("page-first").disabled = browse.page === 0;
     $("page-prev").disabled = browse.page === 0;
     $("page-next").disabled = browse.next == null;

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from browser_helpers import Console, browser_missing, chromium, text_of, transferred, wait_for
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -459,7 +460,15 @@ def test_writes_ask_for_the_key_after_401_and_retry_with_it(start_service, tmp_p
 
         # Delete a record with the key now held by the tab.
         victim = ids[0]
-        driver.find_element(By.CSS_SELECTOR, f'#browse-grid [data-id="{victim}"] .thumb').click()
+
+        def open_victim(d: WebDriver) -> bool:  # the grid reloads after the upload: maybe under us
+            try:
+                d.find_element(By.CSS_SELECTOR, f'#browse-grid [data-id="{victim}"] .thumb').click()
+            except StaleElementReferenceException:
+                return False
+            return True
+
+        wait_for(driver, open_victim, "the card of the image to delete")
         wait_for(driver, lambda d: text_of(d, "record-fields"), "the record")
         driver.find_element(By.ID, "record-delete").click()
         driver.switch_to.alert.accept()
