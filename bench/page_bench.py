@@ -93,7 +93,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "temporary one",
     )
     parser.add_argument("--label", default="", help="a note for the heading of the results block")
+    parser.add_argument(
+        "--split-cpus",
+        action="store_true",
+        help="the service (and its database) on CPU 0, this client (Chromium, httpx) on the others, "
+        "as a browser on its own machine would be; both sides of the ratio are measured so",
+    )
     return parser.parse_args(argv)
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """(server CPUs, client CPUs): CPU 0 for the service, the rest for this process and its children."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--split-cpus needs at least 2 CPUs")
+    server, client = {cpus[0]}, set(cpus[1:])
+    os.sched_setaffinity(0, client)  # chromedriver and Chromium inherit it
+    return server, client
 
 
 def run_demo(data_dir: Path, count: int) -> float:
@@ -230,7 +246,12 @@ def report(args: argparse.Namespace, m: dict, demo_s: float, warm_s: float) -> s
             f"### {now}{' ' + args.label if args.label else ''}",
             "",
             f"- machine: {machine()}; Chromium headless (fresh profile), loopback HTTP",
-            f"- command: `python bench/page_bench.py --count {args.count} --rounds {args.rounds}`"
+            f"- command: `python bench/page_bench.py --count {args.count} --rounds {args.rounds}"
+            + (
+                " --split-cpus` (service and database on CPU 0, Chromium and httpx on the rest)"
+                if args.split_cpus
+                else "`"
+            )
             + (" with `--data-dir` (the catalogue built by an earlier run)" if args.data_dir else ""),
             f"- catalogue: the demo's ({args.count} Fashion-MNIST test images, demo encoder, embedded "
             f"SecantusDB; {built}); k={K}; each round a new query image for each side",
@@ -280,7 +301,14 @@ def main(argv: list[str] | None = None) -> None:
         env = dict(os.environ, DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
         env.pop("MONGO_URI", None)
         command = [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"]
-        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+        server_cpus = split_cpus()[0] if args.split_cpus else None
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=(lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None,
+        )
         try:
             wait_ready(url, process, timeout_s=600)  # a busy shared machine is slow to load a model
             warm_s = wait_warm(url)
