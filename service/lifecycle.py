@@ -127,7 +127,7 @@ async def orphan_sweep_loop(state: ServiceState) -> None:
             continue
         try:
             started = time.monotonic()
-            await sweep_orphans(state.db, _grace(state))
+            await sweep_orphans(state.db, _grace(state), state.settings.ORPHAN_SWEEP_DUTY)
             state.last_sweep = time.monotonic()
             state.last_sweep_s = state.last_sweep - started
         except asyncio.CancelledError:

@@ -13,6 +13,8 @@ the record).
 Every query here is a single streamed scan matched against a sorted id array, or an
 `$in` of at most ID_CHUNK ids: nothing whose cost grows with the catalogue times a list. Each
 pass runs under `pymongo.timeout`, so the server cancels (maxTimeMS) a scan nobody waits for.
+The sweep, which runs while the service answers requests, makes no scan at all: it walks the id
+space by point lookups with pauses (a scan holds the embedded server for seconds at 100k).
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from service.catalogue import (
     read_file,
     stored_vectors,
 )
-from service.db import CONTENT_BUCKET, THUMBNAIL_BUCKET, Database, chunked, stream_docs
+from service.db import (
+    CONTENT_BUCKET,
+    ID_ONLY,
+    THUMBNAIL_BUCKET,
+    Database,
+    chunked,
+    paced_id_windows,
+    stream_docs,
+)
 from service.engine import Engine, Loaded
 from service.imaging import ImageRejected, decode_image
 from service.indexing import index_images, index_vectors
@@ -43,6 +53,8 @@ BATCH = 64
 DEFAULT_ORPHAN_GRACE = timedelta(minutes=10)  # an upload in progress has bytes but no record for a moment
 BUCKETS = (CONTENT_BUCKET, THUMBNAIL_BUCKET)
 SCAN_TIMEOUT_S = 300.0  # server-side limit of one background scan (100k records take seconds)
+STEP_TIMEOUT_S = 60.0  # server-side limit of one step of the orphan sweep (a few point lookups)
+DEFAULT_SWEEP_DUTY = 0.5  # the orphan sweep keeps the database busy at most half of the time
 
 
 @dataclass
@@ -153,46 +165,45 @@ async def _embed_and_add(
     return added + len(await index_images(engine, db, loaded, kept, images))
 
 
-async def _all_ids(db: Database, collection: str) -> np.ndarray:
-    """Every `_id` of a collection, sorted, from one streamed scan."""
-    parts = [
-        np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
-        async for batch in stream_docs(db.db[collection])
-    ]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
 async def sweep_orphans(
-    db: Database, grace: timedelta = DEFAULT_ORPHAN_GRACE, scan_timeout_s: float = SCAN_TIMEOUT_S
+    db: Database,
+    grace: timedelta = DEFAULT_ORPHAN_GRACE,
+    duty: float = DEFAULT_SWEEP_DUTY,
+    step_timeout_s: float = STEP_TIMEOUT_S,
 ) -> int:
     """Delete GridFS files that no record owns and that are older than `grace`: left by a crash or
-    a failed request between the bytes and the record. One scan of the record ids and one of each
-    bucket's files document ids, then point lookups of the few unowned ones' age. (Chunks need no
-    scan of their own: they are written after their files document and deleted before it, see
-    catalogue, so a chunk always has one.) Returns the number of image ids whose leftovers were
-    deleted."""
+    a failed request between the bytes and the record. Returns the number of image ids whose
+    leftovers were deleted.
+
+    A gentle background walk, not a scan: file ids are image ids, so it visits every id ever
+    allocated in windows of ID_CHUNK (`paced_id_windows`, busy at most `duty` of the time): one
+    point lookup of the window in the records; only for the ids without one (deleted or never
+    written), a lookup of their files documents in each bucket and their age; a re-check of the
+    records of the few old ones (an upload may have written its record meanwhile), then the delete.
+    (Chunks need no walk of their own: they are written after their files document and deleted
+    before it, see catalogue, so a chunk always has one.) Each step runs under its own
+    `pymongo.timeout`, so the server cancels (maxTimeMS) a lookup nobody waits for any more."""
     cutoff = datetime.now(timezone.utc) - grace
-    deleted: set[int] = set()
-    with pymongo.timeout(scan_timeout_s):
-        record_ids = await _all_ids(db, "images")
-        unowned: set[int] = set()
-        for bucket in BUCKETS:  # ids only: filtering on uploadDate here costs ~35% more per scan
-            async for batch in stream_docs(db.db[f"{bucket}.files"]):
-                ids = np.fromiter((int(d["_id"]) for d in batch), np.int64, len(batch))
-                owned, _ = _members(record_ids, ids)
-                unowned.update(ids[~owned].tolist())
-        for chunk in chunked(sorted(unowned)):
-            # The few candidates' age by point lookups, and a re-check of their records: one may
-            # have arrived since the scan (an upload just past its grace).
-            old = set()
-            for bucket in BUCKETS:
-                query = {"_id": {"$in": chunk}, "uploadDate": {"$lt": cutoff}}
-                old |= {int(d["_id"]) async for d in db.db[f"{bucket}.files"].find(query, {"_id": 1})}
-            owned_now = {int(d["_id"]) async for d in db.images.find({"_id": {"$in": chunk}}, {"_id": 1})}
-            orphans = [i for i in chunk if i in old and i not in owned_now]
+    deleted = 0
+    async for window in paced_id_windows(db, duty):
+        with pymongo.timeout(step_timeout_s):
+            owned = {int(d["_id"]) async for d in db.images.find({"_id": {"$in": window}}, ID_ONLY)}
+            unowned = [i for i in window if i not in owned]
+            if not unowned:
+                continue
+            old: set[int] = set()
+            for bucket in BUCKETS:  # `_id` alone in the filter: a point lookup; the age is checked here
+                async for d in db.db[f"{bucket}.files"].find({"_id": {"$in": unowned}}, {"uploadDate": 1}):
+                    if d.get("uploadDate") is not None and d["uploadDate"] < cutoff:
+                        old.add(int(d["_id"]))
+            if not old:
+                continue
+            candidates = sorted(old)
+            owned_now = {int(d["_id"]) async for d in db.images.find({"_id": {"$in": candidates}}, ID_ONLY)}
+            orphans = [i for i in candidates if i not in owned_now]
             if orphans:
                 await delete_many_files(db, orphans)
-                deleted.update(orphans)
+                deleted += len(orphans)
     if deleted:
-        log.info("deleted the GridFS leftovers of %d image id(s) without a record", len(deleted))
-    return len(deleted)
+        log.info("deleted the GridFS leftovers of %d image id(s) without a record", deleted)
+    return deleted

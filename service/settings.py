@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         600.0, ge=0, description="age before GridFS files without a record are deleted"
     )
     ORPHAN_SWEEP_SECONDS: float = Field(600.0, gt=0, description="how often the orphan sweep runs")
+    ORPHAN_SWEEP_DUTY: float = Field(
+        0.5, gt=0, le=1, description="largest share of the database's time the orphan sweep takes (it pauses)"
+    )
 
     # HTTP.
     HOST: str = "127.0.0.1"
