@@ -96,8 +96,8 @@ def wait_for(client: httpx.Client, field: str, service: subprocess.Popen) -> dic
         time.sleep(0.5)
 
 
-def bench(size: int, work: Path) -> dict:
-    data_dir = work / f"data-{size}"
+def build(size: int, data_dir: Path) -> tuple[list[int], dict[str, float]]:
+    """The damaged catalogue under `data_dir`: its record ids and build time per phase."""
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     encoder = write_random_encoder(data_dir / "model.pt", width=0.25)
@@ -105,13 +105,34 @@ def bench(size: int, work: Path) -> dict:
     # commit); the service below opens the same files durable, as `make run` does.
     builder_db = EmbeddedDatabase(data_dir / "db", durable=False)
     uri = builder_db.start()
+    try:
+        built = build_catalogue(
+            uri, "retrieval", size, data_dir / "index", encoder,
+            missing=MISSING, stale=STALE, orphans=ORPHANS,
+            progress=lambda done, total: print(f"building: {done}/{total} images", end="\r", file=sys.stderr),
+        )  # fmt: skip
+    finally:
+        builder_db.stop()
+    return built.ids, built.build_s
+
+
+def bench(size: int, work: Path, reuse: bool) -> dict:
+    """`reuse`: build the damaged catalogue once into work/pristine-SIZE and run every later bench
+    of that size on a fresh copy of it (the run repairs its copy)."""
+    data_dir = work / f"data-{size}"
+    pristine = work / f"pristine-{size}"
     started = time.perf_counter()
-    built = build_catalogue(
-        uri, "retrieval", size, data_dir / "index", encoder, missing=MISSING, stale=STALE, orphans=ORPHANS,
-        progress=lambda done, total: print(f"building: {done}/{total} images", end="\r", file=sys.stderr),
-    )  # fmt: skip
-    build_s = time.perf_counter() - started
-    builder_db.stop()
+    if reuse and (pristine / "built.json").exists():
+        built = json.loads((pristine / "built.json").read_text())
+        record_ids, build_phases = built["ids"], built["build_s"]
+    else:
+        record_ids, build_phases = build(size, pristine if reuse else data_dir)
+        if reuse:
+            (pristine / "built.json").write_text(json.dumps({"ids": record_ids, "build_s": build_phases}))
+    build_s = time.perf_counter() - started if not reuse else sum(build_phases.values())
+    if reuse:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.copytree(pristine, data_dir)
 
     port = free_port()
     env = {**os.environ, "DATA_DIR": str(data_dir), "ORPHAN_GRACE_SECONDS": "60", "PORT": str(port)}
@@ -120,7 +141,7 @@ def bench(size: int, work: Path) -> dict:
     result: dict = {
         "images": size,
         "build_s": round(build_s, 1),
-        "build_phases_s": {phase: round(s, 1) for phase, s in built.build_s.items()},
+        "build_phases_s": {phase: round(s, 1) for phase, s in build_phases.items()},
         "load_at_start": os.getloadavg()[0],
     }
     launched = time.perf_counter()
@@ -142,7 +163,7 @@ def bench(size: int, work: Path) -> dict:
             ready_at = time.perf_counter()
             result["ready_s"] = round(ready_at - launched, 1)
             dim = client.get("/version").json()["embed_dim"]
-            loop = threading.Thread(target=search_loop, args=(base, stop, dim, built.ids, samples))
+            loop = threading.Thread(target=search_loop, args=(base, stop, dim, record_ids, samples))
             loop.start()
             ready = wait_for(client, "reconciled", service)
             reconciled_at = time.perf_counter()
@@ -179,10 +200,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="build each catalogue once into WORK/pristine-SIZE and bench a fresh copy of it (needs --work)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.reuse and args.work is None:
+        parser.error("--reuse needs --work DIR")
     work = args.work or Path(tempfile.mkdtemp(prefix="reconcile-bench-"))
     for size in args.images:
-        print(json.dumps(bench(size, work)), flush=True)
+        print(json.dumps(bench(size, work, args.reuse)), flush=True)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
