@@ -95,12 +95,21 @@ class Database:
     @classmethod
     def connect(cls, uri: str, name: str, timeout_ms: int, journal: bool = True) -> Database:
         """`journal`: every write is acknowledged only once it is in the journal (j: true), so an
-        acknowledged write survives a crash of the database process or of the machine."""
+        acknowledged write survives a crash of the database process or of the machine.
+
+        `timeout_ms` bounds server selection: with the database down (connections refused), a
+        request fails (503) within it. The connect timeout is also the driver's heartbeat timeout
+        (SDAM: monitors use it as their socket timeout), and a heartbeat that times out clears the
+        pool and cancels every operation in flight ("operation cancelled"), so it gets the
+        operations' own limit instead: a server that is slow for a few seconds (SecantusDB on a
+        loaded machine) must not turn the requests it is still serving into 503s, some of them
+        writes that took effect. A server that stops answering altogether is the supervisor's."""
+        operation_ms = max(timeout_ms * 15, 30_000)
         client: AsyncMongoClient = AsyncMongoClient(
             uri,
             serverSelectionTimeoutMS=timeout_ms,
-            connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=max(timeout_ms * 15, 30_000),
+            connectTimeoutMS=operation_ms,
+            socketTimeoutMS=operation_ms,
             appname="ssl-retrieval-service",
             tz_aware=True,
             journal=journal,

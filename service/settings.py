@@ -16,7 +16,9 @@ class Settings(BaseSettings):
     # Storage. Without MONGO_URI the service runs SecantusDB as a child process under DATA_DIR/db.
     MONGO_URI: str | None = Field(None, description="mongodb:// URI; unset = embedded SecantusDB")
     MONGO_DB: str = Field("retrieval", description="database name")
-    MONGO_TIMEOUT_MS: int = Field(2000, ge=100, description="server selection / connect timeout")
+    MONGO_TIMEOUT_MS: int = Field(
+        2000, ge=100, description="server selection timeout (503 after this when the DB is down)"
+    )
     EMBEDDED_DB_PORT: int = Field(0, ge=0, le=65535, description="port of the embedded DB, 0 = a free one")
     DATA_DIR: Path = Field(Path("data"), description="root of the database, model and index files")
     MODEL_CHECKPOINT: Path | None = Field(
