@@ -19,6 +19,7 @@ holder that wakes up late cannot overwrite a version someone else published.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -89,6 +90,18 @@ class Lease:
         self.term = int(document["term"])
         self._valid_until = sent + self.ttl_s
         return True
+
+    async def reclaim(self, timeout_s: float = 5.0) -> bool:
+        """Whether we hold the lease, after one bounded renewal attempt if our local term has lapsed
+        (renewals that ran late on a busy machine); it succeeds only for the holder or when the
+        lease is free or expired, never against a live holder."""
+        if self.held():
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.acquire_or_renew()
+        except TimeoutError:
+            return False
 
     async def release(self) -> None:
         """Give the lease up at once (clean shutdown) so another replica need not wait for expiry."""

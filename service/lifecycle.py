@@ -210,6 +210,7 @@ async def stop_background(tasks: list[asyncio.Task]) -> None:
 async def stop(state: ServiceState) -> None:
     if state.replica is not None:
         await state.replica.stop()
+        await state.replica.renew_for_shutdown()
     try:
         await state.engine.publish_if_due(force=True)  # only the lease holder publishes
     except Exception:

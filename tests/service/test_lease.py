@@ -67,3 +67,22 @@ def test_racing_contenders_elect_exactly_one(mongo_uri: str, mongo_db_name: str)
             )  # expire it for the next round
 
     asyncio.run(_with_collection(mongo_uri, mongo_db_name, body))
+
+
+def test_a_lapsed_local_term_is_reclaimed_unless_someone_else_took_the_lease(
+    mongo_uri: str, mongo_db_name: str
+) -> None:
+    async def body(collection) -> None:
+        a = Lease(collection, holder="a", ttl_s=0.3)
+        await a.ensure_document()
+        assert await a.acquire_or_renew() and a.term == 1
+        await asyncio.sleep(0.4)  # renewals that ran late: the local term has lapsed
+        assert not a.held()
+        assert await a.reclaim() and a.held() and a.term in (1, 2)  # no one else holds it: ours again
+        await asyncio.sleep(0.4)
+        b = Lease(collection, holder="b", ttl_s=30)
+        assert await b.acquire_or_renew()  # a's term expired in the database too: b takes over
+        assert not await a.reclaim() and not a.held()  # never against a live holder
+        assert (await b.current())["holder"] == "b"
+
+    asyncio.run(_with_collection(mongo_uri, mongo_db_name, body))
