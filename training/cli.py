@@ -211,7 +211,9 @@ def knn_sets(config: RunConfig, train_set: ImageDataset) -> tuple[ImageDataset, 
         raise DataError(f"kNN query classes {queries.class_names} differ from the training classes")
     if config.knn_subset:
         memory, queries = memory.subset(config.knn_subset), queries.subset(config.knn_subset)
-    return train_set, KnnMonitor(memory, queries, k=config.knn_k, tau=config.knn_tau)
+    return train_set, KnnMonitor(
+        memory, queries, k=config.knn_k, tau=config.knn_tau, progress=config.progress
+    )
 
 
 def normalisation(data: str, images: torch.Tensor) -> tuple[list[float], list[float]]:

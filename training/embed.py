@@ -31,6 +31,7 @@ def embed_in_shards(
     images: torch.Tensor,
     batch_size: int = 256,
     desc: str = "embedding",
+    progress: bool = True,
 ) -> torch.Tensor:
     """Embed uint8 NxCxHxW images on every rank; return the full NxD matrix (on every rank).
 
@@ -43,7 +44,9 @@ def embed_in_shards(
     shard = math.ceil(total / world)
     rows = torch.arange(rank * shard, (rank + 1) * shard).clamp(max=max(total - 1, 0))
     parts = []
-    bar = tqdm(total=len(rows), desc=desc, unit="img", disable=not dist.is_main_process(), leave=False)
+    bar = tqdm(
+        total=len(rows), desc=desc, unit="img", disable=not (progress and dist.is_main_process()), leave=False
+    )
     for start in range(0, len(rows), batch_size):
         batch = images[rows[start : start + batch_size]]
         parts.append(embed(batch).float())  # BxD

@@ -80,6 +80,7 @@ class KnnMonitor:
     k: int = DEFAULT_K
     tau: float = DEFAULT_TAU
     batch_size: int = 512
+    progress: bool = True  # the embedding bars; off with the run's --no-progress (logs stay lines)
 
     def evaluate(
         self,
@@ -93,8 +94,10 @@ class KnnMonitor:
         network.eval()
         try:
             embed = network_embedder(network, mean, std, device, amp_dtype)
-            memory = embed_in_shards(embed, self.memory.images, self.batch_size, desc="kNN memory")
-            queries = embed_in_shards(embed, self.queries.images, self.batch_size, desc="kNN queries")
+            memory = embed_in_shards(embed, self.memory.images, self.batch_size, "kNN memory", self.progress)
+            queries = embed_in_shards(
+                embed, self.queries.images, self.batch_size, "kNN queries", self.progress
+            )
         finally:
             network.train(was_training)
         top1, top5 = knn_accuracy(

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from training.cli import build_parser, parse_config
-from training.config import ConfigError, RunConfig
+from training.config import SMALL_IMAGE, ConfigError, RunConfig
 from training.encoder import Encoder, make_encoder_record, save_encoder
 from training.flags import flag_names
 from training.losses.nce import sample_noise_indices
 from training.methods import METHODS, build_method, method_class
-from training.methods.instdisc import InstDisc
+from training.methods.instdisc import EXACT_SOFTMAX_MAX_SAMPLES, InstDisc
 from training.methods.moco import MoCoV1, MoCoV2
 from training.methods.mocov3 import MoCoV3
 from training.methods.momentum import cosine_momentum
@@ -257,6 +257,67 @@ def test_instdisc_full_softmax_loss_and_proximal_term_equal_formula():
     assert model.encoder.head.fc.weight.grad.abs().sum() > 0
     expected_bank = F.normalize(0.5 * bank[indices] + 0.5 * f, dim=1)
     torch.testing.assert_close(model.memory.bank[indices], expected_bank)
+
+
+def test_memory_bank_first_visit_fill_writes_only_unvisited_entries():
+    bank = MemoryBank(5, 3, momentum=0.5)
+    bank.update(F.normalize(torch.randn(1, 3), dim=1), torch.tensor([2]))
+    before = bank.bank.clone()
+    features = F.normalize(torch.randn(3, 3), dim=1)
+    filled = bank.fill_unvisited(features, torch.tensor([4, 2, 0]))
+    assert filled.tolist() == [True, False, True]
+    torch.testing.assert_close(bank.bank[[4, 0]], features[[0, 2]])  # the feature itself, no random mix
+    torch.testing.assert_close(bank.bank[[1, 2, 3]], before[[1, 2, 3]])  # visited and untouched kept
+    assert bank.visited.tolist() == [True, False, True, False, True]
+
+
+def test_instdisc_first_visit_bank_softmax_equals_formula_with_the_features_as_their_own_entries():
+    torch.manual_seed(0)
+    model = InstDisc("resnet18", TINY, num_samples=10, nce_k=0, proximal_weight=50.0, bank_init="first-visit")
+    x = views(4, count=1)
+    indices = torch.tensor([7, 2, 9, 0])
+    random_bank = model.memory.bank.clone()
+    out = model(x, indices)
+    with torch.no_grad():
+        f = F.normalize(model.encoder(x[0]), dim=1)
+    bank = random_bank.clone()
+    bank[indices] = f  # first visits: each instance's entry is its own feature before the loss
+    nll = 0.0
+    for b in range(len(indices)):
+        denominator = sum(math.exp(dot(f[b], bank[j]) / 0.07) for j in range(10))
+        nll += -math.log(math.exp(1.0 / 0.07) / denominator) / 4  # positive: f . f = 1
+    assert out.metrics["loss/proximal"].item() == 0.0  # no previous feature on a first visit
+    assert out.loss.item() == pytest.approx(nll, rel=1e-4)
+    torch.testing.assert_close(model.memory.bank[indices], f)  # momentum mix of f with f is f
+    torch.testing.assert_close(model.memory.bank[[1, 3]], random_bank[[1, 3]])
+    assert model.memory.visited[indices].all() and not model.memory.visited[[1, 3]].any()
+
+
+def test_instdisc_small_images_use_the_exact_softmax_and_first_visit_bank_photos_the_paper(tmp_path):
+    small = parse("instdisc", [])  # Fashion-MNIST, 28 px
+    assert (small.params.nce_k, small.params.proximal_weight, small.params.bank_init) == (
+        0,
+        0.0,
+        "first-visit",
+    )
+    assert small.source("nce_k") == SMALL_IMAGE
+    for i in range(2):
+        Image.new("RGB", (120, 100), (i * 90, 20, 40)).save(tmp_path / f"{i}.png")
+    photos = parse("instdisc", [], data=f"folder:{tmp_path}")
+    assert (photos.params.nce_k, photos.params.proximal_weight, photos.params.bank_init) == (
+        4096,
+        50.0,
+        "random",
+    )
+    paper = parse("instdisc", ["--nce-k", "4096", "--proximal-lambda", "50", "--bank-init", "random"])
+    assert (paper.params.nce_k, paper.params.bank_init) == (4096, "random")  # the paper's path, by flags
+
+
+def test_instdisc_refuses_the_exact_softmax_over_a_data_set_too_large_for_it():
+    with pytest.raises(ConfigError, match="--nce-k 4096"):
+        InstDisc.from_config(
+            InstDisc.Params(nce_k=0), "resnet18", TINY, num_samples=EXACT_SOFTMAX_MAX_SAMPLES + 1
+        )
 
 
 def test_instdisc_nce_loss_equals_formula_with_fixed_normaliser():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,9 @@ from training.models.memory_bank import MemoryBank
 # The paper's Sec. 3.4 shows lambda in {0, 10, 30, 50} (Fig. 3) and names no single default;
 # lemniscate.pytorch omits the term. 50, the paper's strongest setting, is used here.
 PAPER_PROXIMAL_WEIGHT = 50.0
+BANK_INITS = ("first-visit", "random")
+# Beyond this N the exact softmax's BxN logits (and bank copy) per step cost more than the network.
+EXACT_SOFTMAX_MAX_SAMPLES = 250_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,14 @@ class InstDiscParams(MethodParams):
         flag="--proximal-lambda",
     )
 
+    bank_init: str = setting(
+        "random",
+        "memory-bank entries before an instance's first visit: first-visit = its first feature "
+        "(no positive pulls towards a random vector); random = random unit vectors mixed in by the "
+        "momentum update (the paper / lemniscate.pytorch)",
+        choices=BANK_INITS,
+    )
+
     def check(self, config: RunConfig) -> None:
         if self.nce_k < 0:
             raise ConfigError(f"--nce-k must be >= 0 (0 = exact softmax), got {self.nce_k}")
@@ -70,6 +81,12 @@ class InstDisc(Method):
         "epochs": 200, "warmup_epochs": 0.0, "lr_schedule": "step", "lr_steps": (120, 160),
         "augmentation": "instdisc",
     }  # fmt: skip
+    # Small images (<= 64 px; MNIST, CIFAR: N <= ~100k): the exact softmax that NCE approximates
+    # (its BxN logits are 61 MB at N=60k), where the paper's NCE (m=4096, Z fixed from the random
+    # bank) diverged under every setting tried; no proximal term, as lemniscate.pytorch; and a bank
+    # that starts from each instance's first feature. bench/RESULTS.md has the measurements; the
+    # paper's path stays `--nce-k 4096 --proximal-lambda 50 --bank-init random`.
+    small_image_defaults = {"nce_k": 0, "proximal_weight": 0.0, "bank_init": "first-visit"}
     # The bank is updated identically on every rank; broadcasting it from rank 0 at every
     # forward (DDP's broadcast_buffers) would move N x 128 floats per step for nothing.
     ddp_broadcast_buffers = False
@@ -85,10 +102,14 @@ class InstDisc(Method):
         temperature: float = 0.07,
         memory_momentum: float = 0.5,
         proximal_weight: float = PAPER_PROXIMAL_WEIGHT,
+        bank_init: str = "random",
     ) -> None:
         super().__init__()
         if nce_k < 0:
             raise ValueError(f"nce_k must be >= 0 (0 = full softmax), got {nce_k}")
+        if bank_init not in BANK_INITS:
+            raise ValueError(f"bank_init must be one of {BANK_INITS}, got {bank_init!r}")
+        self.bank_init = bank_init
         self.arch, self.backbone_kwargs = arch, dict(backbone_kwargs or {})
         self.nce_k = nce_k
         self.temperature = temperature
@@ -117,6 +138,10 @@ class InstDisc(Method):
             self._broadcast_memory_bank()
         features = F.normalize(self.encoder(views[0]), dim=1)  # BxD
         previous = self.memory(indices)  # BxD, v_i^{t-1}
+        # Only instances seen before have a v^{t-1}; the random init is not a previous feature.
+        seen_before = self.memory.visited[indices].clone()  # B
+        if self.bank_init == "first-visit":
+            self._fill_unvisited(features, indices)
         if self.nce_k == 0:
             # a copy: backward needs the bank as it was, and the update below is in place
             result = full_softmax_loss(features, self.memory.bank.clone(), indices, self.temperature)
@@ -126,8 +151,7 @@ class InstDisc(Method):
             scores = torch.bmm(weights, features.unsqueeze(2)).squeeze(2)  # Bx(1+m)
             self._set_normaliser_once(scores)
             result = nce_loss(scores, self.temperature, self.nce_normaliser, self.memory.size)
-        # Only instances seen before have a v^{t-1}; the random init is not a previous feature.
-        proximal = proximal_term(features, previous, self.proximal_weight, self.memory.visited[indices])
+        proximal = proximal_term(features, previous, self.proximal_weight, seen_before)
         self._update_memory_bank(features, indices)
         metrics = {"loss/instance": result.loss.detach(), "loss/proximal": proximal.detach()}
         metrics["acc/instance"] = result.accuracy()
@@ -154,6 +178,11 @@ class InstDisc(Method):
         self._normaliser_known = True
 
     @torch.no_grad()
+    def _fill_unvisited(self, features: torch.Tensor, indices: torch.Tensor) -> None:
+        """First visits write the feature itself (every rank's, so the banks stay identical)."""
+        self.memory.fill_unvisited(concat_all_gather(features.detach()), concat_all_gather(indices))
+
+    @torch.no_grad()
     def _update_memory_bank(self, features: torch.Tensor, indices: torch.Tensor) -> None:
         """Every rank applies every rank's features, so the banks stay identical."""
         self.memory.update(concat_all_gather(features.detach()), concat_all_gather(indices))
@@ -167,4 +196,10 @@ class InstDisc(Method):
         cls, params: MethodParams, arch: str, backbone_kwargs: dict[str, Any], num_samples: int
     ) -> InstDisc:
         """The bank holds one entry per training image: N comes from the data."""
+        params = cast(InstDiscParams, params)
+        if params.nce_k == 0 and num_samples > EXACT_SOFTMAX_MAX_SAMPLES:
+            raise ConfigError(
+                f"the exact softmax (--nce-k 0) over {num_samples} instances needs BxN logits per step; "
+                f"above {EXACT_SOFTMAX_MAX_SAMPLES} use the paper's NCE (--nce-k 4096)"
+            )
         return cls(arch, backbone_kwargs, num_samples=num_samples, **dataclasses.asdict(params))

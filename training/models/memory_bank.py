@@ -31,6 +31,17 @@ class MemoryBank(nn.Module):
         return self.bank[indices].detach()
 
     @torch.no_grad()
+    def fill_unvisited(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Write `features` (BxD, L2-normalised) into the entries at `indices` (B) that still hold
+        the random init, and mark them visited: an instance's first feature is its own best
+        estimate, a random vector is none. Returns the mask of the entries filled (B, bool)."""
+        fresh = ~self.visited[indices]
+        if fresh.any():
+            self.bank[indices[fresh]] = features.detach()[fresh].to(self.bank.dtype)
+            self.visited[indices[fresh]] = True
+        return fresh
+
+    @torch.no_grad()
     def update(self, features: torch.Tensor, indices: torch.Tensor) -> None:
         """features: BxD (this step's, L2-normalised); indices: B."""
         mixed = self.bank[indices] * self.momentum + features.detach().to(self.bank.dtype) * (
