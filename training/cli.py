@@ -153,12 +153,23 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
     layers.append(("catalogue", filled))
     layers += explicit
     engine, params, sources = layered(layers, RunConfig, method.Params)
+    scale_paper_milestones(engine, sources, method.paper_values().get("epochs"))
     if method.embedding_is_head and engine.get("embedding_grid", 1) != 1:
         raise ConfigError(
             f"--embedding-grid applies to a pooled backbone; {method.name}'s embedding is its head"
         )
     config = RunConfig(**engine, params=method.Params(**params), sources=tuple(sorted(sources.items())))
     return config, options
+
+
+def scale_paper_milestones(engine: dict[str, Any], sources: dict[str, str], paper_epochs: int | None) -> None:
+    """The paper's step-decay epochs are points of its run (InstDisc: 120 and 160 of 200 epochs): a
+    run of another length decays at the same fractions (a 100-epoch run would otherwise never
+    anneal). Milestones given by flag or file are taken as they are."""
+    if sources.get("lr_steps") != PAPER or not paper_epochs or engine["epochs"] == paper_epochs:
+        return
+    engine["lr_steps"] = tuple(round(e * engine["epochs"] / paper_epochs, 3) for e in engine["lr_steps"])
+    sources["lr_steps"] = f"{PAPER}, scaled to {engine['epochs']} epochs"
 
 
 def train_main(

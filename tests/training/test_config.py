@@ -111,3 +111,13 @@ def test_the_settings_are_printed_at_start_and_the_checkpoint_stores_the_whole_c
         sources=tuple(saved["config"]["sources"].items()),
     )
     assert rebuilt.to_dict() == config.to_dict()
+
+
+def test_the_papers_step_decay_follows_the_runs_length_unless_given():
+    paper, _ = parse_config("instdisc", ["--data", "fashion-mnist"])
+    assert (paper.epochs, paper.lr_steps, paper.source("lr_steps")) == (200, (120.0, 160.0), PAPER)
+    # 120 and 160 of 200 epochs: a 100-epoch run decays at 60 and 80 (without scaling it never would)
+    shorter, _ = parse_config("instdisc", ["--data", "fashion-mnist", "--epochs", "100"])
+    assert shorter.lr_steps == (60.0, 80.0) and shorter.source("lr_steps").startswith(PAPER + ", scaled")
+    given, _ = parse_config("instdisc", ["--data", "fashion-mnist", "--epochs", "100", "--lr-steps", "50"])
+    assert given.lr_steps == (50.0,) and given.source("lr_steps") == FLAG
