@@ -101,6 +101,12 @@ function showImage(img, url) {
   }, () => img.classList.add("broken"));
 }
 
+/** Resolves when `img` can be painted without a further decode, or has failed: decode() once its
+ * source is set, else (fetched with the API key) its load. */
+function imageReady(img) {
+  return img.getAttribute("src") ? img.decode().catch(() => {}) : imageLoaded(img);
+}
+
 function imageLoaded(img) {
   if (img.complete && img.naturalWidth) return Promise.resolve();
   return new Promise((resolve) => {
@@ -379,12 +385,14 @@ async function runQuery() {
     const data = await searchRequest(filters, abort.signal);
     if (seq !== state.querySeq) return;
     const answered = performance.now();
-    const images = renderResults(data.results);
-    const rendered = performance.now();
-    await Promise.all(images.slice(0, WAIT_FOR_THUMBNAILS).map(imageLoaded));
+    const { cards, images } = buildResultCards(data.results);
+    // The first rows' thumbnails are decoded before the cards go in, so that cards and images
+    // reach the screen in one frame (not the cards first and their images frames later).
+    await Promise.all(images.slice(0, WAIT_FOR_THUMBNAILS).map(imageReady));
     if (seq !== state.querySeq) return;
-    showTiming(data, { answered: answered - started, rendered: rendered - started,
-                       shown: performance.now() - started }, seq);
+    renderResults(data.results, cards);
+    const shown = performance.now() - started;
+    showTiming(data, { answered: answered - started, rendered: shown, shown }, seq);
     searched = true;
   } catch (error) {
     if (seq !== state.querySeq) return;
@@ -411,13 +419,17 @@ async function runQuery() {
   }
 }
 
-function renderResults(results) {
-  const list = $("results");
+function renderResults(results, cards) {
   $("results-empty").hidden = results.length > 0;
   $("results-empty").textContent = "No catalogue image passes these filters.";
   rememberLabels(results.map((r) => r.label));
   state.inlineThumbnails = new Map(results.filter((r) => r.thumbnail_data_url)
     .map((r) => [r.id, r.thumbnail_data_url]));
+  $("results").replaceChildren(...cards);
+}
+
+/** The result cards (not yet in the page) and their thumbnail images, best first. */
+function buildResultCards(results) {
   const images = [];
   const cards = results.map((result, rank) => {
     const card = document.createElement("li");
@@ -470,8 +482,7 @@ function renderResults(results) {
     }
     return card;
   });
-  list.replaceChildren(...cards);
-  return images;
+  return { cards, images };
 }
 
 /** times: ms from the request's start to the JSON answered, the cards in the DOM, the first
