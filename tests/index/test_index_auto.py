@@ -82,7 +82,10 @@ def test_choose_index_rules():
     gib = parse_bytes("4G")
     assert choose_index(49_999, 128, gib)[0] == "flat"
     assert choose_index(50_000, 128, gib)[0] == "hnsw"
-    assert choose_index(2_000_000, 128, gib)[0] == "ivf"  # too many for a quick HNSW build
+    assert choose_index(1_050_000, 512, gib)[0] == "hnsw"  # 111x exact at 1M, IVF 22x (RESULTS)
+    # 2.1 GiB: the raw vectors (2.17 GB) fit, the graph's links on top (2.45 GB) do not
+    assert choose_index(1_050_000, 512, parse_bytes("2.1G"))[0] == "ivf"
+    assert choose_index(2_000_001, 128, gib)[0] == "ivf"  # too many for a quick HNSW build
     kind, params = choose_index(10_000_000, 128, gib)  # 5 GB of raw vectors: compress
     assert kind == "ivfpq" and estimated_bytes(kind, 10_000_000, 128, params) <= gib
     assert params["nlist"] == round(4 * np.sqrt(10_000_000))
