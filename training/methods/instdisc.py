@@ -140,8 +140,10 @@ class InstDisc(Method):
         previous = self.memory(indices)  # BxD, v_i^{t-1}
         # Only instances seen before have a v^{t-1}; the random init is not a previous feature.
         seen_before = self.memory.visited[indices].clone()  # B
+        # Every rank applies every rank's features to the bank, so the banks stay identical.
+        all_features, all_indices = concat_all_gather(features.detach()), concat_all_gather(indices)
         if self.bank_init == "first-visit":
-            self._fill_unvisited(features, indices)
+            self.memory.fill_unvisited(all_features, all_indices)
         if self.nce_k == 0:
             # a copy: backward needs the bank as it was, and the update below is in place
             result = full_softmax_loss(features, self.memory.bank.clone(), indices, self.temperature)
@@ -152,7 +154,7 @@ class InstDisc(Method):
             self._set_normaliser_once(scores)
             result = nce_loss(scores, self.temperature, self.nce_normaliser, self.memory.size)
         proximal = proximal_term(features, previous, self.proximal_weight, seen_before)
-        self._update_memory_bank(features, indices)
+        self.memory.update(all_features, all_indices)
         metrics = {"loss/instance": result.loss.detach(), "loss/proximal": proximal.detach()}
         metrics["acc/instance"] = result.accuracy()
         # How far each feature stays from its own memory entry: falling towards (or below) the
@@ -176,16 +178,6 @@ class InstDisc(Method):
             estimate = all_reduce_mean(estimate_normaliser(scores, self.temperature, self.memory.size))
             self.nce_normaliser.fill_(estimate.item())
         self._normaliser_known = True
-
-    @torch.no_grad()
-    def _fill_unvisited(self, features: torch.Tensor, indices: torch.Tensor) -> None:
-        """First visits write the feature itself (every rank's, so the banks stay identical)."""
-        self.memory.fill_unvisited(concat_all_gather(features.detach()), concat_all_gather(indices))
-
-    @torch.no_grad()
-    def _update_memory_bank(self, features: torch.Tensor, indices: torch.Tensor) -> None:
-        """Every rank applies every rank's features, so the banks stay identical."""
-        self.memory.update(concat_all_gather(features.detach()), concat_all_gather(indices))
 
     def embedding_network(self) -> nn.Module:
         """Backbone + the 128-d linear layer: the space the memory bank and kNN live in."""
