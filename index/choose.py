@@ -15,8 +15,8 @@ from typing import Any
 FLAT_MAX_N = 50_000
 # Up to here HNSW: on 1.05M real 512-d embeddings it built in 409 s on one core and searched at
 # 111x exact (recall@10 0.983), where IVF-Flat (built in 142 s) reached 22x at recall 0.95
-# (bench/RESULTS.md). Above it the build time and a compaction after many deletes (a rebuild)
-# grow past what a refresh on a few CPU cores should wait for; IVF builds faster.
+# (bench/RESULTS.md). Above it the build time, and a compaction after many deletes (a rebuild, in
+# the background beside searches), grow past what a few CPU cores should spend; IVF builds faster.
 HNSW_MAX_N = 2_000_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64

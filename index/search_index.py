@@ -7,13 +7,17 @@ search filters out (over-fetching k + |deleted| so callers still get k results);
 set grows past `rebuild_fraction` of the graph, the graph is rebuilt from the live vectors.
 
 Thread safety: every public method is safe to call from many threads. Searches share a
-readers-writer lock (they run concurrently; FAISS releases the GIL), add/remove/compact take it
-exclusively. An index loaded memory-mapped is read-only underneath; the first add/remove copies it
-into owned memory (the mapped file is never written).
+readers-writer lock (they run concurrently; FAISS releases the GIL), add/remove take it
+exclusively. `compact` builds the new graph outside the lock (minutes at 1M vectors, while searches,
+adds and removes go on against the old graph) and takes the write lock only to catch up with what
+changed meanwhile and swap. An index loaded memory-mapped is read-only underneath; the first
+add/remove copies it into owned memory (the mapped file is never written).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
 SEARCH_KNOB = {"flat": None, "ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}
 DEFAULT_REBUILD_FRACTION = 0.2
 PADDING_ID = -1
+# `compact` inserts this many vectors per FAISS call, checking for a stop request between calls.
+COMPACT_CHUNK = 16_384
 
 
 def new_hnsw(dim: int, params: dict[str, Any]) -> faiss.Index:
@@ -75,6 +81,8 @@ class SearchIndex:
         self.rebuild_fraction = rebuild_fraction
         self._memory_mapped = memory_mapped
         self._lock = ReadWriteLock()
+        self._compaction = threading.Lock()  # one `compact` at a time
+        self._graph_generation = 0  # bumped whenever the FAISS index is replaced by a rebuild
         self._deleted: set[int] = set(
             np.asarray(deleted_ids if deleted_ids is not None else [], np.int64).tolist()
         )
@@ -106,6 +114,11 @@ class SearchIndex:
     def deleted_count(self) -> int:
         """Removed ids still physically in an HNSW graph (always 0 for the other types)."""
         return len(self._deleted)
+
+    @property
+    def needs_compaction(self) -> bool:
+        """Removed HNSW vectors exceed `rebuild_fraction` of the graph: time to `compact`."""
+        return len(self._deleted) > self.rebuild_fraction * max(int(self._faiss.ntotal), 1)
 
     @property
     def memory_mapped(self) -> bool:
@@ -242,9 +255,11 @@ class SearchIndex:
                     np.concatenate([self._label_values, label_array[keep]]),
                 )
 
-    def remove(self, ids: np.ndarray | list[int]) -> int:
+    def remove(self, ids: np.ndarray | list[int], *, compact: bool = True) -> int:
         """Remove ids (unknown ones are ignored); returns how many were removed. A removed id never
-        comes back from search."""
+        comes back from search. HNSW only marks them deleted; past `rebuild_fraction` the graph is
+        compacted before returning when `compact` is true (the service passes False and compacts
+        in the background instead)."""
         id_array = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         with self._lock.write():
             present = np.array([i for i in id_array.tolist() if i in self._live], dtype=np.int64)
@@ -253,9 +268,6 @@ class SearchIndex:
             if self.index_type == "hnsw":
                 self._deleted.update(present.tolist())
                 self._deleted_array = np.array(sorted(self._deleted), dtype=np.int64)
-                if len(self._deleted) > self.rebuild_fraction * max(int(self._faiss.ntotal), 1):
-                    self._ensure_owned()
-                    self._compact_locked()
             else:
                 self._ensure_owned()
                 removed = int(self._faiss.remove_ids(faiss.IDSelectorBatch(present)))
@@ -266,25 +278,74 @@ class SearchIndex:
             self._live.difference_update(present.tolist())
             keep = ~np.isin(self._label_ids, present)
             self._set_labels(self._label_ids[keep], self._label_values[keep])
-            return int(present.size)
+        if compact and self.needs_compaction:
+            self.compact()
+        return int(present.size)
 
-    def compact(self) -> None:
-        """Rebuild an HNSW graph without its deleted vectors (no-op for other types)."""
-        with self._lock.write():
-            if self._deleted:
-                self._ensure_owned()
-                self._compact_locked()
+    def compact(
+        self,
+        *,
+        stop: threading.Event | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> bool:
+        """Rebuild an HNSW graph without its deleted vectors (no-op for other types).
+
+        The new graph is built from a snapshot of the live vectors without holding the index's lock:
+        searches, adds and removes go on against the old graph meanwhile. Then, under the write lock,
+        the vectors added since the snapshot are inserted into the new graph, ids removed since stay
+        in the deleted set, and the graphs swap. `progress(done, total)` is called after each chunk of
+        the build; `stop` (checked between chunks) abandons it. Returns True when the graph was
+        swapped; False when there was nothing to do, `stop` was set, or the graph was rebuilt
+        meanwhile by a re-add of a deleted id (that rebuild already dropped the deleted vectors).
+        Memory: the old and new graphs coexist until the swap.
+        """
+        with self._compaction:
+            with self._lock.read():
+                if not self._deleted:
+                    return False
+                generation = self._graph_generation
+                stored = stored_ids(self._faiss)  # N
+                vectors = faiss.downcast_index(self._faiss.index).reconstruct_n(0, stored.size)  # NxD
+                keep = ~np.isin(stored, self._deleted_array)
+            kept_ids, kept_vectors = stored[keep], np.ascontiguousarray(vectors[keep])
+            del vectors
+            rebuilt = new_hnsw(self.dim, self.params)
+            for start in range(0, kept_ids.size, COMPACT_CHUNK):
+                if stop is not None and stop.is_set():
+                    return False
+                end = min(start + COMPACT_CHUNK, kept_ids.size)
+                rebuilt.add_with_ids(kept_vectors[start:end], kept_ids[start:end])
+                if progress is not None:
+                    progress(end, int(kept_ids.size))
+            with self._lock.write():
+                if self._graph_generation != generation:
+                    return False
+                now_stored = stored_ids(self._faiss)
+                added = now_stored[~np.isin(now_stored, stored)]
+                added = added[~np.isin(added, self._deleted_array)]  # added, then removed: skip
+                if added.size:
+                    rebuilt.add_with_ids(self._faiss.reconstruct_batch(added), added)
+                # Removed during the build and still in the new graph: they stay marked deleted.
+                self._replace_graph(rebuilt, self._deleted.intersection(kept_ids.tolist()))
+                return True
 
     def _compact_locked(self) -> None:
+        """Rebuild under the (held) write lock: only for a re-added deleted id, whose old vector
+        must be gone before the new one goes in."""
         inner = faiss.downcast_index(self._faiss.index)
         stored = stored_ids(self._faiss)
         vectors = inner.reconstruct_n(0, int(inner.ntotal))  # NxD
         keep = ~np.isin(stored, self._deleted_array)
         rebuilt = new_hnsw(self.dim, self.params)
         rebuilt.add_with_ids(np.ascontiguousarray(vectors[keep]), stored[keep])
+        self._replace_graph(rebuilt, set())
+
+    def _replace_graph(self, rebuilt: faiss.Index, deleted: set[int]) -> None:
         self._faiss = rebuilt
-        self._deleted = set()
-        self._deleted_array = np.empty(0, dtype=np.int64)
+        self._memory_mapped = False
+        self._graph_generation += 1
+        self._deleted = deleted
+        self._deleted_array = np.array(sorted(deleted), dtype=np.int64)
 
     def _ensure_owned(self) -> None:
         """Copy a memory-mapped (read-only) index into owned memory before the first mutation:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +80,11 @@ class Engine:
         # waits for them instead of embedding the same images a second time.
         self._indexing: dict[int, asyncio.Future[None]] = {}
         self._serving = 0  # searches and classifications in flight: background scans wait for them
+        # HNSW compaction (a rebuild without deleted vectors, minutes at 1M) runs on its own thread,
+        # beside searches and mutations; a swap to another version or shutdown stops it between chunks.
+        self._compactor = ThreadPoolExecutor(1, thread_name_prefix="compaction")
+        self.compaction: asyncio.Task[None] | None = None  # the latest one (await it to wait)
+        self._stop_compaction = threading.Event()
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
@@ -122,6 +129,7 @@ class Engine:
                 return False
             previous, self.loaded, self.problem = self.loaded, loaded, None
             self._changed_at = None
+            self._stop_compaction.set()  # a compaction of the previous index is wasted work now
             log.info(
                 "loaded index version %s (%s, %d vectors, dim %d) with model %s%s",
                 version, loaded.index.index_type, loaded.index.ntotal, loaded.index.dim, loaded.model_version,
@@ -198,10 +206,39 @@ class Engine:
         if loaded is None or not ids:
             return 0
         async with self.mutation_lock:
-            removed = await self.run_in_thread(loaded.index.remove, np.asarray(ids, dtype=np.int64))
+            removed = await self.run_in_thread(
+                functools.partial(loaded.index.remove, np.asarray(ids, dtype=np.int64), compact=False)
+            )
             if removed:
                 self._note_change()
-            return int(removed)
+        if loaded.index.needs_compaction:
+            self.start_compaction(loaded)
+        return int(removed)
+
+    def start_compaction(self, loaded: Loaded) -> asyncio.Task[None] | None:
+        """Compact the loaded HNSW graph in the background unless a compaction is running."""
+        if self.compaction is not None and not self.compaction.done():
+            return None
+        self._stop_compaction = threading.Event()
+        self.compaction = asyncio.get_running_loop().create_task(self._compact(loaded, self._stop_compaction))
+        return self.compaction
+
+    async def _compact(self, loaded: Loaded, stop: threading.Event) -> None:
+        index, started = loaded.index, time.monotonic()
+        deleted = index.deleted_count
+        log.info(
+            "compacting the HNSW graph: %d deleted of %d stored vectors", deleted, deleted + index.ntotal
+        )
+        try:
+            swapped = await asyncio.get_running_loop().run_in_executor(
+                self._compactor, functools.partial(index.compact, stop=stop)
+            )
+        except Exception:  # the old graph stays in service; the next remove tries again
+            log.exception("compacting the HNSW graph failed")
+            return
+        if swapped and self.loaded is not None and self.loaded.index is index:
+            self._note_change()  # publish the smaller graph
+            log.info("compacted the HNSW graph in %.1f s", time.monotonic() - started)
 
     @contextlib.contextmanager
     def indexing(self, ids: list[int]) -> Iterator[None]:
@@ -302,4 +339,6 @@ class Engine:
     def shutdown(self) -> None:
         self.records.stop()
         self.thumbnails.stop()
+        self._stop_compaction.set()
+        self._compactor.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True, cancel_futures=True)

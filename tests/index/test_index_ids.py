@@ -3,9 +3,12 @@ comes back from search (HNSW's deleted set and rebuild included)."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
+from index import search_index
 from index.factory import build_index
 from index.search_index import DuplicateIdError, SearchIndex
 from index.store import IndexStore
@@ -125,3 +128,74 @@ def test_empty_flat_index_pads_results():
     scores, ids = index.search(np.eye(8, dtype=np.float32)[:1], 3)
     np.testing.assert_array_equal(ids[0], [10, 20, -1])
     np.testing.assert_allclose(scores[0, :2], [1.0, 0.0], atol=1e-6)
+
+
+def test_hnsw_compaction_runs_beside_searches_and_mutations(small_data, monkeypatch):
+    """The graph is rebuilt without the index's lock: a search, an add and removes made while it
+    builds all go through, and the swapped graph holds exactly what they left."""
+    vectors, ids, _ = small_data
+    monkeypatch.setattr(search_index, "COMPACT_CHUNK", 1000)
+    index = build_index(vectors, ids, "hnsw", PARAMS["hnsw"], progress=False)
+    removed_before = ids[:800]  # past the 20% rebuild fraction of 3000
+    assert index.remove(removed_before, compact=False) == 800
+    assert index.needs_compaction and index.deleted_count == 800
+
+    fresh = np.random.default_rng(3).standard_normal((5, 32)).astype(np.float32)
+    fresh_ids = np.arange(5, dtype=np.int64) + 10**12
+    removed_during = ids[800:810]
+    progress: list[tuple[int, int]] = []
+    failures: list[BaseException] = []
+
+    def mutate() -> None:
+        try:
+            assert not set(index.search(vectors[:4], 10)[1].ravel().tolist()) & set(removed_before.tolist())
+            index.add(fresh, fresh_ids)
+            index.remove(removed_during, compact=False)
+            index.remove(fresh_ids[:1], compact=False)  # added and removed while the graph builds
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            failures.append(exc)
+
+    def during_build(done: int, total: int) -> None:
+        progress.append((done, total))
+        if len(progress) == 1:  # between chunks of the build: nothing may wait for it
+            worker = threading.Thread(target=mutate)
+            worker.start()
+            worker.join(timeout=60)
+            assert not worker.is_alive(), "a search or mutation waited for the compaction"
+
+    assert index.compact(progress=during_build)
+    assert not failures, failures
+    assert progress == [(1000, 2200), (2000, 2200), (2200, 2200)]
+    assert index.deleted_count == len(removed_during)  # still in the new graph, still filtered
+    assert index.ntotal == 3000 - 810 + 4
+    assert index.faiss_index.ntotal == index.ntotal + index.deleted_count
+    gone = set(removed_before.tolist()) | set(removed_during.tolist()) | {int(fresh_ids[0])}
+    assert not returned_ids(index, vectors[::10], 60) & gone
+    np.testing.assert_array_equal(index.search(fresh[1:], 1)[1][:, 0], fresh_ids[1:])
+
+
+def test_hnsw_compaction_stops_or_yields_to_a_rebuild(small_data, monkeypatch):
+    vectors, ids, _ = small_data
+    monkeypatch.setattr(search_index, "COMPACT_CHUNK", 1000)
+    index = build_index(vectors, ids, "hnsw", PARAMS["hnsw"], progress=False)
+    index.remove(ids[:800], compact=False)
+    graph = index.faiss_index
+
+    stop = threading.Event()
+    assert not index.compact(stop=stop, progress=lambda done, total: stop.set())
+    assert index.faiss_index is graph and index.deleted_count == 800  # untouched
+
+    # A deleted id re-added while the graph builds forces an immediate rebuild under the lock;
+    # the background one then stands down instead of swapping in a graph without the new vector.
+    revived = int(ids[0])
+
+    def readd(done: int, total: int) -> None:
+        if done == 1000:
+            worker = threading.Thread(target=index.add, args=(-vectors[:1], np.array([revived])))
+            worker.start()
+            worker.join(timeout=60)
+            assert not worker.is_alive()
+
+    assert not index.compact(progress=readd)
+    assert index.deleted_count == 0 and index.faiss_index.ntotal == index.ntotal == 3000 - 800 + 1
+    assert index.search(-vectors[:1], 1)[1][0, 0] == revived
