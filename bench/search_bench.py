@@ -6,6 +6,12 @@ and 16 (bounded in count and time). The floor is what one search costs without H
 database, measured in the same run: decode + embed + FAISS search for one image in this process.
 Goal: p50 / floor <= 1.5x at concurrency 1.
 
+The load generator is lean by default (`--client raw`, as wrk or hey would be): each worker keeps
+one HTTP/1.1 connection and sends request bytes encoded once per query image, so the figures are
+the service's, not the client's; `--client httpx` measures through httpx's AsyncClient instead,
+which adds 2-5 ms of Python per request at concurrency 1 and competes with the service for the
+cores at 16.
+
     python bench/search_bench.py                     # defaults below; appends to bench/RESULTS.md
     python bench/search_bench.py --catalogue 5000 --requests 500 --no-append
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import statistics
@@ -60,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--floor-repeats", type=int, default=200, help="repetitions of the floor (default 200)"
+    )
+    parser.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="load generator: pre-encoded requests on keep-alive sockets (raw, default) or httpx",
     )
     parser.add_argument("--no-append", action="store_true", help=f"do not append to {RESULTS}")
     return parser.parse_args(argv)
@@ -181,6 +194,93 @@ async def load(
     }
 
 
+BOUNDARY = "search-bench-7d1f0c"
+
+
+def multipart_search(host: str, image: bytes, k: int) -> bytes:
+    """The whole HTTP/1.1 request of an image search, encoded once."""
+    body = b"".join(
+        [
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{k}\r\n'.encode(),
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\n'.encode(),
+            b"Content-Type: image/png\r\n\r\n",
+            image,
+            f"\r\n--{BOUNDARY}--\r\n".encode(),
+        ]
+    )
+    head = (
+        f"POST /search HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 response with a Content-Length (what uvicorn sends for JSON)."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("the service closed the connection")
+    length = None
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:
+        raise ConnectionError("a response without Content-Length")
+    return int(status_line.split()[1]), await reader.readexactly(length)
+
+
+async def load_raw(
+    url: str, queries: list[bytes], concurrency: int, count: int, max_s: float, k: int
+) -> dict:
+    """As `load`, with pre-encoded requests on one keep-alive socket per worker."""
+    host_port = url.removeprefix("http://")
+    host, port = host_port.rsplit(":", 1)
+    requests = [multipart_search(host_port, query, k) for query in queries]
+    latencies: list[float] = []
+    stages: dict[str, list[float]] = {}
+    errors = issued = 0
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
+    for reader, writer in connections:  # warm-up (connections, caches), not measured
+        writer.write(requests[0])
+        await read_response(reader)
+    deadline = time.monotonic() + max_s
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal issued, errors
+        while issued < count and time.monotonic() < deadline:
+            request = requests[issued % len(requests)]
+            issued += 1
+            started = time.perf_counter()
+            writer.write(request)
+            status, body = await read_response(reader)
+            elapsed = (time.perf_counter() - started) * 1000
+            if status == 200:
+                latencies.append(elapsed)
+                for stage, ms in json.loads(body)["timing_ms"].items():
+                    stages.setdefault(stage, []).append(ms)
+            else:
+                errors += 1
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(reader, writer) for reader, writer in connections))
+    finally:
+        for _, writer in connections:
+            writer.close()
+    wall = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "p99": percentile(latencies, 99),
+        "rps": len(latencies) / wall,
+        "stages": {stage: statistics.median(values) for stage, values in stages.items()},
+    }
+
+
 def machine() -> str:
     model = platform.processor() or "unknown CPU"
     try:
@@ -208,7 +308,8 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict]) -
         f"- machine: {machine()}",
         f"- command: `python bench/search_bench.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         f"- catalogue: {args.catalogue} Fashion-MNIST PNGs, flat index, k={args.k}, "
-        f"{'MONGO_URI' if os.environ.get('MONGO_URI') else 'embedded SecantusDB'}, loopback HTTP",
+        f"{'MONGO_URI' if os.environ.get('MONGO_URI') else 'embedded SecantusDB'}, loopback HTTP, "
+        f"load generator: {args.client}",
         "- floor: in-process decode + embed + FAISS search of one image, median of "
         f"{args.floor_repeats}, measured just before / just after the concurrency-1 level: "
         f"{' / '.join(f'{f:.2f}' for f in floors_ms)} ms, using **{floor_ms:.2f} ms**",
@@ -280,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
             for concurrency in args.concurrency:
                 if concurrency == 1:
                     floors.append(floor.median(queries, args.floor_repeats))
-                row = asyncio.run(load(url, queries, concurrency, args.requests, args.max_seconds, args.k))
+                generator = load_raw if args.client == "raw" else load
+                level = generator(url, queries, concurrency, args.requests, args.max_seconds, args.k)
+                row = asyncio.run(level)
                 if concurrency == 1:
                     floors.append(floor.median(queries, args.floor_repeats))
                     print(f"floor (in-process decode + embed + search) before / after: {floors} ms")
