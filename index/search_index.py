@@ -83,6 +83,7 @@ class SearchIndex:
         self._lock = ReadWriteLock()
         self._compaction = threading.Lock()  # one `compact` at a time
         self._graph_generation = 0  # bumped whenever the FAISS index is replaced by a rebuild
+        self._added_during_compaction: list[np.ndarray] | None = None  # while `compact` builds
         self._deleted: set[int] = set(
             np.asarray(deleted_ids if deleted_ids is not None else [], np.int64).tolist()
         )
@@ -247,6 +248,8 @@ class SearchIndex:
                 # A re-added id must not also match its old, still-stored HNSW vector.
                 self._compact_locked()
             self._faiss.add_with_ids(matrix, id_array)
+            if self._added_during_compaction is not None:
+                self._added_during_compaction.append(id_array.copy())
             self._live.update(id_array.tolist())
             if label_array is not None:
                 keep = label_array >= 0
@@ -300,34 +303,39 @@ class SearchIndex:
         Memory: the old and new graphs coexist until the swap.
         """
         with self._compaction:
-            with self._lock.read():
+            with self._lock.read():  # no add/remove runs while the snapshot is taken
                 if not self._deleted:
                     return False
                 generation = self._graph_generation
+                deleted_at_start = self._deleted_array
                 stored = stored_ids(self._faiss)  # N
                 vectors = faiss.downcast_index(self._faiss.index).reconstruct_n(0, stored.size)  # NxD
-                keep = ~np.isin(stored, self._deleted_array)
-            kept_ids, kept_vectors = stored[keep], np.ascontiguousarray(vectors[keep])
-            del vectors
-            rebuilt = new_hnsw(self.dim, self.params)
-            for start in range(0, kept_ids.size, COMPACT_CHUNK):
-                if stop is not None and stop.is_set():
-                    return False
-                end = min(start + COMPACT_CHUNK, kept_ids.size)
-                rebuilt.add_with_ids(kept_vectors[start:end], kept_ids[start:end])
-                if progress is not None:
-                    progress(end, int(kept_ids.size))
-            with self._lock.write():
-                if self._graph_generation != generation:
-                    return False
-                now_stored = stored_ids(self._faiss)
-                added = now_stored[~np.isin(now_stored, stored)]
-                added = added[~np.isin(added, self._deleted_array)]  # added, then removed: skip
-                if added.size:
-                    rebuilt.add_with_ids(self._faiss.reconstruct_batch(added), added)
-                # Removed during the build and still in the new graph: they stay marked deleted.
-                self._replace_graph(rebuilt, self._deleted.intersection(kept_ids.tolist()))
-                return True
+                self._added_during_compaction = []  # ids `add` inserts from now on
+            try:
+                keep = ~np.isin(stored, deleted_at_start)
+                kept_ids, kept_vectors = stored[keep], np.ascontiguousarray(vectors[keep])
+                del vectors
+                rebuilt = new_hnsw(self.dim, self.params)
+                for start in range(0, kept_ids.size, COMPACT_CHUNK):
+                    if stop is not None and stop.is_set():
+                        return False
+                    end = min(start + COMPACT_CHUNK, kept_ids.size)
+                    rebuilt.add_with_ids(kept_vectors[start:end], kept_ids[start:end])
+                    if progress is not None:
+                        progress(end, int(kept_ids.size))
+                with self._lock.write():  # only work proportional to what changed meanwhile
+                    if self._graph_generation != generation:
+                        return False
+                    added = np.concatenate([np.empty(0, np.int64), *self._added_during_compaction])
+                    removed_since = np.setdiff1d(self._deleted_array, deleted_at_start, assume_unique=True)
+                    live_added = added[~np.isin(added, removed_since)]  # added, then removed: skip
+                    if live_added.size:
+                        rebuilt.add_with_ids(self._faiss.reconstruct_batch(live_added), live_added)
+                    # Removed meanwhile and in the new graph (not added-then-removed): still deleted.
+                    self._replace_graph(rebuilt, set(removed_since[~np.isin(removed_since, added)].tolist()))
+                    return True
+            finally:
+                self._added_during_compaction = None
 
     def _compact_locked(self) -> None:
         """Rebuild under the (held) write lock: only for a re-added deleted id, whose old vector
