@@ -143,6 +143,22 @@ def ingest(url: str, images: list[bytes], labels: list[str]) -> None:
                 bar.update(len(files))
 
 
+def level_summary(
+    concurrency: int, latencies: list[float], errors: int, wall: float, stages: dict[str, list[float]]
+) -> dict:
+    """One concurrency level's row: latency percentiles, requests/s and the median of each stage."""
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "p99": percentile(latencies, 99),
+        "rps": len(latencies) / wall,
+        "stages": {stage: statistics.median(values) for stage, values in stages.items()},
+    }
+
+
 async def load(
     url: str,
     queries: list[bytes],
@@ -182,16 +198,7 @@ async def load(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": errors,
-        "p50": percentile(latencies, 50),
-        "p95": percentile(latencies, 95),
-        "p99": percentile(latencies, 99),
-        "rps": len(latencies) / wall,
-        "stages": {stage: statistics.median(values) for stage, values in stages.items()},
-    }
+    return level_summary(concurrency, latencies, errors, wall, stages)
 
 
 BOUNDARY = "search-bench-7d1f0c"
@@ -269,16 +276,7 @@ async def load_raw(
         for _, writer in connections:
             writer.close()
     wall = time.perf_counter() - started
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": errors,
-        "p50": percentile(latencies, 50),
-        "p95": percentile(latencies, 95),
-        "p99": percentile(latencies, 99),
-        "rps": len(latencies) / wall,
-        "stages": {stage: statistics.median(values) for stage, values in stages.items()},
-    }
+    return level_summary(concurrency, latencies, errors, wall, stages)
 
 
 def machine() -> str:
