@@ -64,7 +64,7 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, float]:
 
     fixed = batches[0]
     images = trainer.images[fixed.to(trainer.images.device)].to(device)
-    views = [trainer.augment(images, v) for v in range(method.num_views)]
+    views = trainer.views(images)
     if trainer.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     fixed = fixed.to(device)

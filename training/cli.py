@@ -158,6 +158,8 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         raise ConfigError(
             f"--embedding-grid applies to a pooled backbone; {method.name}'s embedding is its head"
         )
+    if engine.get("local_crops", 0) and not method.accepts_local_crops:
+        raise ConfigError(f"--local-crops: {method.name} has no multi-crop loss (simclr has)")
     config = RunConfig(**engine, params=method.Params(**params), sources=tuple(sorted(sources.items())))
     return config, options
 
@@ -249,5 +251,12 @@ def build_trainer(config: RunConfig, device: torch.device) -> Trainer:
     mean, std = normalisation(config.data, train_set.images)
     method = build_method(config, len(train_set), train_set.in_channels)
     augment = build_augmentation(config.augmentation, config.crop_size, train_set.in_channels, mean, std)
+    local_augment = None
+    if config.local_crops:
+        local_augment = build_augmentation(
+            config.augmentation, config.local_size, train_set.in_channels, mean, std, config.local_crop_scale
+        )
     torch.manual_seed(config.seed + 1 + dist.get_rank())  # augmentation randomness: different per rank
-    return Trainer(config, method, augment, train_set, mean, std, method.encoder_spec(), knn, device)
+    return Trainer(
+        config, method, augment, train_set, mean, std, method.encoder_spec(), knn, device, local_augment
+    )

@@ -124,6 +124,20 @@ class RunConfig:
         (), "epochs at which step decay multiplies lr by 0.1", group="optimisation"
     )
     augmentation: str = setting("", "augmentation recipe (training/data/augment.py)", group="optimisation")
+    local_crops: int = setting(
+        0,
+        "multi-crop (SwAV, Caron et al. 2020): this many extra low-resolution views per image, each a "
+        "positive of every full-size view; 0: the papers' full-size views only",
+        group="optimisation",
+    )
+    local_crop_size: int | None = setting(
+        None, "local views' side in px; none: 3/7 of --crop-size (SwAV's 96 for 224)", group="optimisation"
+    )
+    local_crop_scale: tuple[float, float] = setting(
+        (0.05, 0.4),
+        "local views' area fraction of the image (DINO's multi-crop: 0.05-0.4)",
+        group="optimisation",
+    )
     agc_clip: float | None = setting(
         None, "adaptive gradient clipping lambda (off when not given)", group="optimisation"
     )
@@ -197,6 +211,11 @@ class RunConfig:
             yield "--warmup-epochs, --weight-decay and --knn-every must be >= 0"
         if not self.augmentation:
             yield "--augmentation is required (this method sets no default)"
+        if self.local_crops < 0 or (self.local_crop_size is not None and self.local_crop_size <= 0):
+            yield "--local-crops must be >= 0 and --local-crop-size positive"
+        low, high = self.local_crop_scale
+        if not 0 < low <= high <= 1:
+            yield f"--local-crop-scale needs 0 < low <= high <= 1, got {low} {high}"
         if self.lr_schedule == "step" and not self.lr_steps:
             yield "--lr-schedule step needs --lr-steps (epochs at which to decay)"
         if self.embedding_grid != 1 and not self.is_convolutional:
@@ -210,6 +229,11 @@ class RunConfig:
     @property
     def is_convolutional(self) -> bool:
         return self.arch.startswith(CONV_ARCHS)
+
+    @property
+    def local_size(self) -> int:
+        """The local views' side: --local-crop-size, or SwAV's 96/224 of the full crop."""
+        return self.local_crop_size or max(1, round(self.crop_size * 3 / 7))
 
     def source(self, name: str) -> str:
         return dict(self.sources).get(name, DEFAULT)

@@ -67,11 +67,16 @@ class Trainer:
         encoder_spec: dict[str, Any],
         knn: KnnMonitor | None = None,
         device: torch.device | None = None,
+        local_augment: Augmentation | None = None,
     ) -> None:
         self.config = config
         self.device = device or torch.device("cpu")
         self.dataset = dataset
         self.augment = augment
+        # Multi-crop: --local-crops views per image at the local size, after the method's own views.
+        if config.local_crops and (local_augment is None or not method.accepts_local_crops):
+            raise TrainingError(f"--local-crops {config.local_crops}: {method.name} takes no local views")
+        self.local_augment = local_augment if config.local_crops else None
         self.mean, self.std = list(mean), list(std)
         self.encoder_spec = dict(encoder_spec)
         if config.embedding_grid != 1:
@@ -237,9 +242,16 @@ class Trainer:
         if dist.is_main_process():
             tqdm.write(message)
 
+    def views(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """The method's views of uint8 BxCxHxW images: float BxCxSxS each, then the local BxCxLxL."""
+        views = [self.augment(batch, v) for v in range(self.method.num_views)]
+        if self.local_augment is not None:
+            views += [self.local_augment(batch, v) for v in range(self.config.local_crops)]
+        return views
+
     def train_step(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = self.images[indices.to(self.images.device)].to(self.device, non_blocking=True)  # BxCxSxS
-        views = [self.augment(batch, v) for v in range(self.method.num_views)]  # float BxCxSxS each
+        views = self.views(batch)
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):

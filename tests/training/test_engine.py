@@ -18,6 +18,7 @@ from training.config import RunConfig
 from training.data.datasets import epoch_indices, load_dataset
 from training.encoder import Encoder
 from training.engine import Trainer
+from training.errors import TrainingError
 from training.flags import add_settings
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method, StepOutput
@@ -357,3 +358,22 @@ def test_a_bf16_step_and_an_fp32_step_from_the_same_state_agree(tmp_path, small_
     # bf16 keeps 8 bits of mantissa: a loss of this size agrees to well within 2%.
     assert losses["bf16"] == pytest.approx(losses["none"], rel=0.02)
     assert losses["bf16"] != losses["none"]  # and it did run in bf16
+
+
+def test_multi_crop_feeds_local_views_after_the_full_ones_and_trains(tmp_path):
+    trainer = method_trainer("simclr", tmp_path, "--local-crops", "3", "--max-steps", "3")
+    batch = trainer.images[:5]
+    views = trainer.views(batch)
+    assert [tuple(v.shape) for v in views] == [(5, 1, 28, 28)] * 2 + [(5, 1, 12, 12)] * 3
+    assert not torch.equal(views[2], views[3])  # each local view is its own draw
+    summary = trainer.fit()
+    assert trainer.state.global_step == 3 and math.isfinite(summary["loss"])  # one epoch
+    assert trainer.config.to_dict()["local_crops"] == 3  # stored with the checkpoint's config
+
+
+def test_the_engine_refuses_local_crops_for_a_method_without_them(small_data, tmp_path):
+    data, _ = small_data
+    args = engine_args(tmp_path, "--local-crops", "2")
+    spec = network_spec("resnet18", BACKBONE, None)
+    with pytest.raises(TrainingError, match="tiny takes no local views"):
+        Trainer(args, TinyContrastive(len(data)), tiny_augment, data, [0.286], [0.353], spec)

@@ -17,7 +17,7 @@ from training.losses.nce import (
     proximal_term,
     sample_noise_indices,
 )
-from training.losses.ntxent import nt_xent
+from training.losses.ntxent import multi_crop_nt_xent, nt_xent
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:
@@ -67,6 +67,40 @@ def test_nt_xent_matches_formula():
     assert result.loss.item() == pytest.approx(expected / (2 * n), rel=1e-6)
     assert result.logits.shape == (2 * n, 2 * n)
     assert torch.isinf(result.logits.diagonal()).all()
+
+
+def pair_nt_xent_by_hand(a: torch.Tensor, b: torch.Tensor, tau: float) -> float:
+    """NT-Xent of one pair of views written out: 2N anchors, the other 2N-1 views as candidates."""
+    n = a.shape[0]
+    views = [F.normalize(v, dim=0) for v in list(a) + list(b)]
+    total = 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        denominator = sum(math.exp(dot(views[i], views[k]) / tau) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(dot(views[i], views[positive]) / tau) / denominator)
+    return total / (2 * n)
+
+
+def test_multi_crop_nt_xent_averages_the_full_and_full_local_pairs():
+    n, tau = 3, 0.2
+    g1, g2 = unit(n, 5, seed=1), unit(n, 5, seed=2)
+    locals_ = [unit(n, 5, seed=3) * 2.0, unit(n, 5, seed=4)]
+    result = multi_crop_nt_xent([g1, g2], locals_, tau)
+    # pairs: (g1, g2), then each local with each full view; never local with local
+    pairs = [(g1, g2)] + [(g, v) for v in locals_ for g in (g1, g2)]
+    expected = sum(pair_nt_xent_by_hand(a, b, tau) for a, b in pairs) / len(pairs)
+    assert result.loss.item() == pytest.approx(expected, rel=1e-6)
+    local_pair = sum(pair_nt_xent_by_hand(a, b, tau) for a, b in pairs[:1] + [(locals_[0], locals_[1])])
+    assert result.loss.item() != pytest.approx(local_pair / 2, rel=1e-3)  # local-local is not a pair
+    torch.testing.assert_close(result.logits, nt_xent(g1, g2, tau).logits)  # accuracy: the full pair's
+
+
+def test_multi_crop_nt_xent_without_local_views_is_nt_xent():
+    g1, g2 = unit(4, 6, seed=8), unit(4, 6, seed=9)
+    expected = nt_xent(g1, g2, 0.5).loss.item()
+    assert multi_crop_nt_xent([g1, g2], [], 0.5).loss.item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="at least two full-size views"):
+        multi_crop_nt_xent([g1], [g2], 0.5)
 
 
 def test_nt_xent_gradient_flows_to_both_views():

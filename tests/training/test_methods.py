@@ -16,6 +16,7 @@ from training.config import SMALL_IMAGE, ConfigError, RunConfig
 from training.encoder import Encoder, make_encoder_record, save_encoder
 from training.flags import flag_names
 from training.losses.nce import sample_noise_indices
+from training.losses.ntxent import nt_xent
 from training.methods import METHODS, build_method, method_class
 from training.methods.instdisc import EXACT_SOFTMAX_MAX_SAMPLES, InstDisc
 from training.methods.moco import MoCoV1, MoCoV2
@@ -218,6 +219,45 @@ def test_simclr_loss_equals_formula():
     head = simclr.encoder.head
     assert head.spec["hidden_dim"] == simclr.encoder.backbone.feature_dim and head.out_dim == 8
     assert simclr.sync_batch_norm
+
+
+def test_simclr_multi_crop_runs_local_views_through_the_encoder_and_averages_the_pairs():
+    torch.manual_seed(0)
+    simclr = SimCLR("resnet18", TINY, dim=8, temperature=0.2)
+    full = views(4)
+    local = [torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    out = simclr(full + local, torch.arange(4))
+    with torch.no_grad():
+        z1, z2 = simclr.encoder(torch.cat(full)).chunk(2)  # BN over the 2N full views, as the method
+        zl = simclr.encoder(torch.cat(local)).chunk(2)  # and over the local ones, a pass of their own
+    pairs = [(z1, z2), (z1, zl[0]), (z2, zl[0]), (z1, zl[1]), (z2, zl[1])]
+    expected = sum(nt_xent(a, b, 0.2).loss.item() for a, b in pairs) / 5
+    assert out.loss.item() == pytest.approx(expected, rel=1e-4)
+    out.loss.backward()
+    assert all(p.grad is not None for p in simclr.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("name", "argv", "message"),
+    [
+        ("moco-v2", ["--local-crops", "2"], "--local-crops: moco-v2 has no multi-crop loss"),
+        ("instdisc", ["--local-crops", "2"], "--local-crops: instdisc has no multi-crop loss"),
+        ("simclr", ["--local-crops", "2", "--local-crop-scale", "0.5", "0.1"], "0 < low <= high <= 1"),
+        ("simclr", ["--local-crops", "-1"], "--local-crops must be >= 0"),
+    ],
+)
+def test_local_crops_are_refused_for_other_methods_and_bad_values(name, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: exit 2, one line
+        parse(name, argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_local_crops_default_to_swavs_size_ratio():
+    config = parse("simclr", ["--local-crops", "4"])
+    assert (config.local_crops, config.local_size, config.local_crop_scale) == (4, 12, (0.05, 0.4))
+    assert parse("simclr", ["--local-crops", "2", "--local-crop-size", "16"]).local_size == 16
+    assert parse("simclr", []).local_crops == 0  # the paper's two views
 
 
 # ---------------------------------------------------------------- InstDisc

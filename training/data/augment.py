@@ -379,11 +379,21 @@ class Augmentation:
 
 
 def build_augmentation(
-    name: str, crop_size: int, in_channels: int, mean: list[float], std: list[float]
+    name: str,
+    crop_size: int,
+    in_channels: int,
+    mean: list[float],
+    std: list[float],
+    crop_scale: tuple[float, float] | None = None,
 ) -> Callable[..., torch.Tensor]:
+    """The recipe `name` at `crop_size`; `crop_scale` replaces its crops' area range (multi-crop's
+    local views: the same colour and blur distortions on a small region, as SwAV's)."""
     if name not in PIPELINES:
         raise ValueError(f"unknown augmentation {name!r}: expected one of {sorted(PIPELINES)}")
-    return Augmentation(PIPELINES[name], crop_size, in_channels, mean, std)
+    views = PIPELINES[name]
+    if crop_scale is not None:
+        views = tuple(replace(view, crop_scale=tuple(crop_scale)) for view in views)
+    return Augmentation(views, crop_size, in_channels, mean, std)
 
 
 def eval_transform(images: torch.Tensor, crop_size: int, mean: list[float], std: list[float]) -> torch.Tensor:

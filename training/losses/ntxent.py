@@ -7,6 +7,8 @@ With `gather=True` under torch.distributed the candidates are the views of every
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -31,3 +33,23 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5, gather: bool =
     rows = torch.arange(2 * n, device=logits.device)
     logits = logits.index_put((rows, self_index), torch.tensor(float("-inf"), device=logits.device))
     return ContrastiveResult(F.cross_entropy(logits, labels), logits, labels)
+
+
+def multi_crop_nt_xent(
+    full: Sequence[torch.Tensor], local: Sequence[torch.Tensor], tau: float = 0.5, gather: bool = True
+) -> ContrastiveResult:
+    """NT-Xent averaged over the positive pairs of multi-crop (SwAV, Caron et al. 2020): every pair
+    of full-size views, and every local view with every full-size view (local views are never
+    each other's positives). Each pair is `nt_xent` over its own 2N views, as CMC's full graph.
+
+    full: two or more NxC projections of the full-size views; local: NxC projections of the local
+    ones. With two full views and no local ones this is `nt_xent(full[0], full[1])`. The result's
+    logits and labels are the full pair's (its instance accuracy is the paper's).
+    """
+    if len(full) < 2:
+        raise ValueError(f"multi-crop needs at least two full-size views, got {len(full)}")
+    pairs = [(a, b) for i, a in enumerate(full) for b in full[i + 1 :]]
+    pairs += [(f, v) for v in local for f in full]
+    results = [nt_xent(a, b, tau, gather) for a, b in pairs]
+    loss = torch.stack([result.loss for result in results]).mean()
+    return ContrastiveResult(loss, results[0].logits, results[0].labels)

@@ -41,7 +41,8 @@ class Method(nn.Module):
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         """One step's loss.
 
-        views: `num_views` float tensors, each NxCxHxW, already augmented and normalised.
+        views: `num_views` float tensors, each NxCxHxW, already augmented and normalised (then
+            --local-crops smaller ones, for methods that accept them).
         indices: N int64 data-set indices of the images (InstDisc's memory bank uses them).
         """
         raise NotImplementedError
@@ -74,6 +75,9 @@ class Method(nn.Module):
     # The retrieval embedding is a head's output (InstDisc's 128-d), not the pooled backbone: the
     # engine's --embedding-grid (a pooling of the backbone) does not apply.
     embedding_is_head: ClassVar[bool] = False
+    # Whether `forward` takes multi-crop's local views (--local-crops): then `views` holds the
+    # `num_views` full-size views followed by the local ones, which are smaller (--local-crop-size).
+    accepts_local_crops: ClassVar[bool] = False
 
     @classmethod
     def paper_values(cls) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from training.config import MethodParams, setting
-from training.losses.ntxent import nt_xent
+from training.losses.ntxent import multi_crop_nt_xent, nt_xent
 from training.methods.base import Method, StepOutput
 from training.models import EmbeddingNetwork, build_backbone
 from training.models.global_bn import collectives_without_sync_bn, convert_global_batchnorm
@@ -43,6 +43,7 @@ class SimCLRParams(MethodParams):
 class SimCLR(Method):
     name = "simclr"
     num_views = 2
+    accepts_local_crops = True  # --local-crops: SwAV reports multi-crop on SimCLR too (+2-4 points)
     Params = SimCLRParams
     paper_defaults = {
         "optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "optimizer_momentum": 0.9, "batch_size": 4096,
@@ -84,11 +85,15 @@ class SimCLR(Method):
             self.sync_batch_norm = False  # already global: nothing left for the engine to convert
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
-        x1, x2 = views
+        full, local = views[:2], views[2:]
         # one pass over both views, as SimCLR does: BN statistics over all 2N views
-        z = self.encoder(torch.cat([x1, x2], dim=0))  # 2NxC
-        z1, z2 = z.chunk(2, dim=0)
-        result = nt_xent(z1, z2, self.temperature, gather=self.gather_negatives)
+        z1, z2 = self.encoder(torch.cat(full, dim=0)).chunk(2, dim=0)  # NxC each
+        if not local:
+            result = nt_xent(z1, z2, self.temperature, gather=self.gather_negatives)
+            return StepOutput(result.loss, {"acc/instance": result.accuracy()})
+        # multi-crop: the local views share a resolution, so one more pass (SwAV groups by size)
+        z_local = self.encoder(torch.cat(local, dim=0)).chunk(len(local), dim=0)  # NxC each
+        result = multi_crop_nt_xent([z1, z2], z_local, self.temperature, gather=self.gather_negatives)
         return StepOutput(result.loss, {"acc/instance": result.accuracy()})
 
     def embedding_network(self) -> nn.Module:
