@@ -31,6 +31,7 @@ from torch import nn
 from index.encoder_file import ENCODER_FORMAT, EncoderError, read_encoder_record
 from training.data.images import load_uint8
 from training.models import build_embedding_network
+from training.models.whitening import Whitening
 from training.precision import autocast_dtype
 
 # Reading the file is index's (the bottom layer); re-exported for training's and service's callers.
@@ -42,6 +43,7 @@ __all__ = [
     "read_encoder_record",
     "save_encoder",
     "with_embedding_grid",
+    "with_whitening",
 ]
 
 
@@ -86,17 +88,73 @@ def make_encoder_record(
 
 def with_embedding_grid(record: dict[str, Any], grid: int) -> dict[str, Any]:
     """The same encoder (same weights) with its retrieval embedding pooled to `grid` x `grid`
-    (training.models.EmbeddingNetwork); embed_dim and version follow. ValueError if it cannot apply."""
-    spec = {k: v for k, v in record["network"].items() if k != "grid"}
+    (training.models.EmbeddingNetwork); embed_dim and version follow. A whitening fitted on the old
+    pooling no longer applies and is dropped (`python -m training.whiten` fits a new one).
+    ValueError if the grid cannot apply."""
+    spec = {k: v for k, v in record["network"].items() if k not in ("grid", "whitening")}
     if grid != 1:
         spec["grid"] = int(grid)
     network = build_embedding_network(spec)  # validates: a ResNet without head
-    network.load_state_dict(record["state_dict"])
+    state = {k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")}
+    network.load_state_dict(state)
     return {
         **record,
         "network": spec,
+        "state_dict": state,
         "embed_dim": network.out_dim,
-        "version": weights_version(record["method"], record["state_dict"], int(grid)),
+        "version": weights_version(record["method"], state, int(grid)),
+    }
+
+
+@torch.inference_mode()
+def embedding_features(
+    network: nn.Module,
+    images: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """float32 NxD features of an `EmbeddingNetwork` before its whitening (uint8 NxCxSxS images)."""
+    shape = (1, images.shape[1], 1, 1)
+    mean_t, std_t = (
+        torch.tensor(mean, device=device).view(shape),
+        torch.tensor(std, device=device).view(shape),
+    )
+    was_training = network.training
+    network.eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = (images[start : start + batch_size].to(device).float() / 255.0 - mean_t) / std_t
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(network.features(batch).float().cpu())
+    network.train(was_training)
+    return torch.cat(out)
+
+
+def with_whitening(
+    record: dict[str, Any], images: torch.Tensor, power: float, amp: str = "auto"
+) -> dict[str, Any]:
+    """The same encoder with PCA whitening (training.models.whitening) fitted on its embeddings of
+    `images` (uint8 NxCxSxS, no labels), replacing any whitening it had; embed_dim and version follow."""
+    spec = {k: v for k, v in record["network"].items() if k != "whitening"}
+    network = build_embedding_network(spec)
+    state = {k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")}
+    network.load_state_dict(state)
+    device = torch.device("cpu")
+    features = embedding_features(
+        network, images, record["mean"], record["std"], device, autocast_dtype(amp, device)
+    )
+    network.whitening = Whitening.fitted(features, power)
+    spec["whitening"] = network.whitening.spec
+    state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    return {
+        **record,
+        "network": spec,
+        "state_dict": state,
+        "embed_dim": network.out_dim,
+        "version": weights_version(record["method"], state, int(spec.get("grid", 1))),
     }
 
 

@@ -39,11 +39,12 @@ from training.checkpoint import (
 )
 from training.config import RunConfig
 from training.data.datasets import ImageDataset, epoch_indices
-from training.encoder import make_encoder_record, save_encoder
+from training.encoder import embedding_features, make_encoder_record, save_encoder
 from training.errors import TrainingError
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method
 from training.models import EmbeddingNetwork
+from training.models.whitening import FIT_SAMPLES, Whitening
 from training.optim.agc import adaptive_gradient_clip_
 from training.plotting import plot_history
 from training.precision import autocast_dtype, resolve_amp
@@ -154,26 +155,38 @@ class Trainer:
 
         return SummaryWriter(str(self.out / "tb"))
 
-    def embedding_network(self) -> nn.Module:
-        """The retrieval embedding: the method's, pooled to `--embedding-grid` when that is not 1."""
+    def embedding_network(self) -> EmbeddingNetwork:
+        """The retrieval embedding before whitening: the method's, pooled to `--embedding-grid`."""
         network = self.method.embedding_network()
         if self.config.embedding_grid == 1:
             return network
         return EmbeddingNetwork(network.backbone, network.head, self.config.embedding_grid)
 
-    def embed_dim(self) -> int:
-        if self.config.embedding_grid == 1:
-            return int(self.method.embed_dim())
-        return self.embedding_network().out_dim
-
     # -- checkpoints ----------------------------------------------------------------------------
 
+    def whitened_network(self) -> nn.Module:
+        """The retrieval embedding with `--whitening pca` fitted on (up to FIT_SAMPLES of) the
+        training images' embeddings: the same seeded images at every save, no labels."""
+        network = self.embedding_network()
+        if self.config.whitening == "none":
+            return network
+        generator = torch.Generator().manual_seed(self.config.seed)
+        chosen = torch.randperm(len(self.dataset), generator=generator)[:FIT_SAMPLES]
+        images = self.images[chosen.to(self.images.device)]
+        features = embedding_features(network, images, self.mean, self.std, self.device, self.amp_dtype)
+        whitening = Whitening.fitted(features, self.config.whiten_power).to(self.device)
+        return EmbeddingNetwork(network.backbone, network.head, network.grid, whitening)
+
     def encoder_record(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        network = self.whitened_network()
+        spec = dict(self.encoder_spec)
+        if network.whitening is not None:
+            spec["whitening"] = network.whitening.spec
         return make_encoder_record(
             method=self.method.name,
-            network_spec=self.encoder_spec,
-            network=self.embedding_network(),
-            embed_dim=self.embed_dim(),
+            network_spec=spec,
+            network=network,
+            embed_dim=network.out_dim,
             input_size=self.config.crop_size,
             in_channels=self.dataset.in_channels,
             mean=self.mean,
@@ -349,8 +362,11 @@ class Trainer:
             and config.knn_every
             and (state.epoch % config.knn_every == 0 or state.epoch == config.epochs)
         ):
+            power = config.whiten_power if config.whitening == "pca" else None
             row.update(
-                self.knn.evaluate(self.embedding_network(), self.mean, self.std, self.device, self.amp_dtype)
+                self.knn.evaluate(
+                    self.embedding_network(), self.mean, self.std, self.device, self.amp_dtype, power
+                )
             )
         state.history.append(row)
         if self.log:

@@ -42,6 +42,7 @@ from index.rwlock import ReadWriteLock
 from index.store import INFERENCE_ENCODER_FILE
 from training.encoder import Encoder, EncoderError, read_encoder_record, save_encoder
 from training.models import build_embedding_network
+from training.models.whitening import Whitening
 
 INFERENCE_FORMAT = "ssl-retrieval/inference-encoder/v1"
 FOLDABLE = {
@@ -94,13 +95,20 @@ FX_TRACE_LOCK = ReadWriteLock()
 
 
 # ----------------------------------------------------------------------------- folding
+class _LeafWhiteningTracer(torch.fx.Tracer):
+    """fx's tracer, with the whitening (no batchnorm inside; its autocast guard is not traceable) a leaf."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, Whitening) or super().is_leaf_module(module, qualified_name)
+
+
 def foldable_pairs(network: nn.Module) -> list[tuple[str, str]]:
     """(layer, batchnorm) module names where the batchnorm directly consumes the layer's output and
     nothing else does (traced with torch.fx, so the pairs follow the data flow, not the attribute
     order). A network fx cannot trace has no pairs: it then runs unfolded."""
     try:
         with FX_TRACE_LOCK.write():
-            graph = torch.fx.symbolic_trace(network).graph
+            graph = _LeafWhiteningTracer().trace(network)
     except Exception:  # data-dependent control flow: keep the network as it is
         return []
     modules = dict(network.named_modules())
@@ -159,6 +167,20 @@ def fold_batchnorm(network: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]
 
 
 # ----------------------------------------------------------------------------- the encoder
+FLOAT32_PREFIXES = ("whitening.",)  # kept in float32 in every form: see training.models.whitening
+
+
+def keep_float32(network: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Undo the dtype conversion for the whitening: its float32 values, back from the record."""
+    whitening = getattr(network, "whitening", None)
+    if whitening is not None:
+        whitening.float()
+        prefix = FLOAT32_PREFIXES[0]
+        whitening.load_state_dict(
+            {k.removeprefix(prefix): v.float() for k, v in state_dict.items() if k.startswith(prefix)}
+        )
+
+
 def native_bf16() -> bool:
     """True when this CPU computes bf16 natively (oneDNN with AVX-512 BF16 or AMX)."""
     try:
@@ -183,6 +205,7 @@ class InferenceEncoder(Encoder):
         network.load_state_dict(record["state_dict"])
         # channels-last: oneDNN's fast bf16/fp32 convolution layout (2x over NCHW in bf16 here)
         self.network = network.to(self.device, self.dtype, memory_format=torch.channels_last).eval()
+        keep_float32(self.network, record["state_dict"])
         for parameter in self.network.parameters():
             parameter.requires_grad_(False)
         self.embed_dim = record["embed_dim"]
@@ -223,7 +246,10 @@ def inference_record(record: dict[str, Any], dtype: str = "float32") -> dict[str
     network = build_embedding_network(record["network"])
     network.load_state_dict(record["state_dict"])
     folded, pairs = fold_batchnorm(network)
-    state = {k: v.detach().to(getattr(torch, dtype)).clone() for k, v in folded.state_dict().items()}
+    state = {
+        k: v.detach().to(torch.float32 if k.startswith(FLOAT32_PREFIXES) else getattr(torch, dtype)).clone()
+        for k, v in folded.state_dict().items()
+    }
     fields = {k: v for k, v in record.items() if k not in ("format", "state_dict")}
     return {
         **fields,

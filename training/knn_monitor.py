@@ -15,6 +15,7 @@ from torch import nn
 from index.vote import DEFAULT_K, DEFAULT_TAU, weighted_vote
 from training.data.datasets import ImageDataset
 from training.embed import embed_in_shards
+from training.models.whitening import Whitening
 
 
 def normaliser(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Callable:
@@ -89,7 +90,11 @@ class KnnMonitor:
         std: Sequence[float],
         device: torch.device,
         amp_dtype=None,
+        whiten_power: float | None = None,
     ) -> dict[str, float]:
+        """knn/top1, knn/top5. With `whiten_power`: the figures of the whitened embedding (PCA
+        whitening fitted on the memory's features, no labels), as the encoder file will embed, and
+        the unwhitened ones as knn/top1_unwhitened, knn/top5_unwhitened."""
         was_training = network.training
         network.eval()
         try:
@@ -100,6 +105,16 @@ class KnnMonitor:
             )
         finally:
             network.train(was_training)
+        result = self._accuracy(memory, queries)
+        if whiten_power is None:
+            return result
+        whitening = Whitening.fitted(memory, whiten_power).to(memory.device)
+        whitened = self._accuracy(
+            F.normalize(whitening(memory), dim=1), F.normalize(whitening(queries), dim=1)
+        )
+        return whitened | {f"{key}_unwhitened": value for key, value in result.items()}
+
+    def _accuracy(self, memory: torch.Tensor, queries: torch.Tensor) -> dict[str, float]:
         top1, top5 = knn_accuracy(
             memory,
             self.memory.labels.to(memory.device),

@@ -237,6 +237,9 @@ SHORT_RUN += [
     "1000",
 ]
 SHORT_RUN += ["--warmup-epochs", "0", "--no-tensorboard", "--no-progress"]
+# What training learns, not the whitening fitted after it (tests/training/test_whitening.py): with
+# it on both sides the random encoder starts at 57.1% and the gains are 4.7-8.9 points at seed 0.
+SHORT_RUN += ["--whitening", "none"]
 SHORT_RUN_METHODS = {
     "simclr": ["--lr", "1.2", "--temperature", "0.2"],
     "moco-v1": ["--lr", "0.3", "--moco-k", "512", "--moco-m", "0.9"],
@@ -254,7 +257,10 @@ def short_run(method: str, out: Path, seed: int = 0) -> tuple[float, float]:
         method, [*SHORT_RUN, *SHORT_RUN_METHODS[method], "--seed", str(seed), "--out", str(out)]
     )
     trainer = build_trainer(config, torch.device("cpu"))
-    before = trainer.knn.evaluate(trainer.embedding_network(), trainer.mean, trainer.std, trainer.device)
+    power = config.whiten_power if config.whitening == "pca" else None  # like for like: the same embedding
+    before = trainer.knn.evaluate(
+        trainer.embedding_network(), trainer.mean, trainer.std, trainer.device, None, power
+    )
     after = trainer.fit()
     return before["knn/top1"], after["knn/top1"]
 

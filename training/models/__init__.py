@@ -3,7 +3,9 @@
 Network spec (plain JSON-able dict, stored in the encoder file):
   {"arch": "resnet18", "kwargs": {"in_channels": 1, "small_stem": true, "width": 0.25},
    "head": null | <head spec, see training.models.heads>,
-   "grid": G (optional, ResNet without head only: the last stage pooled to GxG, not to 1x1)}
+   "grid": G (optional, ResNet without head only: the last stage pooled to GxG, not to 1x1),
+   "whitening": null | {"dim": D, "out_dim": D', "power": p} (optional: PCA whitening of the
+       embedding, training.models.whitening; its mean and projection are in the state_dict)}
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from training.models.resnet import ARCHS as RESNET_ARCHS
 from training.models.resnet import build_resnet
 from training.models.vit import PRESETS as VIT_PRESETS
 from training.models.vit import build_vit
+from training.models.whitening import Whitening
 
 ARCH_NAMES = sorted(RESNET_ARCHS) + sorted(VIT_PRESETS)
 
@@ -46,26 +49,47 @@ class EmbeddingNetwork(nn.Module):
     where position is part of the class; bench/RESULTS.md, "Which vector is the retrieval
     embedding"). The weights are the same; only the pooling differs."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module | None = None, grid: int = 1) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module | None = None,
+        grid: int = 1,
+        whitening: Whitening | None = None,
+    ) -> None:
         super().__init__()
         if grid != 1:
             check_grid(grid, backbone, head)
         self.backbone = backbone
         self.head = head
         self.grid = grid
+        if whitening is not None and whitening.dim != self.features_dim:
+            raise ValueError(
+                f"whitening takes {whitening.dim}-d vectors, the network gives {self.features_dim}"
+            )
+        self.whitening = whitening  # last: PCA whitening fitted on the training embeddings
 
     @property
-    def out_dim(self) -> int:
+    def features_dim(self) -> int:
+        """D before whitening."""
         if self.head is not None:
             return int(self.head.out_dim)
         return int(self.backbone.feature_dim) * self.grid**2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def out_dim(self) -> int:
+        return self.features_dim if self.whitening is None else self.whitening.out_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """NxD, before whitening: what a whitening is fitted on."""
         if self.grid != 1:
             stage = self.backbone.feature_map(x)  # NxDxHxW
             return torch.flatten(F.adaptive_avg_pool2d(stage, self.grid), 1)  # Nx(D*G*G)
         features = self.backbone(x)  # NxD
         return features if self.head is None else self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(x)
+        return features if self.whitening is None else self.whitening(features)
 
 
 def check_grid(grid: int, backbone: nn.Module, head: nn.Module | None) -> None:
@@ -78,11 +102,15 @@ def check_grid(grid: int, backbone: nn.Module, head: nn.Module | None) -> None:
 
 
 def network_spec(
-    arch: str, backbone_kwargs: dict[str, Any], head: dict[str, Any] | None = None, grid: int = 1
+    arch: str,
+    backbone_kwargs: dict[str, Any],
+    head: dict[str, Any] | None = None,
+    grid: int = 1,
+    whitening: dict[str, Any] | None = None,
 ) -> dict:
     """The spec for `build_embedding_network`. A training-only split BN becomes plain BN: both have
-    the same state_dict keys and behave identically in eval mode. `grid` is written only when it
-    is not the papers' global pool, so older files and their versions stay as they were."""
+    the same state_dict keys and behave identically in eval mode. `grid` and `whitening` are
+    written only when used, so older files and their versions stay as they were."""
     kwargs = dict(backbone_kwargs)
     if kwargs.get("norm") == "split_bn":
         kwargs["norm"] = "bn"
@@ -90,6 +118,8 @@ def network_spec(
     spec = {"arch": arch, "kwargs": kwargs, "head": dict(head) if head else None}
     if grid != 1:
         spec["grid"] = int(grid)
+    if whitening:
+        spec["whitening"] = dict(whitening)
     return spec
 
 
@@ -99,4 +129,5 @@ def build_embedding_network(spec: dict[str, Any]) -> nn.Module:
     except (KeyError, TypeError) as exc:
         raise ValueError(f"invalid network spec {spec!r}: {exc}") from exc
     head = build_head(spec["head"]) if spec.get("head") else None
-    return EmbeddingNetwork(backbone, head, int(spec.get("grid", 1)))
+    whitening = Whitening(**spec["whitening"]) if spec.get("whitening") else None
+    return EmbeddingNetwork(backbone, head, int(spec.get("grid", 1)), whitening)
