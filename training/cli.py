@@ -149,8 +149,7 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         arch = merged.get("arch", filled.get("arch", method.paper_values().get("arch", RunConfig.arch)))
         if not method.embedding_is_head and str(arch).startswith(CONV_ARCHS):
             small.setdefault("embedding_grid", SMALL_IMAGE_GRID)
-        if not method.embedding_is_head:  # measured on a pooled backbone's embedding (SimCLR)
-            small.setdefault("whitening", "pca")
+        small.setdefault("whitening", "pca")  # measured for SimCLR, MoCo v3 and InstDisc's head
         layers.append((SMALL_IMAGE, small))
     layers.append(("catalogue", filled))
     layers += explicit

@@ -145,7 +145,7 @@ def test_the_knn_monitor_reports_the_whitened_and_the_unwhitened_figures():
     assert set(both) == {"knn/top1", "knn/top5", "knn/top1_unwhitened", "knn/top5_unwhitened"}
 
 
-def test_small_images_default_to_pca_whitening_photos_and_head_embeddings_do_not(tmp_path):
+def test_small_images_default_to_pca_whitening_photos_do_not(tmp_path):
     flags = ["--arch", "resnet18", "--width", "0.0625"]
     small, _ = parse_config("simclr", ["--data", "fashion-mnist", *flags])
     assert (small.whitening, small.whiten_power, small.source("whitening")) == ("pca", 0.5, SMALL_IMAGE)
@@ -154,7 +154,7 @@ def test_small_images_default_to_pca_whitening_photos_and_head_embeddings_do_not
     photos, _ = parse_config("simclr", ["--data", f"folder:{tmp_path}", *flags])
     assert (photos.whitening, photos.source("whitening")) == ("none", DEFAULT)
     instdisc, _ = parse_config("instdisc", ["--data", "fashion-mnist", *flags])
-    assert instdisc.whitening == "none"  # its embedding is its 128-d head: not measured
+    assert instdisc.whitening == "pca"  # its 128-d head's output is whitened as well
     off, _ = parse_config("simclr", ["--data", "fashion-mnist", *flags, "--whitening", "none"])
     assert off.whitening == "none"
 
