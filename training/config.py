@@ -102,9 +102,9 @@ class RunConfig:
     whitening: str = setting(
         "none",
         "retrieval embedding post-processing: pca = L2, centre, PCA-whiten, L2 (Jegou & Chum 2012), "
-        "fitted without labels on up to 10k training images' embeddings whenever the encoder is "
-        "saved; on for small images (bench/RESULTS.md: SimCLR +3.4 kNN points on Fashion-MNIST, "
-        "+6.5 on letters; MoCo v3 +4.8, InstDisc +1.5 / +18); none: the papers' embedding",
+        "fitted without labels on 4096 (or 4 per dimension) training images' embeddings whenever "
+        "the encoder is saved; on for small images (bench/RESULTS.md: SimCLR +3.4 kNN points on "
+        "Fashion-MNIST, +6.5 on letters; MoCo v3 +4.8, InstDisc +1.5 / +18); none: the papers'",
         choices=("none", "pca"),
         group="backbone",
     )

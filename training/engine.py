@@ -44,7 +44,7 @@ from training.errors import TrainingError
 from training.knn_monitor import KnnMonitor
 from training.methods.base import Method
 from training.models import EmbeddingNetwork
-from training.models.whitening import FIT_SAMPLES, Whitening
+from training.models.whitening import Whitening, fit_sample_count
 from training.optim.agc import adaptive_gradient_clip_
 from training.plotting import plot_history
 from training.precision import autocast_dtype, resolve_amp
@@ -165,13 +165,13 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def whitened_network(self) -> nn.Module:
-        """The retrieval embedding with `--whitening pca` fitted on (up to FIT_SAMPLES of) the
-        training images' embeddings: the same seeded images at every save, no labels."""
+        """The retrieval embedding with `--whitening pca` fitted on (a seeded sample of, the same at
+        every save: `fit_sample_count`) the training images' embeddings, no labels."""
         network = self.embedding_network()
         if self.config.whitening == "none":
             return network
         generator = torch.Generator().manual_seed(self.config.seed)
-        chosen = torch.randperm(len(self.dataset), generator=generator)[:FIT_SAMPLES]
+        chosen = torch.randperm(len(self.dataset), generator=generator)[: fit_sample_count(network.out_dim)]
         images = self.images[chosen.to(self.images.device)]
         features = embedding_features(network, images, self.mean, self.std, self.device, self.amp_dtype)
         whitening = Whitening.fitted(features, self.config.whiten_power).to(self.device)

@@ -16,8 +16,10 @@ import sys
 from training.commands import HelpFormatter, OneLineParser, run_guarded
 from training.data.datasets import load_dataset
 from training.encoder import read_encoder_record, save_encoder, with_whitening
-from training.models.whitening import DEFAULT_POWER, FIT_SAMPLES
+from training.models.whitening import DEFAULT_POWER
 from training.precision import add_inference_amp_argument
+
+SUBSET = 10_000  # a one-off fit: more images than the engine's fit at every save
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="images to fit on: fashion-mnist | folder:PATH | ...")
     parser.add_argument("--out", required=True, help="the whitened encoder file to write")
     parser.add_argument("--power", type=float, default=DEFAULT_POWER, help="eigenvalues^(-p/2); 1 is full")
-    parser.add_argument("--subset", type=int, default=FIT_SAMPLES, help="fit on a seeded random N images")
+    parser.add_argument("--subset", type=int, default=SUBSET, help="fit on a seeded random N images")
     add_inference_amp_argument(parser)
     args = parser.parse_args(argv)
     if not 0 < args.power <= 2:

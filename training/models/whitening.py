@@ -24,9 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_POWER = 0.5
-# Fitted on this many training images at most: 2k already gave the figures of 60k on Fashion-MNIST
-# (bench/RESULTS.md, "Whitening the retrieval embedding").
-FIT_SAMPLES = 10_000
+# How many embeddings a fit uses: 2k already gave the figures of 60k on Fashion-MNIST (512-d;
+# bench/RESULTS.md, "Whitening the retrieval embedding"), and at least 4 per dimension keep the
+# covariance well estimated for wider embeddings. The engine refits at every save, so this is small.
+FIT_SAMPLES = 4096
+SAMPLES_PER_DIMENSION = 4
+
+
+def fit_sample_count(dim: int) -> int:
+    """Embeddings to fit a D-dimensional whitening on."""
+    return max(FIT_SAMPLES, SAMPLES_PER_DIMENSION * dim)
+
+
 EIGENVALUE_FLOOR = 1e-6  # eps above: a fraction of the largest eigenvalue, so no direction divides by ~0
 
 
