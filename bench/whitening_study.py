@@ -9,12 +9,14 @@ neighbours' cosines are and the kNN top-1 at other vote temperatures.
     python bench/whitening_study.py runs/glyph8/simclr/encoder.pt --data folder:/tmp/glyphs/test \
         --train-data folder:/tmp/glyphs/train
 
-An encoder that is already whitened is studied on its features before the whitening.
+An encoder that is already whitened is studied on its features before the whitening. `--json F`
+also writes the rows for `bench/plot_whitening.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="query set (and the precision@10 catalogue)")
     parser.add_argument("--train-data", required=True, help="memory set (whitening fitted here, no labels)")
     parser.add_argument("--queries", type=int, default=1000, help="precision@10 queries from the memory set")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--name", help="the encoder's name in the JSON (default: its path)")
     args = parser.parse_args(argv)
     record = read_encoder_record(args.encoder)
     size, channels = record["input_size"], record["in_channels"]
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["embedding", "kNN top-1", "precision@10", "cosine to the 1st / 200th neighbour"]
     print("| " + " | ".join([*columns, "kNN top-1 at tau 0.02 / 0.2 / 1.0"]) + " |")
     print("|---|---|---|---|---|")
+    rows = []
     for name, transform in variants.items():
         m, q = transform(memory_x), transform(query_x)
         top1, _ = knn_accuracy(m, memory.labels, q, queries.labels, classes)
@@ -87,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         spread = f"{similarity[:, 0].mean():.3f} / {similarity[:, -1].mean():.3f}"
         taus = " / ".join(f"{a:.2f}%" for a in by_tau)
         print(f"| {name} | {top1:.2f}% | {precision:.4f} | {spread} | {taus} |", flush=True)
+        rows.append({"embedding": name, "knn_top1": top1, "precision_at_10": precision})
+    if args.json:
+        study = {"encoder": args.name or args.encoder, "memory": memory.name, "rows": rows}
+        args.json.write_text(json.dumps(study, indent=2) + "\n")
     return 0
 
 
