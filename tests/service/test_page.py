@@ -359,7 +359,11 @@ def test_filters_and_their_errors_sit_by_their_controls(page: Page) -> None:
     min_score.send_keys("2")
     page.driver.find_element(By.ID, "search-again").click()
     assert text_of(page.driver, "min_score-error") == "a number from -1 to 1"
+    # A changed number searches again at once: clearing it runs a search without min_score (and
+    # without the label); wait for that set, so that the next one awaited is min_score's.
     min_score.clear()
+    assert page.wait_for_results(seq)
+    seq = page.result_set()[0]
     min_score.send_keys("0.5")
     page.driver.find_element(By.ID, "search-again").click()
     cards = page.wait_for_results(seq)
