@@ -9,7 +9,11 @@ neighbours' cosines are and the kNN top-1 at other vote temperatures.
     python bench/whitening_study.py runs/glyph8/simclr/encoder.pt --data folder:/tmp/glyphs/test \
         --train-data folder:/tmp/glyphs/train
 
-An encoder that is already whitened is studied on its features before the whitening. `--json F`
+An encoder that is already whitened is studied on its features before the whitening; `--pixels`
+studies the raw pixels (flattened, L2-normalised) instead of an encoder:
+
+    python bench/whitening_study.py --pixels --data fashion-mnist:test --train-data fashion-mnist
+ `--json F`
 also writes the rows for `bench/plot_whitening.py`.
 """
 
@@ -51,18 +55,27 @@ def features(record: dict, images: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("encoder", help="encoder file")
+    parser.add_argument("encoder", nargs="?", help="encoder file")
+    parser.add_argument("--pixels", action="store_true", help="raw pixels as the embedding")
     parser.add_argument("--data", required=True, help="query set (and the precision@10 catalogue)")
     parser.add_argument("--train-data", required=True, help="memory set (whitening fitted here, no labels)")
     parser.add_argument("--queries", type=int, default=1000, help="precision@10 queries from the memory set")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--name", help="the encoder's name in the JSON (default: its path)")
     args = parser.parse_args(argv)
-    record = read_encoder_record(args.encoder)
-    size, channels = record["input_size"], record["in_channels"]
+    if args.pixels == bool(args.encoder):
+        parser.error("give an encoder file or --pixels")
+    record = None if args.pixels else read_encoder_record(args.encoder)
+    size, channels = (28, 1) if record is None else (record["input_size"], record["in_channels"])
     queries = load_dataset(args.data, size, in_channels=channels)
     memory = load_dataset(args.train_data, size, in_channels=channels)
-    query_x, memory_x = features(record, queries.images), features(record, memory.images)
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        if record is None:
+            return F.normalize(images.flatten(1).float(), dim=1)
+        return features(record, images)
+
+    query_x, memory_x = embed(queries.images), embed(memory.images)
     classes = memory.num_classes
     searches = torch.randperm(len(memory), generator=torch.Generator().manual_seed(0))[: args.queries]
 
@@ -74,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     variants["centred"] = lambda x: F.normalize(x - memory_x.mean(0), dim=1)
     for power in (0.25, 0.5, 1.0):
         variants[f"PCA-whitened, power {power}"] = whitened(power)
-    print(f"{args.encoder}: memory {memory.name} ({len(memory)}), queries {queries.name} ({len(queries)})")
+    source = args.encoder or "pixels"
+    print(f"{source}: memory {memory.name} ({len(memory)}), queries {queries.name} ({len(queries)})")
     columns = ["embedding", "kNN top-1", "precision@10", "cosine to the 1st / 200th neighbour"]
     print("| " + " | ".join([*columns, "kNN top-1 at tau 0.02 / 0.2 / 1.0"]) + " |")
     print("|---|---|---|---|---|")
@@ -94,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {top1:.2f}% | {precision:.4f} | {spread} | {taus} |", flush=True)
         rows.append({"embedding": name, "knn_top1": top1, "precision_at_10": precision})
     if args.json:
-        study = {"encoder": args.name or args.encoder, "memory": memory.name, "rows": rows}
+        study = {"encoder": args.name or args.encoder or "pixels", "memory": memory.name, "rows": rows}
         args.json.write_text(json.dumps(study, indent=2) + "\n")
     return 0
 
