@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,33 @@ def with_embedding_grid(record: dict[str, Any], grid: int) -> dict[str, Any]:
 
 
 @torch.inference_mode()
+def normaliser(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Callable:
+    """uint8 NxCxHxW -> float (x / 255 - mean) / std: every path from pixels into a network."""
+    shape = (1, len(mean), 1, 1)
+    mean_t = torch.tensor(list(mean), device=device).view(shape)
+    std_t = torch.tensor(list(std), device=device).view(shape)
+    return lambda images: (images.to(device, non_blocking=True).float() / 255.0 - mean_t) / std_t
+
+
+def network_embedder(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 batch -> L2-normalised float32 BxD outputs of `network` (put it in eval mode first)."""
+    normalise = normaliser(mean, std, device)
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            features = network(normalise(images))
+        return F.normalize(features.float(), dim=1)
+
+    return embed
+
+
 def embedding_features(
     network: nn.Module,
     images: torch.Tensor,
@@ -116,21 +144,15 @@ def embedding_features(
     amp_dtype: torch.dtype | None = None,
     batch_size: int = 512,
 ) -> torch.Tensor:
-    """float32 NxD features of an `EmbeddingNetwork` before its whitening (uint8 NxCxSxS images)."""
-    shape = (1, images.shape[1], 1, 1)
-    mean_t, std_t = (
-        torch.tensor(mean, device=device).view(shape),
-        torch.tensor(std, device=device).view(shape),
-    )
+    """L2-normalised float32 NxD features of an `EmbeddingNetwork` before its whitening (uint8
+    NxCxSxS images): what a whitening is fitted on."""
+    embed = network_embedder(network.features, mean, std, device, amp_dtype)
     was_training = network.training
     network.eval()
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = (images[start : start + batch_size].to(device).float() / 255.0 - mean_t) / std_t
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(network.features(batch).float().cpu())
-    network.train(was_training)
-    return torch.cat(out)
+    try:
+        return torch.cat([embed(images[s : s + batch_size]).cpu() for s in range(0, len(images), batch_size)])
+    finally:
+        network.train(was_training)
 
 
 def with_whitening(
@@ -190,9 +212,7 @@ class Encoder:
         self.version: str = record["version"]
         self.method: str = record["method"]
         self.metrics: dict[str, Any] = record.get("metrics", {})
-        shape = (1, self.in_channels, 1, 1)
-        self._mean = torch.tensor(record["mean"], device=self.device).view(shape)
-        self._std = torch.tensor(record["std"], device=self.device).view(shape)
+        self._normalise = normaliser(record["mean"], record["std"], self.device)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", amp: str = "none") -> Encoder:
@@ -207,8 +227,7 @@ class Encoder:
         """images: uint8 NxCxSxS (as from `prepare`). Returns float32 NxD, rows L2-normalised."""
         out = []
         for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size].to(self.device, non_blocking=True)
-            batch = (batch.float() / 255.0 - self._mean) / self._std
+            batch = self._normalise(images[start : start + batch_size])
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 features = self.network(batch)
             out.append(F.normalize(features.float(), dim=1).cpu())

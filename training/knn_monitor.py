@@ -5,7 +5,7 @@ cosine similarity, top-k neighbours, `index.vote.weighted_vote` with temperature
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,30 +15,8 @@ from torch import nn
 from index.vote import DEFAULT_K, DEFAULT_TAU, weighted_vote
 from training.data.datasets import ImageDataset
 from training.embed import embed_in_shards
+from training.encoder import network_embedder
 from training.models.whitening import Whitening
-
-
-def normaliser(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Callable:
-    """uint8 NxCxHxW -> float (x / 255 - mean) / std, exactly as `training.encoder.Encoder` does."""
-    shape = (1, len(mean), 1, 1)
-    mean_t = torch.tensor(list(mean), device=device).view(shape)
-    std_t = torch.tensor(list(std), device=device).view(shape)
-    return lambda images: (images.to(device).float() / 255.0 - mean_t) / std_t
-
-
-def network_embedder(
-    network: nn.Module, mean: Sequence[float], std: Sequence[float], device: torch.device, amp_dtype=None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 batch -> L2-normalised float32 BxD features (eval mode, no gradient)."""
-    normalise = normaliser(mean, std, device)
-
-    @torch.no_grad()
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            features = network(normalise(images))
-        return F.normalize(features.float(), dim=1)
-
-    return embed
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_runs import tiny_trainer
 from torch import nn
 
 import training.engine
@@ -277,31 +278,15 @@ def test_short_real_run_beats_the_random_encoder(method, tmp_path):
     assert after >= before + MIN_GAIN, f"{method}: kNN top-1 {before:.1f}% -> {after:.1f}%"
 
 
-def method_trainer(method: str, out: Path, *extra: str) -> Trainer:
-    argv = ["--data", "fashion-mnist", "--subset", "96", "--batch-size", "32", "--epochs", "2"]
-    argv += [
-        "--arch",
-        "resnet18",
-        "--width",
-        "0.0625",
-        "--knn-every",
-        "0",
-        "--no-tensorboard",
-        "--no-progress",
-    ]
-    config, _ = parse_config(method, [*argv, *extra, "--out", str(out)])
-    return build_trainer(config, torch.device("cpu"))
-
-
 @pytest.mark.parametrize(
     ("method", "extra"),
     [("moco-v2", ["--moco-k", "64", "--num-splits", "4"]), ("instdisc", ["--nce-k", "32"])],
 )
 def test_real_methods_resume_exactly_with_queue_and_memory_bank(method, extra, tmp_path):
-    straight = method_trainer(method, tmp_path / "straight", *extra, "--max-steps", "4")
+    straight = tiny_trainer(method, tmp_path / "straight", *extra, "--max-steps", "4")
     straight.fit()
-    method_trainer(method, tmp_path / "split", *extra, "--max-steps", "2").fit()
-    resumed = method_trainer(method, tmp_path / "split", *extra, "--max-steps", "4", "--resume", "auto")
+    tiny_trainer(method, tmp_path / "split", *extra, "--max-steps", "2").fit()
+    resumed = tiny_trainer(method, tmp_path / "split", *extra, "--max-steps", "4", "--resume", "auto")
     resumed.fit()
     assert_same_state(straight.method, resumed.method)  # includes the queue / memory bank buffers
     buffers = dict(resumed.method.named_buffers())
@@ -367,7 +352,7 @@ def test_a_bf16_step_and_an_fp32_step_from_the_same_state_agree(tmp_path, small_
 
 
 def test_multi_crop_feeds_local_views_after_the_full_ones_and_trains(tmp_path):
-    trainer = method_trainer("simclr", tmp_path, "--local-crops", "3", "--max-steps", "3")
+    trainer = tiny_trainer("simclr", tmp_path, "--local-crops", "3", "--max-steps", "3")
     batch = trainer.images[:5]
     views = trainer.views(batch)
     assert [tuple(v.shape) for v in views] == [(5, 1, 28, 28)] * 2 + [(5, 1, 12, 12)] * 3

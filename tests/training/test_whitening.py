@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tiny_runs import tiny_trainer
 
-from training.cli import build_trainer, parse_config
+from training.cli import parse_config
 from training.config import DEFAULT, SMALL_IMAGE
 from training.data.datasets import load_dataset
 from training.encoder import (
@@ -24,7 +25,6 @@ from training.encoder import (
     with_embedding_grid,
     with_whitening,
 )
-from training.engine import Trainer
 from training.inference import InferenceEncoder, foldable_pairs, inference_record
 from training.knn_monitor import KnnMonitor
 from training.models import EmbeddingNetwork, build_backbone, build_embedding_network, network_spec
@@ -160,20 +160,7 @@ def test_small_images_default_to_pca_whitening_photos_do_not(tmp_path):
 
 
 def test_the_engine_saves_a_whitened_encoder(tmp_path):
-    argv = ["--data", "fashion-mnist", "--subset", "96", "--batch-size", "32", "--max-steps", "3"]
-    argv += [
-        "--arch",
-        "resnet18",
-        "--width",
-        "0.0625",
-        "--knn-every",
-        "0",
-        "--no-tensorboard",
-        "--no-progress",
-    ]
-    config, _ = parse_config("simclr", [*argv, "--out", str(tmp_path)])
-
-    trainer: Trainer = build_trainer(config, torch.device("cpu"))
+    trainer = tiny_trainer("simclr", tmp_path, "--max-steps", "3")
     trainer.fit()
     record = read_encoder_record(tmp_path / "encoder.pt")
     assert record["network"]["whitening"] == {
