@@ -13,8 +13,8 @@ An encoder that is already whitened is studied on its features before the whiten
 studies the raw pixels (flattened, L2-normalised) instead of an encoder:
 
     python bench/whitening_study.py --pixels --data fashion-mnist:test --train-data fashion-mnist
- `--json F`
-also writes the rows for `bench/plot_whitening.py`.
+
+`--json F` also writes the rows for `bench/plot_whitening.py`.
 """
 
 from __future__ import annotations

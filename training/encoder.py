@@ -107,7 +107,6 @@ def with_embedding_grid(record: dict[str, Any], grid: int) -> dict[str, Any]:
     }
 
 
-@torch.inference_mode()
 def normaliser(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Callable:
     """uint8 NxCxHxW -> float (x / 255 - mean) / std: every path from pixels into a network."""
     shape = (1, len(mean), 1, 1)
@@ -135,6 +134,7 @@ def network_embedder(
     return embed
 
 
+@torch.inference_mode()
 def embedding_features(
     network: nn.Module,
     images: torch.Tensor,
