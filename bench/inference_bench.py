@@ -13,6 +13,7 @@ top-10 overlap) is measured on held-out Fashion-MNIST test images.
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from pathlib import Path
 
@@ -52,9 +53,13 @@ def main() -> None:
     images = calibration_images(args.data, args.encoder, 2000)
     deployed = build_inference_encoder(record, images)
     exact, fast = Encoder(record), InferenceEncoder(deployed)
+    eager = InferenceEncoder({**deployed, "scripted": None})  # the same form without its TorchScript
     agreement = measure_agreement(exact, fast, images)
     print(f"encoder {record['version']} ({record['network']['arch']}, {record['input_size']} px)")
-    print(f"deploy form: {deployed['dtype']}, {len(deployed['folded'])} batchnorms folded, channels-last")
+    print(
+        f"deploy form: {deployed['dtype']}, {len(deployed['folded'])} batchnorms folded, channels-last, "
+        f"{'TorchScript' if fast.scripted is not None else 'eager'}"
+    )
     print(
         f"agreement on {agreement.images} held-out images ({agreement.queries} queries): mean cosine "
         f"{agreement.mean_cosine:.6f}, min {agreement.min_cosine:.5f}, top-10 overlap "
@@ -64,19 +69,47 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(
         "| batch | training graph fp32 img/s (1 thread, CPU s) | deploy form img/s (1 thread, CPU s) | ratio "
+        "| deploy form without TorchScript img/s (1 thread, CPU s) "
         f"| training graph img/s ({threads} threads, wall) | deploy form img/s (wall) | ratio |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         x = images[:batch]
         torch.set_num_threads(1)
-        cpu = [rate(e, x, args.seconds, time.thread_time) for e in (exact, fast)]
+        cpu = [rate(e, x, args.seconds, time.thread_time) for e in (exact, fast, eager)]
         torch.set_num_threads(threads)
         wall = [rate(e, x, args.seconds, time.perf_counter) for e in (exact, fast)]
         print(
-            f"| {batch} | {cpu[0]:.0f} | {cpu[1]:.0f} | {cpu[1] / cpu[0]:.2f}x "
+            f"| {batch} | {cpu[0]:.0f} | {cpu[1]:.0f} | {cpu[1] / cpu[0]:.2f}x | {cpu[2]:.0f} "
             f"| {wall[0]:.0f} | {wall[1]:.0f} | {wall[1] / wall[0]:.2f}x |"
         )
+    for count in sorted({1, threads}):
+        torch.set_num_threads(count)
+        eager_ms, scripted_ms = (beside_python(e, images[:6], args.seconds) for e in (eager, fast))
+        print(
+            f"one pass of 6 images beside a thread running Python (as the service's event loop under "
+            f"load), {count} torch thread(s), wall ms: without TorchScript {eager_ms:.1f}, "
+            f"deploy form {scripted_ms:.1f}"
+        )
+    torch.set_num_threads(threads)
+
+
+def beside_python(encoder: Encoder, images: torch.Tensor, seconds: float) -> float:
+    """ms per embed call while another thread runs pure Python: each time the call's thread gives
+    the GIL up (every layer of an eager module) it may wait a switch interval to get it back."""
+    stop = threading.Event()
+
+    def python_work() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    worker = threading.Thread(target=python_work)
+    worker.start()
+    try:
+        return 1000 / rate(encoder, images, seconds, time.perf_counter) * images.shape[0]
+    finally:
+        stop.set()
+        worker.join()
 
 
 if __name__ == "__main__":

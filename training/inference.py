@@ -14,6 +14,12 @@ Three changes, none of which alters what the network computes beyond a stated to
    neighbours (bf16 queries against both a bf16 and an fp32 database, since a published index may
    hold fp32 vectors).
    Otherwise the folded graph stays in fp32.
+4. The whole path from uint8 pixels to the normalised embedding (scaling, the network, L2
+   normalisation) is also traced to TorchScript and stored with the record (`scripted`): the
+   service runs it in C++ with the GIL released once per call. The eager module takes the GIL
+   back at every layer, and beside the service's event loop (Python, holding the GIL for up to
+   the switch interval each time) a 6-image pass took 0.5 s instead of 5 ms; the traced one 16 ms.
+   It is also 10-30% faster alone, and its output is checked identical to the eager form's.
 
 The inference file (`torch.save` of a dict, format INFERENCE_FORMAT) holds the original encoder
 record's fields, the folded state_dict, the list of folded (layer, batchnorm) pairs, the dtype and
@@ -25,9 +31,14 @@ the measured tolerance. It is written next to the encoder file as `encoder.infer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +55,10 @@ from training.encoder import Encoder, EncoderError, read_encoder_record, save_en
 from training.models import build_embedding_network
 from training.models.whitening import Whitening
 
+log = logging.getLogger("training.inference")
 INFERENCE_FORMAT = "ssl-retrieval/inference-encoder/v1"
+SCRIPT_EXAMPLE_BATCH = 6  # traced at this batch size; the graph serves any batch size
+SCRIPT_AGREEMENT = 1e-5  # largest |difference| from the eager form that a scripted form may show
 FOLDABLE = {
     nn.Conv1d: nn.BatchNorm1d,
     nn.Conv2d: nn.BatchNorm2d,
@@ -222,23 +236,108 @@ class InferenceEncoder(Encoder):
         self._offset = (-mean / std).to(self.device, torch.float32)
         self._mean, self._std = mean.float().to(self.device), std.float().to(self.device)
 
+        self.scripted = self._load_scripted(record.get("scripted"))
+
     @property
     def agreement(self) -> dict[str, Any] | None:
         return self.record.get("agreement")
+
+    def path(self) -> EmbeddingPath:
+        """The eager module from uint8 pixels to normalised embeddings (what `scripted` traces)."""
+        return EmbeddingPath(self.network, self._scale, self._offset, self.dtype).eval()
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """images: uint8 NxCxSxS. Returns float32 NxD, rows L2-normalised."""
         out = []
-        with FX_TRACE_LOCK.read():
+        # No profiling executor: same speed here, and no slow first calls at each new batch size.
+        with FX_TRACE_LOCK.read(), torch.jit.optimized_execution(False):
+            run = self.scripted if self.scripted is not None else self.path()
             for start in range(0, images.shape[0], batch_size):
                 batch = images[start : start + batch_size].to(self.device, non_blocking=True)
-                batch = torch.addcmul(self._offset, batch.float(), self._scale).to(self.dtype)
-                batch = batch.contiguous(memory_format=torch.channels_last)
-                out.append(F.normalize(self.network(batch).float(), dim=1).cpu())
+                out.append(run(batch).cpu())
         if not out:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         return torch.cat(out).numpy()
+
+    def _load_scripted(self, data: bytes | None) -> torch.jit.ScriptModule | None:
+        """The stored TorchScript form, if there is one and it still computes what the eager form
+        does (a different torch could load it and differ): else None, and the eager form serves."""
+        if not data:
+            return None
+        try:
+            with torchscript():
+                scripted = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
+        except Exception as exc:  # written by another torch, damaged: the eager form is exact
+            log.warning(
+                "encoder %s: its scripted form does not load (%s); using the eager form", self.version, exc
+            )
+            return None
+        if not scripted_agrees(self.path(), scripted, self.in_channels, self.input_size, self.device):
+            log.warning(
+                "encoder %s: its scripted form disagrees with the eager form; using the eager form",
+                self.version,
+            )
+            return None
+        return scripted
+
+
+@contextlib.contextmanager
+def torchscript() -> Iterator[None]:
+    """torch 2.14 marks torch.jit deprecated (FutureWarning) in favour of torch.export, which has
+    no Python-free runner short of AOTInductor's compiled packages (a C++ toolchain at publish
+    time). Used knowingly: a torch that cannot load the stored form falls back to the eager one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
+
+
+class EmbeddingPath(nn.Module):
+    """uint8 NxCxSxS -> float32 NxD, rows L2-normalised: normalisation as one multiply-add in the
+    network's dtype (x * scale + offset), channels-last, the network, then L2 normalisation."""
+
+    def __init__(
+        self, network: nn.Module, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.dtype = dtype
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.offset, images.float(), self.scale).to(self.dtype)  # NxCxSxS
+        x = x.contiguous(memory_format=torch.channels_last)
+        return F.normalize(self.network(x).float(), dim=1)  # NxD
+
+
+def scripted_agrees(
+    path: nn.Module, scripted: torch.jit.ScriptModule, channels: int, size: int, device: torch.device
+) -> bool:
+    """Whether `scripted` reproduces `path` on seeded random images, within SCRIPT_AGREEMENT."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 256, (3, channels, size, size), dtype=torch.uint8, generator=generator).to(
+        device
+    )
+    with torch.inference_mode(), torch.jit.optimized_execution(False):
+        difference = (path(probe) - scripted(probe)).abs().max().item()
+    return difference <= SCRIPT_AGREEMENT
+
+
+def script_embedding(encoder: InferenceEncoder) -> bytes:
+    """The TorchScript form of `encoder`'s embedding path (traced, checked, serialised)."""
+    path = encoder.path()
+    example = torch.zeros(
+        SCRIPT_EXAMPLE_BATCH, encoder.in_channels, encoder.input_size, encoder.input_size, dtype=torch.uint8
+    ).to(encoder.device)
+    with FX_TRACE_LOCK.read(), torch.inference_mode(), torchscript():
+        traced = torch.jit.trace(path, example, check_trace=False)
+    if not scripted_agrees(path, traced, encoder.in_channels, encoder.input_size, encoder.device):
+        raise EncoderError("the traced embedding path disagrees with the eager one")
+    buffer = io.BytesIO()
+    with torchscript():
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
 
 
 def inference_record(record: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
@@ -311,12 +410,17 @@ def build_inference_encoder(
         agreement = measure_agreement(exact, InferenceEncoder(candidate), calibration)
         candidate["agreement"] = {**asdict(agreement), "tolerance": asdict(tolerance)}
         if agreement.within(tolerance):
-            return candidate
+            return with_script(candidate)
     chosen = inference_record(record, "float32")
     if calibration is not None:
         agreement = measure_agreement(exact, InferenceEncoder(chosen), calibration)
         chosen["agreement"] = {**asdict(agreement), "tolerance": asdict(tolerance)}
-    return chosen
+    return with_script(chosen)
+
+
+def with_script(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with its embedding path's TorchScript form (`scripted`) added."""
+    return {**record, "scripted": script_embedding(InferenceEncoder(record))}
 
 
 def write_inference_encoder(

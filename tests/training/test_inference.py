@@ -138,3 +138,36 @@ def test_published_version_carries_the_form_and_the_service_loader_checks_its_mo
     spec = network_spec("resnet18", {"in_channels": 1, "small_stem": True, "width": 0.25})
     save_encoder(encoder_path, _record(spec, build_embedding_network(spec), 128))
     assert load_deploy_encoder(encoder_path).dtype == torch.float32
+
+
+def test_the_scripted_path_computes_the_eager_one_and_an_unusable_one_falls_back(
+    held_out: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = read_encoder_record(DEMO_ENCODER)
+    deployed = build_inference_encoder(record, held_out[:200], Tolerance(mean_cosine=1.5))  # fp32
+    assert deployed["scripted"]  # stored with the form, traced once at publish
+    fast = InferenceEncoder(deployed)
+    assert fast.scripted is not None
+    images = held_out[:64]
+    with torch.inference_mode():
+        eager = fast.path()(images).numpy()  # 64xD, the module the trace was taken from
+    np.testing.assert_allclose(fast.embed(images), eager, atol=1e-6)
+    np.testing.assert_allclose(fast.embed(images[:1]), eager[:1], atol=1e-6)  # not the traced batch size
+    np.testing.assert_allclose(fast.embed(images, batch_size=25), eager, atol=1e-6)  # chunks
+
+    with caplog.at_level("WARNING", logger="training.inference"):
+        damaged = InferenceEncoder({**deployed, "scripted": deployed["scripted"][:1000]})
+    assert damaged.scripted is None and "does not load" in caplog.text
+    np.testing.assert_allclose(damaged.embed(images), eager, atol=1e-6)
+
+    # A scripted form whose weights are not the record's (a stale or mismatched file) is refused.
+    state = dict(deployed["state_dict"])
+    first_conv = next(name for name, tensor in state.items() if tensor.dim() == 4)
+    state[first_conv] = state[first_conv] * 1.5
+    with caplog.at_level("WARNING", logger="training.inference"):
+        mismatched = InferenceEncoder({**deployed, "state_dict": state})
+    assert mismatched.scripted is None and "disagrees" in caplog.text
+    with torch.inference_mode():
+        expected = mismatched.path()(images).numpy()
+    np.testing.assert_allclose(mismatched.embed(images), expected, atol=1e-6)
+    assert not np.allclose(expected, eager, atol=1e-3)  # the change was real
