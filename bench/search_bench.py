@@ -46,9 +46,11 @@ from service.random_model import write_random_encoder  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.service.service_helpers import fashion_mnist, png_bytes  # noqa: E402
 from training.encoder import Encoder  # noqa: E402
+from training.inference import calibration_images, write_inference_encoder  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Service: POST /search (bench/search_bench.py)"
+DATA = "fashion-mnist:test"  # the catalogue's images, and the deploy form's calibration set
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -295,7 +297,22 @@ def machine() -> str:
     )
 
 
-def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict]) -> str:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0 for none, or off Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def forward_passes(url: str) -> float:
+    """The service's count of micro-batched forward passes so far (`embed_batches` in /metrics)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("embed_batches "))
+
+
+def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict], deploy: str) -> str:
     floor_ms = min(floors_ms)  # the less disturbed of the two: the conservative ratio
     first = rows[0] if rows and rows[0]["concurrency"] == 1 else None
     ratio = first["p50"] / floor_ms if first else float("nan")
@@ -308,18 +325,21 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict]) -
         f"- catalogue: {args.catalogue} Fashion-MNIST PNGs, flat index, k={args.k}, "
         f"{'MONGO_URI' if os.environ.get('MONGO_URI') else 'embedded SecantusDB'}, loopback HTTP, "
         f"load generator: {args.client}",
+        f"- encoder: {args.model or 'untrained ResNet-18 x0.25'}, served in its deploy form: {deploy}",
         "- floor: in-process decode + embed + FAISS search of one image, median of "
         f"{args.floor_repeats}, measured just before / just after the concurrency-1 level: "
         f"{' / '.join(f'{f:.2f}' for f in floors_ms)} ms, using **{floor_ms:.2f} ms**",
         f"- the service's own stage medians at concurrency 1 (timing_ms): {stages} ms",
         "",
-        "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | requests/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | requests/s | images per forward pass "
+        "| CPU ms per request: service / database / load generator |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        cpu = " / ".join(f"{row['cpu_ms'][name]:.1f}" for name in ("service", "database", "client"))
         lines.append(
             f"| {row['concurrency']} | {row['requests']} | {row['errors']} | {row['p50']:.2f} "
-            f"| {row['p95']:.2f} | {row['p99']:.2f} | {row['rps']:.1f} |"
+            f"| {row['p95']:.2f} | {row['p99']:.2f} | {row['rps']:.1f} | {row['batch']:.2f} | {cpu} |"
         )
     compute = (
         sum(first["stages"].get(k, 0.0) for k in ("decode", "embed", "search")) if first else float("nan")
@@ -330,8 +350,16 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict]) -
         f"p50 / the service's own decode + embed + search ({compute:.2f} ms) at concurrency 1: "
         f"**{first['p50'] / compute if first and compute else float('nan'):.2f}x** "
         "(the same ratio with the floor measured inside the server, robust to a busy machine)",
-        "",
     ]
+    busiest = max(rows, key=lambda row: row["concurrency"]) if rows else None
+    if first and busiest is not first:
+        busy_stages = ", ".join(f"{k} {v:.2f}" for k, v in busiest["stages"].items())
+        lines.append(f"stage medians at concurrency {busiest['concurrency']} (timing_ms): {busy_stages} ms")
+        lines.append(
+            f"requests/s at concurrency {busiest['concurrency']} / at 1: "
+            f"**{busiest['rps'] / first['rps']:.2f}x** (goal >= 3x at 16)"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -361,6 +389,11 @@ def main(argv: list[str] | None = None) -> None:
         model = args.model or write_random_encoder(data_dir / "model.pt")
         if args.model:
             (data_dir / "model.pt").write_bytes(args.model.read_bytes())
+        # Its deploy form next to it, as a refresh or the demo writes it: what the service runs.
+        served = data_dir / "model.pt"
+        deploy = write_inference_encoder(served, calibration_images(DATA, served))
+        deploy_form = f"{deploy['dtype']}, {'TorchScript' if deploy.get('scripted') else 'eager'}"
+        print(f"deploy form: {deploy_form}")
         floor = Floor(model, count, args.k)
         floors: list[float] = []
 
@@ -381,7 +414,18 @@ def main(argv: list[str] | None = None) -> None:
                     floors.append(floor.median(queries, args.floor_repeats))
                 generator = load_raw if args.client == "raw" else load
                 level = generator(url, queries, concurrency, args.requests, args.max_seconds, args.k)
+                passes_before = forward_passes(url)
+                database_pid = database.process.pid if database is not None and database.process else None
+                pids = {"service": process.pid, "database": database_pid}
+                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                cpu_before["client"] = time.process_time()
                 row = asyncio.run(level)
+                cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+                cpu["client"] = time.process_time() - cpu_before["client"]
+                passes = forward_passes(url) - passes_before
+                row["batch"] = row["requests"] / passes if passes else float("nan")
+                per_request = 1000 / max(row["requests"], 1)
+                row["cpu_ms"] = {name: seconds * per_request for name, seconds in cpu.items()}
                 if concurrency == 1:
                     floors.append(floor.median(queries, args.floor_repeats))
                     print(f"floor (in-process decode + embed + search) before / after: {floors} ms")
@@ -396,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
             if database is not None:
                 database.stop()
 
-    block = report(args, floors or [float("nan")], rows)
+    block = report(args, floors or [float("nan")], rows, deploy_form)
     print("\n" + block)
     if not args.no_append:
         append_results(block)
