@@ -171,3 +171,19 @@ def test_the_scripted_path_computes_the_eager_one_and_an_unusable_one_falls_back
         expected = mismatched.path()(images).numpy()
     np.testing.assert_allclose(mismatched.embed(images), expected, atol=1e-6)
     assert not np.allclose(expected, eager, atol=1e-3)  # the change was real
+
+
+def test_a_path_that_does_not_trace_is_deployed_without_a_scripted_form(
+    held_out: torch.Tensor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def fails(*args, **kwargs):
+        raise RuntimeError("Tracer cannot infer type of output")  # as torch.jit.trace reports it
+
+    monkeypatch.setattr(torch.jit, "trace", fails)
+    record = read_encoder_record(DEMO_ENCODER)
+    with caplog.at_level("WARNING", logger="training.inference"):
+        deployed = build_inference_encoder(record, held_out[:200], Tolerance(mean_cosine=1.5))
+    assert "scripted" not in deployed and "served eagerly" in caplog.text
+    fast = InferenceEncoder(deployed)
+    assert fast.scripted is None
+    np.testing.assert_allclose(fast.embed(held_out[:8]), Encoder(record).embed(held_out[:8]), atol=1e-4)
