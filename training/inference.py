@@ -236,7 +236,8 @@ class InferenceEncoder(Encoder):
         self._scale = (1.0 / (255.0 * std)).to(self.device, torch.float32)
         self._offset = (-mean / std).to(self.device, torch.float32)
         self._mean, self._std = mean.float().to(self.device), std.float().to(self.device)
-
+        # Built once: the eager path (what `scripted` traces), and the traced one when stored.
+        self._path = EmbeddingPath(self.network, self._scale, self._offset, self.dtype).eval()
         self.scripted = self._load_scripted(record.get("scripted"))
 
     @property
@@ -245,7 +246,7 @@ class InferenceEncoder(Encoder):
 
     def path(self) -> EmbeddingPath:
         """The eager module from uint8 pixels to normalised embeddings (what `scripted` traces)."""
-        return EmbeddingPath(self.network, self._scale, self._offset, self.dtype).eval()
+        return self._path
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
@@ -253,7 +254,7 @@ class InferenceEncoder(Encoder):
         out = []
         # No profiling executor: same speed here, and no slow first calls at each new batch size.
         with FX_TRACE_LOCK.read(), torch.jit.optimized_execution(False):
-            run = self.scripted if self.scripted is not None else self.path()
+            run = self.scripted if self.scripted is not None else self._path
             for start in range(0, images.shape[0], batch_size):
                 batch = images[start : start + batch_size].to(self.device, non_blocking=True)
                 out.append(run(batch).cpu())
@@ -274,7 +275,7 @@ class InferenceEncoder(Encoder):
                 "encoder %s: its scripted form does not load (%s); using the eager form", self.version, exc
             )
             return None
-        if not scripted_agrees(self.path(), scripted, self.in_channels, self.input_size, self.device):
+        if not scripted_agrees(self._path, scripted, self.in_channels, self.input_size, self.device):
             log.warning(
                 "encoder %s: its scripted form disagrees with the eager form; using the eager form",
                 self.version,
