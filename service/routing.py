@@ -4,6 +4,8 @@
   Two routes on one path and method may split a request by media type (`POST /search` takes JSON
   or multipart): a route whose media type does not fit matches only partially, so the router
   tries the next one, and the last partial match answers the 415.
+* An endpoint that reads its body itself declares the media types it takes in `openapi_extra`
+  (`requestBody.content`, a `type/*` wildcard allowed); they are documented and enforced as above.
 * A query parameter the operation does not declare is a 422 (`k` in the query string of a
   multipart search would otherwise be dropped silently).
 """
@@ -16,6 +18,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Form
 from fastapi.routing import APIRoute, iter_route_contexts
+from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, compile_path
@@ -28,7 +31,13 @@ URLENCODED = "application/x-www-form-urlencoded"
 
 def query_parameter_names(dependant: Dependant) -> set[str]:
     """The query parameters an endpoint and all its dependencies declare."""
-    names = {field.alias for field in dependant.query_params}
+    names = set()
+    for field in dependant.query_params:
+        model = field.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):  # `Query()` model: its fields
+            names |= {info.alias or name for name, info in model.model_fields.items()}
+        else:
+            names.add(field.alias)
     for dependency in dependant.dependencies:
         names |= query_parameter_names(dependency)
     return names
@@ -42,8 +51,11 @@ class ContractRoute(APIRoute):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         body = self.body_field
-        if body is None:
-            self.media_types: frozenset[str] = frozenset()
+        raw = ((self.openapi_extra or {}).get("requestBody") or {}).get("content")
+        if raw:  # the endpoint reads the body itself: what it takes is what it documents
+            self.media_types: frozenset[str] = frozenset(raw)
+        elif body is None:
+            self.media_types = frozenset()
         elif isinstance(body.field_info, Form):  # File is a Form: multipart, or urlencoded without files
             self.media_types = frozenset({MULTIPART, URLENCODED})
         else:
@@ -51,7 +63,10 @@ class ContractRoute(APIRoute):
         self.query_names = frozenset(query_parameter_names(self.dependant))
 
     def _takes(self, scope: Scope) -> bool:
-        return not self.media_types or request_media_type(scope) in self.media_types
+        if not self.media_types:
+            return True
+        given = request_media_type(scope)
+        return given in self.media_types or f"{given.partition('/')[0]}/*" in self.media_types
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child_scope = super().matches(scope)

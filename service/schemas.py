@@ -113,6 +113,17 @@ class SearchForm(FormTags, SearchOptions):
     )
 
 
+class SearchParams(FormTags, SearchOptions):
+    """Search with the query image as the request body (`Content-Type: image/...`): the options
+    in the query string; tags as in a form (repeat the parameter or comma-separate)."""
+
+    tags: list[Tag] = Field(
+        default_factory=list,
+        max_length=32,
+        description="only images with all these tags (repeat the parameter or comma-separate)",
+    )
+
+
 class SearchQuery(SearchOptions):
     """JSON search: exactly one of `id` (a catalogue image) or `vector` (D floats, re-normalised)."""
 

@@ -1,8 +1,9 @@
-"""The one place an uploaded file is read: at most the limit plus one byte, then size-checked."""
+"""The one place an uploaded file or image body is read: never more than the limit plus one chunk,
+then size-checked."""
 
 from __future__ import annotations
 
-from fastapi import UploadFile
+from fastapi import Request, UploadFile
 
 from service.imaging import ImageRejected
 
@@ -16,3 +17,18 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     if not data:
         raise ImageRejected(f"{name} is empty (zero bytes)")
     return data
+
+
+async def read_body(request: Request, max_bytes: int, name: str = "request body") -> bytes:
+    """A raw request body (an image sent as `Content-Type: image/...`), with `read_upload`'s limits:
+    streamed, and refused (413) as soon as it passes `max_bytes`."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ImageRejected(f"{name} is larger than the limit of {max_bytes} bytes", 413)
+        chunks.append(chunk)
+    if not size:
+        raise ImageRejected(f"{name} is empty (zero bytes)")
+    return b"".join(chunks)

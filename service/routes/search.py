@@ -1,5 +1,6 @@
-"""POST /search: nearest catalogue images to an uploaded image (multipart), or to a catalogue id or
-a vector (JSON). Two routes on one path, split by media type (`ContractRoute`), one search core."""
+"""POST /search: nearest catalogue images to an uploaded image (multipart, or the image itself as
+the body), or to a catalogue id or a vector (JSON). Three routes on one path, split by media type
+(`ContractRoute`), one search core."""
 
 from __future__ import annotations
 
@@ -8,20 +9,40 @@ import base64
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File
+from fastapi import APIRouter, File, Query, Request
 
 from service.deps import AUTH_ERRORS, LoadedDep, ReadAccess, StateDep
 from service.engine import Loaded
 from service.errors import BadRequest
 from service.queries import query_vector
 from service.routing import ContractRoute
-from service.schemas import SearchForm, SearchHit, SearchOptions, SearchQuery, SearchResponse, error_responses
+from service.schemas import (
+    SearchForm,
+    SearchHit,
+    SearchOptions,
+    SearchParams,
+    SearchQuery,
+    SearchResponse,
+    error_responses,
+)
 from service.search import Timer, filtered_search
 from service.state import ServiceState
 from service.thumbnail_cache import Thumbnail
-from service.uploads import read_upload
+from service.uploads import read_body, read_upload
 
 router = APIRouter(tags=["search"], route_class=ContractRoute)
+IMAGE_BODY = {  # the image as the body: documented and enforced (415 otherwise) by ContractRoute
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "the query image; options as query parameters (k, label, tags, min_score, "
+                "thumbnails)",
+            }
+        },
+    }
+}
 PNG_DATA_URL = "data:image/png;base64,"
 SEARCH = {
     "summary": "Similar images",
@@ -132,3 +153,11 @@ async def search_by_image(
 ) -> SearchResponse:
     data = await read_upload(form.file, state.settings.MAX_UPLOAD_BYTES)
     return await run_search(state, loaded, form, data)
+
+
+@router.post("/search", **SEARCH, openapi_extra=IMAGE_BODY)
+async def search_by_image_body(
+    state: StateDep, loaded: LoadedDep, request: Request, options: Annotated[SearchParams, Query()]
+) -> SearchResponse:
+    data = await read_body(request, state.settings.MAX_UPLOAD_BYTES, "query image")
+    return await run_search(state, loaded, options, data)

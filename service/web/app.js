@@ -45,12 +45,16 @@ function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
 }
 
-async function api(path, { method = "GET", json, form, write = false, as = "json", signal,
+async function api(path, { method = "GET", json, form, blob, write = false, as = "json", signal,
                             timeoutMs = REQUEST_TIMEOUT_MS } = {}) {
   const headers = {};
   const key = apiKey();
   if (key && (write || state.config.reads_need_key)) headers["X-API-Key"] = key;
   let body = form;
+  if (blob !== undefined) { // a file sent as it is, typed by its own media type
+    headers["Content-Type"] = blob.type;
+    body = blob;
+  }
   if (json !== undefined) {
     headers["Content-Type"] = "application/json";
     body = JSON.stringify(json);
@@ -347,11 +351,14 @@ function searchRequest(filters, signal) {
   if (query.kind === "id") {
     return api("/search", { method: "POST", json: { id: query.id, ...options }, signal });
   }
-  const form = new FormData();
-  form.append("file", query.file, query.name);
-  for (const [name, value] of Object.entries(options)) {
-    form.append(name, Array.isArray(value) ? value.join(",") : String(value));
+  const fields = Object.entries(options).map(([name, value]) => [name, Array.isArray(value) ? value.join(",") : String(value)]);
+  if (query.file.type.startsWith("image/")) {
+    // The image itself as the body, options in the query string: nothing to build or parse.
+    return api(`/search?${new URLSearchParams(fields)}`, { method: "POST", blob: query.file, signal });
   }
+  const form = new FormData(); // a file the browser could not type: the service sniffs the bytes
+  form.append("file", query.file, query.name);
+  for (const [name, value] of fields) form.append(name, value);
   return api("/search", { method: "POST", form, signal });
 }
 

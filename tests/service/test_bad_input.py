@@ -135,6 +135,19 @@ class TestSearch:
         assert_error(client.post("/search", files=query, data={"k": "0"}), 422, "k")
         assert_error(client.post("/search", files=query, data={"k": "many"}), 422, "k")
 
+    def test_image_body_over_the_limits(self, client, stored_nothing) -> None:
+        noise = np.random.default_rng(1).integers(0, 255, (300, 300), dtype=np.uint8)
+        big = encoded(Image.fromarray(noise))
+        headers = {"content-type": "image/png"}
+        reply = client.post("/search", content=big, headers=headers)
+        assert_error(reply, 413, "limit", str(MAX_UPLOAD_BYTES))
+        bomb = encoded(Image.new("L", (4000, 4000)))
+        assert_error(client.post("/search", content=bomb, headers=headers), 413, "pixels", str(MAX_PIXELS))
+        # streamed without a Content-Length: cut off at the limit as it arrives
+        chunks = (big[i : i + 8192] for i in range(0, len(big), 8192))
+        assert_error(client.post("/search", content=chunks, headers=headers), 413, "limit")
+        assert_error(client.post("/search?k=0", content=GOOD, headers=headers), 422, "k")
+
     def test_vector_of_the_wrong_dimension(self, client) -> None:
         assert_error(search_json(client, {"vector": [1.0, 2.0, 3.0]}), 422, "dimension 3", "128")
 

@@ -211,7 +211,8 @@ def test_errors_are_documented_as_one_string(api: ApiView) -> None:
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
     search = api.operation("POST", "/search")["requestBody"]["content"]
-    assert set(search) == {"application/json", "multipart/form-data"}
+    assert set(search) == {"application/json", "multipart/form-data", "image/*"}
+    assert "query parameters" in search["image/*"]["description"]  # where a raw image's options go
     assert api.operation("GET", "/metrics")["responses"]["200"]["content"].keys() == {"text/plain"}
 
 

@@ -48,6 +48,52 @@ def test_search_by_id_and_by_vector_agree(catalogue: Catalogue) -> None:
     assert len(by_vector) == 8 and all(-1.0 <= r["score"] <= 1.0 for r in by_vector)
 
 
+def test_search_with_the_image_as_the_body_matches_multipart(catalogue: Catalogue) -> None:
+    """`Content-Type: image/png` with the options in the query string: the same search as multipart."""
+    image = catalogue.images[40]
+    options = {"k": "7", "tags": "fmnist", "thumbnails": "3"}
+    png = {"Content-Type": "image/png"}
+    raw = catalogue.client.post("/search", content=image, headers=png, params=options)
+    assert raw.status_code == 200, raw.text
+    form = search_file(catalogue, image, **options)
+    assert [(r["id"], r["score"]) for r in raw.json()["results"]] == [
+        (r["id"], pytest.approx(r["score"], abs=1e-5)) for r in form["results"]
+    ]
+    assert raw.json()["results"][0]["id"] == catalogue.ids[40]
+    inline = [r["thumbnail_data_url"] for r in raw.json()["results"]]
+    assert all(url.startswith("data:image/png;base64,") for url in inline[:3]) and inline[3:] == [None] * 4
+    # a label filter and repeated tags travel in the query string too
+    bag = catalogue.labels.index("Bag")
+    trousers = catalogue.client.post(
+        "/search",
+        content=catalogue.images[bag],
+        headers={"Content-Type": "image/png"},
+        params=[("k", "5"), ("label", "Trouser"), ("tags", "fmnist"), ("tags", "fmnist")],
+    )
+    assert trousers.status_code == 200, trousers.text
+    assert [r["label"] for r in trousers.json()["results"]] == ["Trouser"] * 5
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "params", "status", "message"),
+    [
+        (b"not an image at all", "image/png", {}, 422, "query image is not a readable image"),
+        (b"", "image/png", {}, 422, "query image is empty"),
+        (None, "image/png", {"k": "0"}, 422, "k"),
+        (None, "image/png", {"color": "red"}, 422, "color"),
+        (None, "text/plain", {}, 415, "image/*"),
+    ],
+)
+def test_search_with_an_image_body_refuses_bad_input(
+    catalogue: Catalogue, content: bytes | None, content_type: str, params: dict, status: int, message: str
+) -> None:
+    body = catalogue.images[0] if content is None else content
+    headers = {"Content-Type": content_type}
+    reply = catalogue.client.post("/search", content=body, headers=headers, params=params)
+    assert reply.status_code == status, reply.text
+    assert message in reply.text
+
+
 def test_label_and_tag_filters_grow_the_fetch(catalogue: Catalogue) -> None:
     # Query with a bag and ask only for trousers: the nearest trousers are far down the raw ranking.
     bag = catalogue.labels.index("Bag")
