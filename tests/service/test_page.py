@@ -193,6 +193,13 @@ def test_search_by_upload_then_more_like_this_and_classify(page: Page) -> None:
     assert [c["label"] for c in cards[:5]] == ["Trouser"] * 5
     assert [c["score"] for c in cards] == sorted((c["score"] for c in cards), reverse=True)
     assert page.driver.find_element(By.ID, "query-preview").is_displayed()
+    # the preview is set once the search answered (not while its request is in flight): it loads
+    wait_for(
+        page.driver,
+        lambda d: d.execute_script("return document.getElementById('query-image').naturalWidth") == 28,
+        "the query's preview",
+    )
+    assert text_of(page.driver, "query-caption").startswith(query_file.name)
     assert "server" in text_of(page.driver, "timing")
     thumbnails_shown = page.driver.execute_script(
         "return [...document.querySelectorAll('#results img')].slice(0, 12).every(i => i.naturalWidth > 0)"
