@@ -372,7 +372,7 @@ def append_results(block: str, section: str = SECTION) -> None:
         start = text.index(section) + len(section)
         next_section = text.find("\n## ", start)
         end = len(text) if next_section < 0 else next_section + 1
-        text = text[:end].rstrip("\n") + f"\n\n{block}\n" + text[end:]
+        text = text[:end].rstrip("\n") + f"\n\n{block}\n" + ("\n" if text[end:] else "") + text[end:]
     RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
