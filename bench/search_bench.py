@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="raw",
         help="load generator: pre-encoded requests on keep-alive sockets (raw, default) or httpx",
     )
+    parser.add_argument(
+        "--body",
+        choices=("image", "multipart"),
+        default="image",
+        help="the query as the request body (Content-Type: image/png, k in the query string; default) "
+        "or as a multipart form",
+    )
     parser.add_argument("--no-append", action="store_true", help=f"do not append to {RESULTS}")
     return parser.parse_args(argv)
 
@@ -168,6 +175,7 @@ async def load(
     count: int,
     max_s: float,
     k: int,
+    body: str,
 ) -> dict:
     """Latencies of up to `count` searches by `concurrency` workers, and the service's own stage timings."""
     latencies: list[float] = []
@@ -184,9 +192,7 @@ async def load(
                 data = queries[issued % len(queries)]
                 issued += 1
                 started = time.perf_counter()
-                reply = await client.post(
-                    "/search", files={"file": ("q.png", data, "image/png")}, data={"k": str(k)}
-                )
+                reply = await client.post("/search", **search_arguments(data, k, body))
                 elapsed = (time.perf_counter() - started) * 1000
                 if reply.status_code == 200:
                     latencies.append(elapsed)
@@ -196,7 +202,7 @@ async def load(
                     errors += 1
 
         for _ in range(min(20, count)):  # warm-up (connections, caches), not measured
-            await client.post("/search", files={"file": ("q.png", queries[0], "image/png")})
+            await client.post("/search", **search_arguments(queries[0], k, body))
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
@@ -204,6 +210,22 @@ async def load(
 
 
 BOUNDARY = "search-bench-7d1f0c"
+
+
+def search_arguments(image: bytes, k: int, body: str) -> dict:
+    """httpx arguments of an image search: the image as the body, or a multipart form."""
+    if body == "image":
+        return {"content": image, "headers": {"Content-Type": "image/png"}, "params": {"k": str(k)}}
+    return {"files": {"file": ("q.png", image, "image/png")}, "data": {"k": str(k)}}
+
+
+def image_search(host: str, image: bytes, k: int) -> bytes:
+    """The whole HTTP/1.1 request of an image search with the image as the body, encoded once."""
+    head = (
+        f"POST /search?k={k} HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: image/png\r\nContent-Length: {len(image)}\r\n\r\n"
+    )
+    return head.encode() + image
 
 
 def multipart_search(host: str, image: bytes, k: int) -> bytes:
@@ -240,12 +262,13 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def load_raw(
-    url: str, queries: list[bytes], concurrency: int, count: int, max_s: float, k: int
+    url: str, queries: list[bytes], concurrency: int, count: int, max_s: float, k: int, body: str
 ) -> dict:
     """As `load`, with pre-encoded requests on one keep-alive socket per worker."""
     host_port = url.removeprefix("http://")
     host, port = host_port.rsplit(":", 1)
-    requests = [multipart_search(host_port, query, k) for query in queries]
+    encode = image_search if body == "image" else multipart_search
+    requests = [encode(host_port, query, k) for query in queries]
     latencies: list[float] = []
     stages: dict[str, list[float]] = {}
     errors = issued = 0
@@ -324,7 +347,8 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict], d
         f"- command: `python bench/search_bench.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         f"- catalogue: {args.catalogue} Fashion-MNIST PNGs, flat index, k={args.k}, "
         f"{'MONGO_URI' if os.environ.get('MONGO_URI') else 'embedded SecantusDB'}, loopback HTTP, "
-        f"load generator: {args.client}",
+        f"load generator: {args.client}, the query "
+        + ("as the body" if args.body == "image" else "in a multipart form"),
         f"- encoder: {args.model or 'untrained ResNet-18 x0.25'}, served in its deploy form: {deploy}",
         "- floor: in-process decode + embed + FAISS search of one image, median of "
         f"{args.floor_repeats}, measured just before / just after the concurrency-1 level: "
@@ -413,7 +437,9 @@ def main(argv: list[str] | None = None) -> None:
                 if concurrency == 1:
                     floors.append(floor.median(queries, args.floor_repeats))
                 generator = load_raw if args.client == "raw" else load
-                level = generator(url, queries, concurrency, args.requests, args.max_seconds, args.k)
+                level = generator(
+                    url, queries, concurrency, args.requests, args.max_seconds, args.k, args.body
+                )
                 passes_before = forward_passes(url)
                 database_pid = database.process.pid if database is not None and database.process else None
                 pids = {"service": process.pid, "database": database_pid}
