@@ -142,17 +142,23 @@ class SearchQuery(SearchOptions):
         return self
 
 
-class ClassifyForm(BaseModel):
-    """`POST /classify`: the image, and optionally the vote's k and tau and how many voters to list."""
+class ClassifyOptions(BaseModel):
+    """`POST /classify` with the image as the body: the vote's k and tau and how many voters to
+    list, in the query string."""
 
     model_config = ConfigDict(extra="forbid")
 
-    file: UploadFile = Field(description="the image to classify")
     k: int | None = Field(None, ge=1, le=10000, description="neighbours that vote (default CLASSIFY_K=200)")
     tau: float | None = Field(None, gt=0, le=10, description="temperature (default CLASSIFY_TAU=0.07)")
     neighbours: int = Field(
         10, ge=0, le=1000, description="how many of the voting neighbours to list, best first"
     )
+
+
+class ClassifyForm(ClassifyOptions):
+    """`POST /classify` as multipart: the image in `file`, the same options as form fields."""
+
+    file: UploadFile = Field(description="the image to classify")
 
 
 # ----------------------------------------------------------------------------- responses

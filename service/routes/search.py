@@ -15,7 +15,7 @@ from service.deps import AUTH_ERRORS, LoadedDep, ReadAccess, StateDep
 from service.engine import Loaded
 from service.errors import BadRequest
 from service.queries import query_vector
-from service.routing import ContractRoute
+from service.routing import ContractRoute, image_body
 from service.schemas import (
     SearchForm,
     SearchHit,
@@ -31,18 +31,7 @@ from service.thumbnail_cache import Thumbnail
 from service.uploads import read_body, read_upload
 
 router = APIRouter(tags=["search"], route_class=ContractRoute)
-IMAGE_BODY = {  # the image as the body: documented and enforced (415 otherwise) by ContractRoute
-    "requestBody": {
-        "required": True,
-        "content": {
-            "image/*": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": "the query image; options as query parameters (k, label, tags, min_score, "
-                "thumbnails)",
-            }
-        },
-    }
-}
+
 PNG_DATA_URL = "data:image/png;base64,"
 SEARCH = {
     "summary": "Similar images",
@@ -155,7 +144,7 @@ async def search_by_image(
     return await run_search(state, loaded, form, data)
 
 
-@router.post("/search", **SEARCH, openapi_extra=IMAGE_BODY)
+@router.post("/search", **SEARCH, openapi_extra=image_body("k, label, tags, min_score, thumbnails"))
 async def search_by_image_body(
     state: StateDep, loaded: LoadedDep, request: Request, options: Annotated[SearchParams, Query()]
 ) -> SearchResponse:

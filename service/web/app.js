@@ -388,9 +388,13 @@ async function classifyRequest(signal) {
   const file = query.kind === "id"
     ? await api(`/images/${query.id}/content`, { as: "blob", signal })
     : query.file;
+  const neighbours = String(Math.min(state.config.classify_k, 1000)); // all voters, to count them
+  if (file.type.startsWith("image/")) {
+    return api(`/classify?neighbours=${neighbours}`, { method: "POST", blob: file, signal });
+  }
   const form = new FormData();
   form.append("file", file, query.kind === "id" ? `catalogue-${query.id}` : query.name);
-  form.append("neighbours", String(Math.min(state.config.classify_k, 1000))); // all voters, to count them
+  form.append("neighbours", neighbours);
   return api("/classify", { method: "POST", form, signal });
 }
 

@@ -213,6 +213,8 @@ def test_errors_are_documented_as_one_string(api: ApiView) -> None:
     search = api.operation("POST", "/search")["requestBody"]["content"]
     assert set(search) == {"application/json", "multipart/form-data", "image/*"}
     assert "query parameters" in search["image/*"]["description"]  # where a raw image's options go
+    classify = api.operation("POST", "/classify")["requestBody"]["content"]
+    assert set(classify) == {"multipart/form-data", "image/*"}
     assert api.operation("GET", "/metrics")["responses"]["200"]["content"].keys() == {"text/plain"}
 
 

@@ -74,6 +74,7 @@ def test_search_with_the_image_as_the_body_matches_multipart(catalogue: Catalogu
     assert [r["label"] for r in trousers.json()["results"]] == ["Trouser"] * 5
 
 
+@pytest.mark.parametrize("path", ["/search", "/classify"])
 @pytest.mark.parametrize(
     ("content", "content_type", "params", "status", "message"),
     [
@@ -84,12 +85,18 @@ def test_search_with_the_image_as_the_body_matches_multipart(catalogue: Catalogu
         (None, "text/plain", {}, 415, "image/*"),
     ],
 )
-def test_search_with_an_image_body_refuses_bad_input(
-    catalogue: Catalogue, content: bytes | None, content_type: str, params: dict, status: int, message: str
+def test_an_image_body_refuses_bad_input(
+    catalogue: Catalogue,
+    path: str,
+    content: bytes | None,
+    content_type: str,
+    params: dict,
+    status: int,
+    message: str,
 ) -> None:
     body = catalogue.images[0] if content is None else content
     headers = {"Content-Type": content_type}
-    reply = catalogue.client.post("/search", content=body, headers=headers, params=params)
+    reply = catalogue.client.post(path, content=body, headers=headers, params=params)
     assert reply.status_code == status, reply.text
     assert message in reply.text
 
@@ -133,6 +140,13 @@ def test_classify_uses_the_paper_defaults(catalogue: Catalogue) -> None:
     assert 1 <= len(probabilities) <= 5 and probabilities == sorted(probabilities, reverse=True)
     assert sum(probabilities) <= 1.0 + 1e-6
     assert body["label"] == body["probabilities"][0]["label"]
+    # the image as the body, options in the query string: the same vote
+    raw = catalogue.client.post(
+        "/classify", content=data, headers={"Content-Type": "image/png"}, params={"neighbours": "200"}
+    )
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["probabilities"] == every["probabilities"]
+    assert [n["id"] for n in raw.json()["neighbours"]] == [n["id"] for n in every["neighbours"]]
 
 
 def test_classify_beats_chance_by_far(catalogue: Catalogue) -> None:
