@@ -496,6 +496,7 @@ function buildResultCards(results) {
     if (rank >= 48) img.loading = "lazy";
     const url = result.thumbnail_data_url ?? result.thumbnail_url;
     if (rank < WAIT_FOR_THUMBNAILS) {
+      img.setAttribute("elementtiming", "thumbnail"); // when it was painted (bench/page_bench.py)
       showImage(img, url);
       images.push(img);
     } else {
