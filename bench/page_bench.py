@@ -5,7 +5,8 @@ What `make run` serves, in a temporary DATA_DIR: `python -m service.demo` (demo 
 Fashion-MNIST test images), then `python -m service` as its own process. Headless Chromium (Debian
 `chromium` + `chromium-driver`, Selenium) opens the page with a fresh profile; each round searches
 one new query image (Fashion-MNIST training images, not in the catalogue) through the page's file
-input, timed from the request to the first row of thumbnails on screen, and another new image
+input, timed from the request to the first rows' thumbnails decoded and in the page, and to their
+paint (Element Timing, from the file's choice: the frame that shows them), and another new image
 through the API (httpx, loopback: the same request as the page's, the PNG as the body, k=24),
 interleaved so both see the same load. The file is chosen by the page's own script (a `File` put
 in the input, then its `change` event), in the one WebDriver command that waits for the result:
