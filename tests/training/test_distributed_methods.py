@@ -71,6 +71,14 @@ def init(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
 
 
+def finish() -> None:
+    """Leave the group together: a rank that tears gloo down while the other still talks to it (the
+    store lives in rank 0) aborted rank 0 once under a loaded `make test` ("terminate called
+    without an active exception", SIGABRT)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- workers (run in each rank)
 
 
@@ -86,7 +94,7 @@ def _equivalence_worker(rank: int, port: int, out_dir: str, name: str) -> None:
     dist.all_gather(losses, torch.tensor([loss]))
     state = {k: v.clone() for k, v in method.state_dict().items()}
     torch.save({"loss": float(torch.cat(losses).mean()), "state": state}, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    finish()
 
 
 def _moco_queue_worker(rank: int, port: int, out_dir: str) -> None:
@@ -119,7 +127,7 @@ def _moco_queue_worker(rank: int, port: int, out_dir: str) -> None:
         },
         Path(out_dir) / f"rank{rank}.pt",
     )
-    dist.destroy_process_group()
+    finish()
 
 
 def _instdisc_bank_worker(rank: int, port: int, out_dir: str) -> None:
@@ -140,7 +148,7 @@ def _instdisc_bank_worker(rank: int, port: int, out_dir: str) -> None:
         },
         Path(out_dir) / f"rank{rank}.pt",
     )
-    dist.destroy_process_group()
+    finish()
 
 
 # ---------------------------------------------------------------- tests
