@@ -351,7 +351,8 @@ function setQueryFromId(id, caption) {
 
 /** Sets the query's preview once its search has answered (or failed), or after PREVIEW_AFTER_MS if
  * that is sooner: loading and painting it while the request was in flight delayed the results by
- * ~5 ms of ~30 on a one-CPU browser (page_bench), and a person looks for the results first. */
+ * 1.2-1.4 ms of ~25 on a one-CPU browser (A/B in bench/RESULTS.md, "Search page"), and a person
+ * looks for the results first. */
 const preview = { timer: 0, show: null };
 function previewAfterSearch(show) {
   clearTimeout(preview.timer); // a newer query's preview replaces one not yet shown
