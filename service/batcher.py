@@ -4,6 +4,11 @@ Requests queue while a batch is running; when it finishes, everything queued (up
 goes as the next batch. A lone request therefore starts at once (no added latency at
 concurrency 1) and under load batches form by themselves, without a fixed waiting window.
 An optional `max_wait_s` holds a batch open a little longer to collect more requests.
+
+`max_in_flight` batches may run at once, each on its own executor thread: the engine sets it to
+the thread pool's size when a forward pass runs on one intra-op thread (a small encoder,
+`service.engine.intra_op_threads`), so that under load every core computes a batch of its own,
+and to 1 when one pass already spreads over the cores.
 """
 
 from __future__ import annotations
@@ -26,20 +31,26 @@ class _Request:
 
 
 class EmbeddingBatcher:
-    def __init__(self, executor: Executor, max_batch: int = 64, max_wait_s: float = 0.0) -> None:
+    def __init__(
+        self, executor: Executor, max_batch: int = 64, max_wait_s: float = 0.0, max_in_flight: int = 1
+    ) -> None:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_in_flight = max_in_flight
         self._queue: list[_Request] = []
-        self._worker: asyncio.Task | None = None
+        self._workers: set[asyncio.Task] = set()  # each runs one batch at a time until the queue is empty
         self.batches_run = 0  # for tests and metrics: how many forward passes served the requests
 
     async def embed(self, encoder: Encoder, images: torch.Tensor) -> np.ndarray:
         """float32 NxD embeddings of uint8 NxCxSxS images, computed off the event loop."""
         request = _Request(encoder, images)
         self._queue.append(request)
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain())
+        # done(), not a done-callback: a worker that has just returned is done at once, while its
+        # callbacks wait for the loop's next turn (a request then would find no live worker).
+        self._workers = {worker for worker in self._workers if not worker.done()}
+        if len(self._workers) < self.max_in_flight:
+            self._workers.add(asyncio.create_task(self._drain()))
         return await request.future
 
     async def _drain(self) -> None:

@@ -49,6 +49,28 @@ class Loaded:
         return self.encoder.version
 
 
+# A forward pass on one intra-op thread up to this much work per image: each layer of a pass that
+# spreads over threads wakes them, which costs a small encoder more than it saves. Measured here
+# (bench/RESULTS.md, "One intra-op thread for small encoders"): single-image passes through the
+# service's pool at concurrency-1 pacing took 4.4-6.1 ms on one thread against 8.1 on two for the
+# demo encoder (29 MMACs), 14-17 against 21 ms for ResNet-18 x1 at 28 px (456 MMACs), and 82-90
+# against 55-73 ms at 96 px (5 GMACs), where two threads win.
+SINGLE_THREAD_MAX_MACS = 1_000_000_000
+
+
+def intra_op_threads(encoder: Encoder, configured: int, default: int) -> int:
+    """Torch threads for `encoder`'s forward passes: `configured` when set (> 0), else 1 for a
+    small encoder and `default` (torch's own choice, one per core) for a large one."""
+    if configured > 0:
+        return configured
+    return 1 if encoder.macs_per_image <= SINGLE_THREAD_MAX_MACS else default
+
+
+def _search(index: SearchIndex, queries: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    faiss.omp_set_num_threads(threads)
+    return index.search(queries, k)
+
+
 class NotReady(RuntimeError):
     """No model/index is loaded yet (message says why): HTTP 503."""
 
@@ -56,8 +78,10 @@ class NotReady(RuntimeError):
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._torch_threads = torch.get_num_threads()  # torch's default (one per core), before FAISS's
         # FAISS's idle OpenMP threads spin and starve torch's on a small machine (a 1-query search
-        # gains nothing from them); request concurrency comes from the thread pool instead.
+        # gains nothing from them); request concurrency comes from the thread pool instead. OpenMP
+        # counts threads per calling thread, so the pool's searches set it too (`search`).
         faiss.omp_set_num_threads(settings.FAISS_THREADS)
         self.store = open_store(settings.index_dir, settings.INDEX_STORAGE_URL)
         self.executor = ThreadPoolExecutor(settings.INFERENCE_THREADS, thread_name_prefix="inference")
@@ -103,6 +127,11 @@ class Engine:
         """CPU work (decoding, inference, FAISS) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
+    async def search(self, loaded: Loaded, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each NxK, of the loaded index for NxD `queries`, on a pool thread with
+        FAISS_THREADS OpenMP threads (that thread's count: the encoder sets its own before a pass)."""
+        return await self.run_in_thread(_search, loaded.index, queries, k, self.settings.FAISS_THREADS)
+
     def require(self) -> Loaded:
         loaded = self.loaded
         if loaded is None:
@@ -127,6 +156,9 @@ class Engine:
                 self.problem = f"index version {version} could not be loaded: {exc}"
                 log.error("%s", self.problem)
                 return False
+            # A pass on one thread leaves the pool's other threads to batches of their own.
+            threads = loaded.encoder.threads or 1
+            self.batcher.max_in_flight = max(1, self.settings.INFERENCE_THREADS // threads)
             previous, self.loaded, self.problem = self.loaded, loaded, None
             self._changed_at = None
             self._stop_compaction.set()  # a compaction of the previous index is wasted work now
@@ -137,6 +169,15 @@ class Engine:
             )  # fmt: skip
             return True
 
+    def _fit_threads(self, encoder: Encoder) -> None:
+        """Intra-op threads for this encoder's passes, which the encoder applies in whichever pool
+        thread runs one (OpenMP counts threads per calling thread)."""
+        encoder.threads = intra_op_threads(encoder, self.settings.INTRA_OP_THREADS, self._torch_threads)
+        log.info(
+            "model %s: %.0f MMACs per image, %d torch thread(s) per forward pass",
+            encoder.version, encoder.macs_per_image / 1e6, encoder.threads,
+        )  # fmt: skip
+
     def _load_version(self, version: str) -> Loaded:
         index = self.store.load(version)
         encoder_path = index.encoder_path
@@ -145,6 +186,7 @@ class Engine:
         encoder = load_deploy_encoder(encoder_path)  # folded eval graph, bf16 where within tolerance
         if encoder.embed_dim != index.dim:
             raise EncoderError(f"encoder dimension {encoder.embed_dim} != index dimension {index.dim}")
+        self._fit_threads(encoder)  # counts its work here, off the event loop (one pass of a blank image)
         return Loaded(encoder, index, version)
 
     async def _bootstrap(self) -> str | None:
@@ -342,3 +384,6 @@ class Engine:
         self._stop_compaction.set()
         self._compactor.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        # A pool thread's torch.set_num_threads also set the count new threads start with: put the
+        # process's default back for whatever runs after (tests run engines in-process).
+        torch.set_num_threads(self._torch_threads)

@@ -68,7 +68,7 @@ async def filtered_search(
     hits: list[Hit] = []
     while True:
         started = time.perf_counter()
-        scores, ids = await engine.run_in_thread(loaded.index.search, query.reshape(1, -1), fetch)
+        scores, ids = await engine.search(loaded, query.reshape(1, -1), fetch)
         timer.add("search", started)
         row_scores, row_ids = scores[0][seen:], ids[0][seen:]  # only the new tail of this round
         valid = row_ids >= 0

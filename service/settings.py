@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     )
     EMBED_BATCH_MAX: int = Field(64, ge=1, description="largest micro-batch of concurrent embeddings")
     INFERENCE_THREADS: int = Field(2, ge=1, description="thread pool for decode, inference and FAISS")
+    INTRA_OP_THREADS: int = Field(
+        0,
+        ge=0,
+        description="torch threads per forward pass; 0: 1 for an encoder of at most 1 GMAC per image "
+        "(waking more costs it more than they save; batches then run side by side, one per pool "
+        "thread), torch's default otherwise",
+    )
     FAISS_THREADS: int = Field(
         1, ge=1, description="OpenMP threads per FAISS call (1: no spin-wait contention with torch)"
     )

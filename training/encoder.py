@@ -17,8 +17,10 @@ Encoder file (`torch.save` of a dict, also the "encoder" entry of a training che
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -194,6 +196,35 @@ def save_encoder(path: str | os.PathLike, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def use_threads(count: int | None) -> None:
+    """Run this thread's torch operations on `count` intra-op threads (None: as they are)."""
+    if count is not None and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
+def multiply_accumulates(network: nn.Module, run: Callable[[], object]) -> int:
+    """Multiply-accumulates of `network`'s convolutions and linear layers while `run()` passes
+    through it: output elements x (input channels / groups) x kernel area, and output elements x
+    input features."""
+    total = 0
+
+    def count(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.modules.conv._ConvNd):
+            total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        else:
+            total += output.numel() * module.in_features
+
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    handles = [m.register_forward_hook(count) for m in network.modules() if isinstance(m, layers)]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
 class Encoder:
     """Inference wrapper: images in, L2-normalised float32 embeddings out."""
 
@@ -213,10 +244,26 @@ class Encoder:
         self.method: str = record["method"]
         self.metrics: dict[str, Any] = record.get("metrics", {})
         self._normalise = normaliser(record["mean"], record["std"], self.device)
+        # Intra-op threads for this encoder's passes, set in the thread that runs one (OpenMP keeps a
+        # count per calling thread); None leaves that thread's as it is. The service sizes it to
+        # the encoder (service.engine.intra_op_threads).
+        self.threads: int | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", amp: str = "none") -> Encoder:
         return cls(read_encoder_record(path), device, amp)
+
+    @functools.cached_property
+    def macs_per_image(self) -> int:
+        """Multiply-accumulates of one image's pass (convolutions and linear layers, counted on a
+        blank image): how much work a pass is, which decides how many threads are worth waking."""
+        blank = torch.zeros(1, self.in_channels, self.input_size, self.input_size, dtype=torch.uint8)
+        with torch.inference_mode():
+            return multiply_accumulates(self.network, lambda: self._eager_pass(blank.to(self.device)))
+
+    def _eager_pass(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NxCxSxS -> NxD through the network's own modules (what `macs_per_image` hooks)."""
+        return self.network(self._normalise(images))
 
     def prepare(self, source: bytes | str | os.PathLike, max_pixels: int | None = None) -> torch.Tensor:
         """Decode one image (bytes or path) into the uint8 CxSxS tensor `embed` takes."""
@@ -225,6 +272,7 @@ class Encoder:
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """images: uint8 NxCxSxS (as from `prepare`). Returns float32 NxD, rows L2-normalised."""
+        use_threads(self.threads)
         out = []
         for start in range(0, images.shape[0], batch_size):
             batch = self._normalise(images[start : start + batch_size])

@@ -52,7 +52,7 @@ from torch import nn
 
 from index.rwlock import ReadWriteLock
 from index.store import INFERENCE_ENCODER_FILE
-from training.encoder import Encoder, EncoderError, read_encoder_record, save_encoder
+from training.encoder import Encoder, EncoderError, read_encoder_record, save_encoder, use_threads
 from training.models import build_embedding_network
 from training.models.whitening import Whitening
 
@@ -229,6 +229,7 @@ class InferenceEncoder(Encoder):
         self.version = record["version"]  # the source encoder's: the same model, served faster
         self.method = record["method"]
         self.metrics = record.get("metrics", {})
+        self.threads: int | None = None  # as Encoder.threads
         shape = (1, self.in_channels, 1, 1)
         # Normalisation folded into one multiply-add in the network's dtype: x * a + b.
         std = torch.tensor(record["std"], dtype=torch.float64).view(shape)
@@ -248,9 +249,13 @@ class InferenceEncoder(Encoder):
         """The eager module from uint8 pixels to normalised embeddings (what `scripted` traces)."""
         return self._path
 
+    def _eager_pass(self, images: torch.Tensor) -> torch.Tensor:
+        return self._path(images)
+
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """images: uint8 NxCxSxS. Returns float32 NxD, rows L2-normalised."""
+        use_threads(self.threads)
         out = []
         # No profiling executor: same speed here, and no slow first calls at each new batch size.
         with FX_TRACE_LOCK.read(), torch.jit.optimized_execution(False):

@@ -13,7 +13,14 @@ from torch import nn
 from index.search_index import SearchIndex
 from index.store import INFERENCE_ENCODER_FILE, IndexStore
 from service.demo import DEMO_ENCODER
-from training.encoder import Encoder, make_encoder_record, read_encoder_record, save_encoder
+from service.random_model import write_random_encoder
+from training.encoder import (
+    Encoder,
+    make_encoder_record,
+    multiply_accumulates,
+    read_encoder_record,
+    save_encoder,
+)
 from training.inference import (
     TOLERANCE,
     InferenceEncoder,
@@ -187,3 +194,27 @@ def test_a_path_that_does_not_trace_is_deployed_without_a_scripted_form(
     fast = InferenceEncoder(deployed)
     assert fast.scripted is None
     np.testing.assert_allclose(fast.embed(held_out[:8]), Encoder(record).embed(held_out[:8]), atol=1e-4)
+
+
+def test_multiply_accumulates_follow_the_direct_formula() -> None:
+    network = nn.Sequential(
+        nn.Conv2d(3, 8, kernel_size=3, padding=1),  # 8x10x10 outputs x 3x3x3 each
+        nn.Conv2d(8, 8, kernel_size=(1, 3), padding=(0, 1), groups=4),  # 8x10x10 x (8/4)x1x3
+        nn.Flatten(),
+        nn.Linear(800, 5),  # 5 outputs x 800 inputs
+    )
+    images = torch.zeros(2, 3, 10, 10)
+    expected_per_image = 800 * 27 + 800 * 6 + 5 * 800
+    assert multiply_accumulates(network, lambda: network(images)) == 2 * expected_per_image
+    assert not network[0]._forward_hooks  # the counting hooks are gone
+
+
+def test_the_deploy_form_counts_the_training_graphs_work(tmp_path: Path) -> None:
+    encoder = Encoder.load(DEMO_ENCODER)
+    deployed = InferenceEncoder(inference_record(read_encoder_record(DEMO_ENCODER), "bfloat16"))
+    # ResNet-18 x0.25 with the small stem at 28 px: tens of millions, folding and bf16 change nothing.
+    assert 10e6 < encoder.macs_per_image < 100e6
+    assert deployed.macs_per_image == encoder.macs_per_image
+    wide = Encoder.load(write_random_encoder(tmp_path / "wide.pt", width=1.0, input_size=56))
+    # Width x4 is 16x the channel products; 56 px is 4x the positions.
+    assert 50 < wide.macs_per_image / encoder.macs_per_image < 80
