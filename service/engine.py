@@ -51,10 +51,10 @@ class Loaded:
 
 # A forward pass on one intra-op thread up to this much work per image: each layer of a pass that
 # spreads over threads wakes them, which costs a small encoder more than it saves. Measured here
-# (bench/RESULTS.md, "One intra-op thread for small encoders"): single-image passes through the
-# service's pool at concurrency-1 pacing took 4.4-6.1 ms on one thread against 8.1 on two for the
-# demo encoder (29 MMACs), 14-17 against 21 ms for ResNet-18 x1 at 28 px (456 MMACs), and 82-90
-# against 55-73 ms at 96 px (5 GMACs), where two threads win.
+# (bench/intra_op_threads.py; bench/RESULTS.md, "One intra-op thread for small encoders"): one image
+# per pass through a two-thread pool at concurrency-1 pacing took 4.2 ms on one thread against 6.5
+# on two for the demo encoder (29 MMACs), 15.7 against 20.5 ms for ResNet-18 x1 at 28 px (456
+# MMACs), and 75.9 against 49.1 ms at 96 px (5 GMACs), where two threads win.
 SINGLE_THREAD_MAX_MACS = 1_000_000_000
 
 
