@@ -42,11 +42,12 @@ sys.path.insert(0, str(REPO))
 
 from index.search_index import SearchIndex  # noqa: E402
 from service.embedded_db import EmbeddedDatabase, free_port  # noqa: E402
+from service.engine import intra_op_threads  # noqa: E402
 from service.random_model import write_random_encoder  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.service.service_helpers import fashion_mnist, png_bytes  # noqa: E402
 from training.encoder import Encoder  # noqa: E402
-from training.inference import calibration_images, write_inference_encoder  # noqa: E402
+from training.inference import calibration_images, load_deploy_encoder, write_inference_encoder  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Service: POST /search (bench/search_bench.py)"
@@ -416,7 +417,14 @@ def main(argv: list[str] | None = None) -> None:
         # Its deploy form next to it, as a refresh or the demo writes it: what the service runs.
         served = data_dir / "model.pt"
         deploy = write_inference_encoder(served, calibration_images(DATA, served))
-        deploy_form = f"{deploy['dtype']}, {'TorchScript' if deploy.get('scripted') else 'eager'}"
+        settings = Settings()  # the service's, environment included
+        threads = intra_op_threads(
+            load_deploy_encoder(served), settings.INTRA_OP_THREADS, torch.get_num_threads()
+        )
+        deploy_form = (
+            f"{deploy['dtype']}, {'TorchScript' if deploy.get('scripted') else 'eager'}; {threads} torch "
+            f"thread(s) per pass, up to {max(1, settings.INFERENCE_THREADS // threads)} batch(es) at once"
+        )
         print(f"deploy form: {deploy_form}")
         floor = Floor(model, count, args.k)
         floors: list[float] = []
