@@ -14,6 +14,7 @@ cores at 16.
 
     python bench/search_bench.py                     # defaults below; appends to bench/RESULTS.md
     python bench/search_bench.py --catalogue 5000 --requests 500 --no-append
+    python bench/search_bench.py --concurrency 1 16 --rounds 5   # the 16/1 ratio, round by round
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="image",
         help="the query as the request body (Content-Type: image/png, k in the query string; default) "
         "or as a multipart form",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the levels this many times against the same service, one after the other, so a "
+        "busy machine's slow phases fall on every level alike; the ratio of the highest level's "
+        "requests/s to concurrency 1's is then given per round and as the median (default 1)",
     )
     parser.add_argument("--no-append", action="store_true", help=f"do not append to {RESULTS}")
     return parser.parse_args(argv)
@@ -352,18 +361,20 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict], d
         + ("as the body" if args.body == "image" else "in a multipart form"),
         f"- encoder: {args.model or 'untrained ResNet-18 x0.25'}, served in its deploy form: {deploy}",
         "- floor: in-process decode + embed + FAISS search of one image, median of "
-        f"{args.floor_repeats}, measured just before / just after the concurrency-1 level: "
+        f"{args.floor_repeats}, measured just before / just after each concurrency-1 level: "
         f"{' / '.join(f'{f:.2f}' for f in floors_ms)} ms, using **{floor_ms:.2f} ms**",
         f"- the service's own stage medians at concurrency 1 (timing_ms): {stages} ms",
         "",
-        "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | requests/s | images per forward pass "
+        f"| {'round | ' if args.rounds > 1 else ''}concurrency | requests | errors | p50 ms | p95 ms "
+        "| p99 ms | requests/s | images per forward pass "
         "| CPU ms per request: service / database / load generator |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:" * (9 + (args.rounds > 1)) + "|",
     ]
     for row in rows:
         cpu = " / ".join(f"{row['cpu_ms'][name]:.1f}" for name in ("service", "database", "client"))
         lines.append(
-            f"| {row['concurrency']} | {row['requests']} | {row['errors']} | {row['p50']:.2f} "
+            f"| {str(row['round']) + ' | ' if args.rounds > 1 else ''}"
+            f"{row['concurrency']} | {row['requests']} | {row['errors']} | {row['p50']:.2f} "
             f"| {row['p95']:.2f} | {row['p99']:.2f} | {row['rps']:.1f} | {row['batch']:.2f} | {cpu} |"
         )
     compute = (
@@ -376,7 +387,7 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict], d
         f"**{first['p50'] / compute if first and compute else float('nan'):.2f}x** "
         "(the same ratio with the floor measured inside the server, robust to a busy machine)",
     ]
-    busiest = max(rows, key=lambda row: row["concurrency"]) if rows else None
+    busiest = max(rows, key=lambda row: row["concurrency"]) if rows else None  # the first round's
     if first and busiest is not first:
         busy_stages = ", ".join(f"{k} {v:.2f}" for k, v in busiest["stages"].items())
         lines.append(f"stage medians at concurrency {busiest['concurrency']} (timing_ms): {busy_stages} ms")
@@ -384,8 +395,26 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict], d
             f"requests/s at concurrency {busiest['concurrency']} / at 1: "
             f"**{busiest['rps'] / first['rps']:.2f}x** (goal >= 3x at 16)"
         )
+        if args.rounds > 1:
+            ratios = round_ratios(rows, busiest["concurrency"])
+            lines.append(
+                f"the same ratio in each round: {', '.join(f'{r:.2f}' for r in ratios)}x; "
+                f"median **{statistics.median(ratios):.2f}x**"
+            )
     lines.append("")
     return "\n".join(lines)
+
+
+def round_ratios(rows: list[dict], concurrency: int) -> list[float]:
+    """requests/s at `concurrency` / at 1, within each round that has both levels."""
+    by_round: dict[int, dict[int, float]] = {}
+    for row in rows:
+        by_round.setdefault(row["round"], {})[row["concurrency"]] = row["rps"]
+    return [
+        levels[concurrency] / levels[1]
+        for levels in by_round.values()
+        if 1 in levels and concurrency in levels
+    ]
 
 
 def append_results(block: str, section: str = SECTION) -> None:
@@ -441,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             wait_ready(url, process)
             ingest(url, pngs, label_names)
-            for concurrency in args.concurrency:
+            levels = [(r + 1, c) for r in range(args.rounds) for c in args.concurrency]
+            for round_number, concurrency in levels:
                 if concurrency == 1:
                     floors.append(floor.median(queries, args.floor_repeats))
                 generator = load_raw if args.client == "raw" else load
@@ -463,8 +493,10 @@ def main(argv: list[str] | None = None) -> None:
                 if concurrency == 1:
                     floors.append(floor.median(queries, args.floor_repeats))
                     print(f"floor (in-process decode + embed + search) before / after: {floors} ms")
+                row["round"] = round_number
                 rows.append(row)
                 print(
+                    f"{f'round {round_number}, ' if args.rounds > 1 else ''}"
                     f"concurrency {concurrency:>2}: p50 {row['p50']:.2f} ms, p95 {row['p95']:.2f} ms, "
                     f"p99 {row['p99']:.2f} ms, {row['rps']:.1f} req/s, {row['errors']} errors"
                 )
