@@ -9,6 +9,8 @@ neighbours' cosines are and the kNN top-1 at other vote temperatures.
     python bench/whitening_study.py runs/glyph8/simclr/encoder.pt --data folder:/tmp/glyphs/test \
         --train-data folder:/tmp/glyphs/train
 
+`--dims 64 128 256` adds the whitening that keeps only the first D principal directions.
+
 An encoder that is already whitened is studied on its features before the whitening; `--pixels`
 studies the raw pixels (flattened, L2-normalised) instead of an encoder:
 
@@ -60,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="query set (and the precision@10 catalogue)")
     parser.add_argument("--train-data", required=True, help="memory set (whitening fitted here, no labels)")
     parser.add_argument("--queries", type=int, default=1000, help="precision@10 queries from the memory set")
+    parser.add_argument(
+        "--dims",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also whiten keeping only the first D principal directions (powers 0.5 and 1), e.g. 64 128 256",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--name", help="the encoder's name in the JSON (default: its path)")
     args = parser.parse_args(argv)
@@ -79,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     classes = memory.num_classes
     searches = torch.randperm(len(memory), generator=torch.Generator().manual_seed(0))[: args.queries]
 
-    def whitened(power: float) -> Transform:
-        whitening = Whitening.fitted(memory_x, power)
+    def whitened(power: float, out_dim: int | None = None) -> Transform:
+        whitening = Whitening.fitted(memory_x, power, out_dim)
         return lambda x: F.normalize(whitening(x), dim=1)
 
     variants: dict[str, Transform] = {"as is": lambda x: x}
     variants["centred"] = lambda x: F.normalize(x - memory_x.mean(0), dim=1)
     for power in (0.25, 0.5, 1.0):
         variants[f"PCA-whitened, power {power}"] = whitened(power)
+    for power in (0.5, 1.0) if args.dims else ():
+        for dim in args.dims:
+            variants[f"PCA-whitened, power {power}, first {dim} directions"] = whitened(power, dim)
     source = args.encoder or "pixels"
     print(f"{source}: memory {memory.name} ({len(memory)}), queries {queries.name} ({len(queries)})")
     columns = ["embedding", "kNN top-1", "precision@10", "cosine to the 1st / 200th neighbour"]
