@@ -3,8 +3,9 @@
     python bench/inference_bench.py [--encoder service/assets/demo-encoder.pt] [--batch 1 8 64 256]
 
 For each batch size: the training graph (`training.encoder.Encoder`, fp32, BatchNorm separate) and
-the deploy-time form (`training.inference`, folded, channels-last, bf16 where within tolerance),
-both through their `embed` (uint8 in, normalised float32 out, as the service calls them).
+the deploy-time form (`training.inference`, folded, channels-last, bf16 where within tolerance and
+faster) in each runtime it was stored for (ONNX Runtime, TorchScript, eager), all through `embed`
+(uint8 in, normalised float32 out, as the service calls them).
 Throughput is measured two ways: CPU seconds of the calling thread with torch on one thread
 (robust to other jobs on a shared machine) and wall clock with all threads. The agreement (cosine,
 top-10 overlap) is measured on held-out Fashion-MNIST test images.
@@ -21,6 +22,7 @@ import torch
 
 from training.encoder import Encoder, read_encoder_record
 from training.inference import (
+    RUNTIMES,
     InferenceEncoder,
     build_inference_encoder,
     calibration_images,
@@ -53,12 +55,18 @@ def main() -> None:
     images = calibration_images(args.data, args.encoder, 2000)
     deployed = build_inference_encoder(record, images)
     exact, fast = Encoder(record), InferenceEncoder(deployed)
-    eager = InferenceEncoder({**deployed, "scripted": None})  # the same form without its TorchScript
+    # Every form of the chosen record, the one that serves first: how much each runtime gives.
+    forms = {f"{fast.runtime} {deployed['dtype']}": fast}
+    for runtime in RUNTIMES:
+        form = InferenceEncoder({**deployed, "runtime": runtime})
+        if form.runtime == runtime:
+            forms.setdefault(f"{runtime} {deployed['dtype']}", form)
     agreement = measure_agreement(exact, fast, images)
     print(f"encoder {record['version']} ({record['network']['arch']}, {record['input_size']} px)")
     print(
         f"deploy form: {deployed['dtype']}, {len(deployed['folded'])} batchnorms folded, channels-last, "
-        f"{'TorchScript' if fast.scripted is not None else 'eager'}"
+        f"served by {fast.runtime}; timed at publish (ms for a pass of 1 + a pass of 8, one thread): "
+        + ", ".join(f"{name} {ms}" for name, ms in deployed.get("timings_ms", {}).items())
     )
     print(
         f"agreement on {agreement.images} held-out images ({agreement.queries} queries): mean cosine "
@@ -67,29 +75,34 @@ def main() -> None:
         f"identical top-10 {agreement.top10_identical:.1%}"
     )
     threads = torch.get_num_threads()
+    names = list(forms)
     print(
-        "| batch | training graph fp32 img/s (1 thread, CPU s) | deploy form img/s (1 thread, CPU s) | ratio "
-        "| deploy form without TorchScript img/s (1 thread, CPU s) "
-        f"| training graph img/s ({threads} threads, wall) | deploy form img/s (wall) | ratio |"
+        "| batch | training graph fp32 img/s (1 thread, CPU s) | "
+        + " | ".join(f"{name} img/s (1 thread, CPU s)" for name in names)
+        + f" | served / training graph | training graph img/s ({threads} threads, wall) "
+        "| served img/s (wall) | ratio |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:" * (len(names) + 6) + "|")
     for batch in args.batch:
         x = images[:batch]
         torch.set_num_threads(1)
-        cpu = [rate(e, x, args.seconds, time.thread_time) for e in (exact, fast, eager)]
+        cpu = [rate(e, x, args.seconds, time.thread_time) for e in (exact, *forms.values())]
         torch.set_num_threads(threads)
         wall = [rate(e, x, args.seconds, time.perf_counter) for e in (exact, fast)]
         print(
-            f"| {batch} | {cpu[0]:.0f} | {cpu[1]:.0f} | {cpu[1] / cpu[0]:.2f}x | {cpu[2]:.0f} "
-            f"| {wall[0]:.0f} | {wall[1]:.0f} | {wall[1] / wall[0]:.2f}x |"
+            f"| {batch} | {cpu[0]:.0f} | "
+            + " | ".join(f"{value:.0f}" for value in cpu[1:])
+            + f" | {cpu[1] / cpu[0]:.2f}x | {wall[0]:.0f} | {wall[1]:.0f} | {wall[1] / wall[0]:.2f}x |"
         )
     for count in sorted({1, threads}):
         torch.set_num_threads(count)
-        eager_ms, scripted_ms = (beside_python(e, images[:6], args.seconds) for e in (eager, fast))
+        for form in forms.values():
+            form.threads = count
+        passes = {name: beside_python(form, images[:6], args.seconds) for name, form in forms.items()}
         print(
             f"one pass of 6 images beside a thread running Python (as the service's event loop under "
-            f"load), {count} torch thread(s), wall ms: without TorchScript {eager_ms:.1f}, "
-            f"deploy form {scripted_ms:.1f}"
+            f"load), {count} torch thread(s), wall ms: "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in passes.items())
         )
     torch.set_num_threads(threads)
 

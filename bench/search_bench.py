@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             load_deploy_encoder(served), settings.INTRA_OP_THREADS, torch.get_num_threads()
         )
         deploy_form = (
-            f"{deploy['dtype']}, {'TorchScript' if deploy.get('scripted') else 'eager'}; {threads} torch "
+            f"{deploy['dtype']}, {deploy['runtime']}; {threads} intra-op "
             f"thread(s) per pass, up to {max(1, settings.INFERENCE_THREADS // threads)} batch(es) at once"
         )
         print(f"deploy form: {deploy_form}")

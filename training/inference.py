@@ -21,6 +21,12 @@ Three changes, none of which alters what the network computes beyond a stated to
    holding the GIL for up to the switch interval each time) a 6-image pass took 566 ms instead of
    5 ms; the traced one 40 ms. It is also 1.1-1.5x faster alone, and its output is checked
    identical to the eager form's. A network that does not trace is served eagerly.
+5. The fp32 path is also exported to ONNX (`onnx`, training/onnx_runner.py): ONNX Runtime runs
+   the demo encoder's single-image pass in 0.7 ms against 3-4.5 ms in TorchScript. Which form
+   serves (`runtime`: onnxruntime, torchscript or eager, in fp32 or bf16) is chosen at publish by
+   timing each on one thread at the service's batch sizes (1 and 8 images; `timings_ms`), so a
+   CPU where bf16 TorchScript beats fp32 ONNX Runtime keeps it. At load every stored form is
+   checked against the eager one and the next one serves when it does not load or disagrees.
 
 The inference file (`torch.save` of a dict, format INFERENCE_FORMAT) holds the original encoder
 record's fields, the folded state_dict, the list of folded (layer, batchnorm) pairs, the dtype and
@@ -34,12 +40,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import logging
 import os
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,14 +60,19 @@ from torch import nn
 
 from index.rwlock import ReadWriteLock
 from index.store import INFERENCE_ENCODER_FILE
+from training import onnx_runner
 from training.encoder import Encoder, EncoderError, read_encoder_record, save_encoder, use_threads
 from training.models import build_embedding_network
 from training.models.whitening import Whitening
+from training.onnx_runner import OnnxRunner
+from training.precision import cpu_has_native_bf16
 
 log = logging.getLogger("training.inference")
 INFERENCE_FORMAT = "ssl-retrieval/inference-encoder/v1"
 SCRIPT_EXAMPLE_BATCH = 6  # traced at this batch size; the graph serves any batch size
-SCRIPT_AGREEMENT = 1e-5  # largest |difference| from the eager form that a scripted form may show
+SCRIPT_AGREEMENT = 1e-5  # largest |difference| from the eager form that a stored form may show
+RUNTIMES = ("onnxruntime", "torchscript", "eager")  # preference when a record names none it can use
+TIMED_BATCHES = (1, 8)  # the service's passes: one image at low load, a few at high load
 FOLDABLE = {
     nn.Conv1d: nn.BatchNorm1d,
     nn.Conv2d: nn.BatchNorm2d,
@@ -197,11 +210,10 @@ def keep_float32(network: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
 
 
 def native_bf16() -> bool:
-    """True when this CPU computes bf16 natively (oneDNN with AVX-512 BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """True when this CPU computes bf16 natively (AVX-512 BF16 or AMX), as `--amp auto` decides.
+    Not oneDNN's own `_is_mkldnn_bf16_supported()`: that is true on any AVX-512 CPU, where bf16 is
+    emulated and 2x slower than fp32 at the service's batch sizes (bench/RESULTS.md)."""
+    return cpu_has_native_bf16()
 
 
 class InferenceEncoder(Encoder):
@@ -237,9 +249,20 @@ class InferenceEncoder(Encoder):
         self._scale = (1.0 / (255.0 * std)).to(self.device, torch.float32)
         self._offset = (-mean / std).to(self.device, torch.float32)
         self._mean, self._std = mean.float().to(self.device), std.float().to(self.device)
-        # Built once: the eager path (what `scripted` traces), and the traced one when stored.
+        # Built once: the eager path (what the stored forms were made from), then the first stored
+        # form, in the order the record prefers, that loads and computes what the eager path does.
         self._path = EmbeddingPath(self.network, self._scale, self._offset, self.dtype).eval()
-        self.scripted = self._load_scripted(record.get("scripted"))
+        self.onnx: OnnxRunner | None = None
+        self.scripted: torch.jit.ScriptModule | None = None
+        preferred = record.get("runtime")
+        for runtime in sorted(RUNTIMES, key=lambda runtime: runtime != preferred):  # stable
+            if runtime == "onnxruntime" and self.device.type == "cpu":
+                self.onnx = self._load_onnx(record.get("onnx"))
+            elif runtime == "torchscript":
+                self.scripted = self._load_scripted(record.get("scripted"))
+            if runtime == "eager" or self.onnx is not None or self.scripted is not None:
+                self.runtime = runtime
+                break
 
     @property
     def agreement(self) -> dict[str, Any] | None:
@@ -259,13 +282,32 @@ class InferenceEncoder(Encoder):
         out = []
         # No profiling executor: same speed here, and no slow first calls at each new batch size.
         with FX_TRACE_LOCK.read(), torch.jit.optimized_execution(False):
-            run = self.scripted if self.scripted is not None else self._path
+            run = self._runner()
             for start in range(0, images.shape[0], batch_size):
                 batch = images[start : start + batch_size].to(self.device, non_blocking=True)
                 out.append(run(batch).cpu())
         if not out:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         return torch.cat(out).numpy()
+
+    def _runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.onnx is not None:
+            return functools.partial(self.onnx, threads=self.threads)
+        return self.scripted if self.scripted is not None else self._path
+
+    def _load_onnx(self, data: bytes | None) -> OnnxRunner | None:
+        """The stored ONNX form in ONNX Runtime, if it is installed, loads and agrees; else None."""
+        if not data or not onnx_runner.available():
+            return None
+        try:
+            runner = OnnxRunner(data)
+        except Exception as exc:  # damaged, or from an opset this runtime lacks: another form serves
+            log.warning("encoder %s: its ONNX form does not load (%s)", self.version, exc)
+            return None
+        if not form_agrees(self._path, runner, self.in_channels, self.input_size, self.device):
+            log.warning("encoder %s: its ONNX form disagrees with the eager form", self.version)
+            return None
+        return runner
 
     def _load_scripted(self, data: bytes | None) -> torch.jit.ScriptModule | None:
         """The stored TorchScript form, if there is one and it still computes what the eager form
@@ -280,7 +322,7 @@ class InferenceEncoder(Encoder):
                 "encoder %s: its scripted form does not load (%s); using the eager form", self.version, exc
             )
             return None
-        if not scripted_agrees(self._path, scripted, self.in_channels, self.input_size, self.device):
+        if not form_agrees(self._path, scripted, self.in_channels, self.input_size, self.device):
             log.warning(
                 "encoder %s: its scripted form disagrees with the eager form; using the eager form",
                 self.version,
@@ -318,16 +360,21 @@ class EmbeddingPath(nn.Module):
         return F.normalize(self.network(x).float(), dim=1)  # NxD
 
 
-def scripted_agrees(
-    path: nn.Module, scripted: torch.jit.ScriptModule, channels: int, size: int, device: torch.device
+def form_agrees(
+    path: nn.Module,
+    form: Callable[[torch.Tensor], torch.Tensor],
+    channels: int,
+    size: int,
+    device: torch.device,
 ) -> bool:
-    """Whether `scripted` reproduces `path` on seeded random images, within SCRIPT_AGREEMENT."""
+    """Whether a stored `form` (TorchScript, ONNX Runtime) reproduces `path` on seeded random
+    images, within SCRIPT_AGREEMENT."""
     generator = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 256, (3, channels, size, size), dtype=torch.uint8, generator=generator).to(
         device
     )
     with torch.inference_mode(), torch.jit.optimized_execution(False):
-        difference = (path(probe) - scripted(probe)).abs().max().item()
+        difference = (path(probe) - form(probe)).abs().max().item()
     return difference <= SCRIPT_AGREEMENT
 
 
@@ -339,7 +386,7 @@ def script_embedding(encoder: InferenceEncoder) -> bytes:
     ).to(encoder.device)
     with FX_TRACE_LOCK.read(), torch.inference_mode(), torchscript():
         traced = torch.jit.trace(path, example, check_trace=False)
-    if not scripted_agrees(path, traced, encoder.in_channels, encoder.input_size, encoder.device):
+    if not form_agrees(path, traced, encoder.in_channels, encoder.input_size, encoder.device):
         raise EncoderError("the traced embedding path disagrees with the eager one")
     buffer = io.BytesIO()
     with torchscript():
@@ -406,33 +453,110 @@ def build_inference_encoder(
     tolerance: Tolerance = TOLERANCE,
     allow_bf16: bool = True,
 ) -> dict[str, Any]:
-    """The inference record to deploy: bf16 when the CPU has it natively and the embeddings of the
-    held-out `calibration` images (uint8 NxCxSxS) stay within `tolerance`; otherwise fp32 folded.
+    """The inference record to deploy: folded fp32 with its TorchScript and ONNX forms, or bf16 with
+    its TorchScript form when the CPU computes bf16 natively, the embeddings of the held-out
+    `calibration` images (uint8 NxCxSxS) stay within `tolerance` and it runs faster here.
     Without calibration images (or with fewer than MIN_CALIBRATION_IMAGES) no reduced precision is
     trusted."""
     exact = Encoder(record)
+    fp32 = inference_record(record, "float32")
+    if calibration is not None:
+        agreement = measure_agreement(exact, InferenceEncoder(fp32), calibration)
+        fp32["agreement"] = {**asdict(agreement), "tolerance": asdict(tolerance)}
+    candidates = [with_forms(fp32)]
     enough = calibration is not None and calibration.shape[0] >= MIN_CALIBRATION_IMAGES
     if enough and allow_bf16 and native_bf16():
-        candidate = inference_record(record, "bfloat16")
-        agreement = measure_agreement(exact, InferenceEncoder(candidate), calibration)
-        candidate["agreement"] = {**asdict(agreement), "tolerance": asdict(tolerance)}
+        bf16 = inference_record(record, "bfloat16")
+        agreement = measure_agreement(exact, InferenceEncoder(bf16), calibration)
+        bf16["agreement"] = {**asdict(agreement), "tolerance": asdict(tolerance)}
         if agreement.within(tolerance):
-            return with_script(candidate)
-    chosen = inference_record(record, "float32")
-    if calibration is not None:
-        agreement = measure_agreement(exact, InferenceEncoder(chosen), calibration)
-        chosen["agreement"] = {**asdict(agreement), "tolerance": asdict(tolerance)}
-    return with_script(chosen)
+            candidates.append(with_forms(bf16))
+    return fastest_form(candidates)
 
 
-def with_script(record: dict[str, Any]) -> dict[str, Any]:
-    """`record` with its embedding path's TorchScript form (`scripted`) added, or as it is when the
-    path does not trace faithfully: a speed-up must never stop a publish."""
+def with_forms(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with the stored forms of its embedding path: TorchScript (`scripted`) and, in fp32,
+    ONNX (`onnx`), each added only when it exports and computes what the eager path does: a speed-up
+    must never stop a publish."""
+    encoder = InferenceEncoder(record)
+    forms: dict[str, Any] = {}
     try:
-        return {**record, "scripted": script_embedding(InferenceEncoder(record))}
+        forms["scripted"] = script_embedding(encoder)
     except (EncoderError, RuntimeError) as exc:
-        log.warning("encoder %s: no TorchScript form (%s); it is served eagerly", record.get("version"), exc)
-        return record
+        log.warning("encoder %s: no TorchScript form (%s)", record.get("version"), exc)
+    if record["dtype"] == "float32" and onnx_runner.available():
+        try:
+            forms["onnx"] = onnx_embedding(encoder)
+        except Exception as exc:  # the exporter raises its own error types, not only RuntimeError
+            log.warning("encoder %s: no ONNX form (%s)", record.get("version"), exc)
+    if not forms:
+        log.warning("encoder %s: it is served eagerly", record.get("version"))
+    return {**record, **forms}
+
+
+def onnx_embedding(encoder: InferenceEncoder) -> bytes:
+    """The ONNX form of `encoder`'s embedding path (exported, checked in ONNX Runtime)."""
+    example = torch.zeros(
+        SCRIPT_EXAMPLE_BATCH, encoder.in_channels, encoder.input_size, encoder.input_size, dtype=torch.uint8
+    )
+    with FX_TRACE_LOCK.read():
+        model = onnx_runner.export_onnx(encoder.path(), example)
+    if not form_agrees(
+        encoder.path(), OnnxRunner(model), encoder.in_channels, encoder.input_size, encoder.device
+    ):
+        raise EncoderError("the ONNX embedding path disagrees with the eager one")
+    return model
+
+
+def fastest_form(candidates: list[dict[str, Any]], budget_s: float = 3.0) -> dict[str, Any]:
+    """The candidate record, with `runtime` set, whose stored form embeds fastest here: each form
+    that loads is timed on one thread at TIMED_BATCHES, alternating, median of the rounds that fit in
+    `budget_s` (at least 3); the figures go into the record as `timings_ms`. The eager form is not
+    a contender (timed alone it can win, but beside the event loop it waits for the GIL at every
+    layer): it serves only where nothing was stored."""
+    forms = [
+        (index, runtime, InferenceEncoder({**record, "runtime": runtime}))
+        for index, record in enumerate(candidates)
+        for runtime in ("onnxruntime", "torchscript")
+    ]
+    forms = [(i, runtime, encoder) for i, runtime, encoder in forms if encoder.runtime == runtime]
+    if not forms:
+        return {**candidates[0], "runtime": "eager"}
+    samples: dict[tuple[int, str], list[float]] = {(i, runtime): [] for i, runtime, _ in forms}
+    threads = torch.get_num_threads()
+    try:
+        for encoder in (encoder for _, _, encoder in forms):
+            encoder.threads = 1
+        start, rounds = time.perf_counter(), 0
+        generator = torch.Generator().manual_seed(0)
+        first = forms[0][2]
+        batches = [
+            torch.randint(
+                0,
+                256,
+                (n, first.in_channels, first.input_size, first.input_size),
+                dtype=torch.uint8,
+                generator=generator,
+            )
+            for n in TIMED_BATCHES
+        ]
+        for _, _, encoder in forms:  # warm: first calls allocate and plan
+            encoder.embed(batches[0])
+        while rounds < 3 or (time.perf_counter() - start < budget_s and rounds < 15):
+            for i, runtime, encoder in forms:
+                began = time.perf_counter()
+                for batch in batches:
+                    encoder.embed(batch)
+                samples[(i, runtime)].append((time.perf_counter() - began) * 1e3)
+            rounds += 1
+    finally:
+        torch.set_num_threads(threads)
+    medians = {key: float(np.median(values)) for key, values in samples.items()}
+    best_index, best_runtime = min(medians, key=medians.__getitem__)
+    timings = {
+        f"{runtime} {candidates[i]['dtype']}": round(ms, 3) for (i, runtime), ms in sorted(medians.items())
+    }
+    return {**candidates[best_index], "runtime": best_runtime, "timings_ms": timings}
 
 
 def write_inference_encoder(
@@ -500,7 +624,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     agreement = record.get("agreement") or {}
     print(
-        f"{record['version']}: {record['dtype']}, {len(record['folded'])} batchnorms folded"
+        f"{record['version']}: {record['dtype']}, {len(record['folded'])} batchnorms folded, served by "
+        f"{record['runtime']} ("
+        + ", ".join(f"{name} {ms} ms" for name, ms in record.get("timings_ms", {}).items())
+        + ")"
         + (
             f"; mean cosine {agreement['mean_cosine']:.5f}, min {agreement['min_cosine']:.4f}, "
             f"top-10 overlap {agreement['top10_overlap']:.4f} "
