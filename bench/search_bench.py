@@ -387,6 +387,16 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict], d
         f"**{first['p50'] / compute if first and compute else float('nan'):.2f}x** "
         "(the same ratio with the floor measured inside the server, robust to a busy machine)",
     ]
+    if args.rounds > 1:
+        own = [
+            row["p50"] / sum(row["stages"].get(k, 0.0) for k in ("decode", "embed", "search"))
+            for row in rows
+            if row["concurrency"] == 1
+        ]
+        lines.append(
+            f"the same ratio in each round: {', '.join(f'{r:.2f}' for r in own)}x; "
+            f"median **{statistics.median(own):.2f}x**"
+        )
     busiest = max(rows, key=lambda row: row["concurrency"]) if rows else None  # the first round's
     if first and busiest is not first:
         busy_stages = ", ".join(f"{k} {v:.2f}" for k, v in busiest["stages"].items())
@@ -401,20 +411,46 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict], d
                 f"the same ratio in each round: {', '.join(f'{r:.2f}' for r in ratios)}x; "
                 f"median **{statistics.median(ratios):.2f}x**"
             )
+        cores = len(os.sched_getaffinity(0))
+        ceilings = [
+            ratio_ceiling(low, high, cores) for low, high in round_pairs(rows, busiest["concurrency"])
+        ]
+        used = [
+            high["rps"] * sum(high["cpu_ms"].values()) / 1000 / cores
+            for _, high in round_pairs(rows, busiest["concurrency"])
+        ]
+        lines.append(
+            f"ceiling of that ratio on {cores} cores (cores x mean latency at 1 / CPU ms per request at "
+            f"{busiest['concurrency']}, all three processes), per round: "
+            f"{', '.join(f'{c:.2f}' for c in ceilings)}x; the cores busy at {busiest['concurrency']}: "
+            f"{', '.join(f'{u:.0%}' for u in used)}"
+        )
     lines.append("")
     return "\n".join(lines)
 
 
-def round_ratios(rows: list[dict], concurrency: int) -> list[float]:
-    """requests/s at `concurrency` / at 1, within each round that has both levels."""
-    by_round: dict[int, dict[int, float]] = {}
+def round_pairs(rows: list[dict], concurrency: int) -> list[tuple[dict, dict]]:
+    """(the row at concurrency 1, the row at `concurrency`) of each round that has both levels."""
+    by_round: dict[int, dict[int, dict]] = {}
     for row in rows:
-        by_round.setdefault(row["round"], {})[row["concurrency"]] = row["rps"]
+        by_round.setdefault(row["round"], {})[row["concurrency"]] = row
     return [
-        levels[concurrency] / levels[1]
+        (levels[1], levels[concurrency])
         for levels in by_round.values()
         if 1 in levels and concurrency in levels
     ]
+
+
+def round_ratios(rows: list[dict], concurrency: int) -> list[float]:
+    """requests/s at `concurrency` / at 1, within each round that has both levels."""
+    return [high["rps"] / low["rps"] for low, high in round_pairs(rows, concurrency)]
+
+
+def ratio_ceiling(low: dict, high: dict, cores: int) -> float:
+    """The most that requests/s at high concurrency / at 1 can be here: one request at a time
+    takes the mean latency 1/rps; with every core busy, requests/s is at most cores / (the CPU
+    each request costs the service, the database and the load generator together)."""
+    return cores * (1000 / low["rps"]) / sum(high["cpu_ms"].values())
 
 
 def append_results(block: str, section: str = SECTION) -> None:
