@@ -13,6 +13,8 @@ from PIL import Image
 from pymongo import MongoClient
 from service_helpers import fashion_mnist_pngs, png_bytes, running_service, service_settings
 
+from service.queries import small_enough_to_decode_inline
+
 MAX_UPLOAD_BYTES = 50_000
 MAX_PIXELS = 1_000_000
 
@@ -199,6 +201,17 @@ class TestSearch:
         )
         bomb = encoded(Image.new("L", (4000, 4000)))
         assert_error(client.post("/classify", files={"file": ("q.png", bomb, "image/png")}), 413, "pixels")
+        # Small enough to be decoded on the event loop (their headers are whole): the same errors.
+        cut = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
+        assert small_enough_to_decode_inline(cut[: len(cut) // 2]) and small_enough_to_decode_inline(GOOD)
+        corrupt = bytearray(GOOD)
+        corrupt[40:80] = bytes(40)  # the IDAT data no longer inflates
+        for data in (cut[: len(cut) // 2], bytes(corrupt)):
+            for path in ("/search", "/classify"):
+                assert_error(
+                    client.post(path, content=data, headers={"content-type": "image/png"}), 422, "query image"
+                )
+        assert not small_enough_to_decode_inline(bomb)  # declares 16M pixels: decoded off the loop
 
     def test_classify_parameters(self, client) -> None:
         query = {"file": ("q.png", GOOD, "image/png")}
