@@ -2,17 +2,18 @@
 
     python -m training.inference ENCODER.pt [--data fashion-mnist:test] [--out encoder.inference.pt]
 
-Three changes, none of which alters what the network computes beyond a stated tolerance:
+Five changes, none of which alters what the network computes beyond a stated tolerance:
 1. Every BatchNorm that directly follows a convolution or a linear layer (and is its only user) is
    folded into it: y = gamma (Wx + b - mu) / sqrt(var + eps) + beta is a convolution with weights
    W * s and bias (b - mu) * s + beta, s = gamma / sqrt(var + eps) (the structural
    re-parameterisation of RepVGG). In fp32 this is exact up to rounding (tested to 1e-5).
 2. The graph is fixed in eval mode (no running-statistics updates, no dropout).
 3. Channels-last layout; bf16 weights and activations where the CPU computes bf16 natively
-   (AVX-512 BF16 / AMX) and the embeddings stay within TOLERANCE of the fp32 training graph,
-   measured on held-out images: mean cosine, worst cosine and the overlap of each query's top-10
-   neighbours (bf16 queries against both a bf16 and an fp32 database, since a published index may
-   hold fp32 vectors).
+   (AVX-512 BF16 / AMX, from the CPU flags as for `--amp auto`; elsewhere oneDNN emulates bf16,
+   slower than fp32), it is the faster form (5. below), and the embeddings stay within TOLERANCE
+   of the fp32 training graph, measured on held-out images: mean cosine, worst cosine and the
+   overlap of each query's top-10 neighbours (bf16 queries against both a bf16 and an fp32
+   database, since a published index may hold fp32 vectors).
    Otherwise the folded graph stays in fp32.
 4. The whole path from uint8 pixels to the normalised embedding (scaling, the network, L2
    normalisation) is also traced to TorchScript and stored with the record (`scripted`): the
@@ -525,7 +526,7 @@ def fastest_form(candidates: list[dict[str, Any]], budget_s: float = 3.0) -> dic
     samples: dict[tuple[int, str], list[float]] = {(i, runtime): [] for i, runtime, _ in forms}
     threads = torch.get_num_threads()
     try:
-        for encoder in (encoder for _, _, encoder in forms):
+        for _, _, encoder in forms:
             encoder.threads = 1
         start, rounds = time.perf_counter(), 0
         generator = torch.Generator().manual_seed(0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import threading
 import warnings
 from collections.abc import Iterator
@@ -29,7 +28,6 @@ try:  # optional at run time: without it the TorchScript form serves
 except ImportError:  # pragma: no cover - the project installs it
     onnxruntime = None
 
-log = logging.getLogger("training.onnx_runner")
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 OPSET = 17
 
