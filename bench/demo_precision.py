@@ -7,6 +7,7 @@ service's flat index) with the query's class. `--pixels` gives the raw-pixel ref
 
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt
     python bench/demo_precision.py --pixels
+    python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --queries 1000 --by-class
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import argparse
 import json
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.data.datasets import load_dataset
+from training.data.datasets import FASHION_MNIST_CLASSES, load_dataset
 from training.encoder import Encoder
 
 
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--by-class",
+        action="store_true",
+        help="also a table: precision per query class and its most frequent wrong neighbour",
+    )
     args = parser.parse_args(argv)
     catalogue = load_dataset("fashion-mnist:test", 28)
     queries = load_dataset("fashion-mnist", 28).subset(args.queries, seed=args.seed)
@@ -52,7 +59,26 @@ def main(argv: list[str] | None = None) -> int:
         f"precision@{args.k}": round(same.float().mean().item(), 4),
     }
     print(json.dumps(result))
+    if args.by_class:
+        print_by_class(catalogue.labels[top], queries.labels, args.k)
     return 0
+
+
+def print_by_class(found: torch.Tensor, labels: torch.Tensor, k: int) -> None:
+    """found: QxK labels of each query's results; labels: Q."""
+    same = (found == labels.unsqueeze(1)).float()  # QxK
+    print(f"| class | queries | precision@{k} | most frequent wrong neighbour (share of results) |")
+    print("|---|---:|---:|---|")
+    for c, name in enumerate(FASHION_MNIST_CLASSES):
+        rows = labels == c
+        counts = np.bincount(found[rows].flatten().numpy(), minlength=len(FASHION_MNIST_CLASSES))
+        counts[c] = 0
+        worst = int(counts.argmax())
+        share = counts[worst] / max(1, int(rows.sum()) * k)
+        precision = same[rows].mean().item()
+        print(
+            f"| {name} | {int(rows.sum())} | {precision:.3f} | {FASHION_MNIST_CLASSES[worst]} ({share:.2f}) |"
+        )
 
 
 if __name__ == "__main__":
