@@ -8,7 +8,7 @@ SINGLE_THREAD_MAX_MACS per image on one thread (waking a second one at every lay
 pass more than it saves) and lets its batches run side by side instead.
 
     mkdir -p /tmp/demo && cp service/assets/demo-encoder.pt /tmp/demo/model.pt
-    python -m training.inference /tmp/demo/model.pt --data fashion-mnist:test   # bf16, as served
+    python -m training.inference /tmp/demo/model.pt --data fashion-mnist:test   # the form the service runs
     python -m service.random_model --width 1.0 /tmp/w1/model.pt
     python -m training.inference /tmp/w1/model.pt
     python -m service.random_model --width 1.0 --input-size 96 /tmp/w96/model.pt
