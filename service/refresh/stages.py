@@ -205,8 +205,9 @@ def run_refresh(config: RunConfig, options: RefreshOptions) -> int:
                     vectors, data.ids.numpy(), model_version, data.labels.numpy(), data.class_names or None
                 ),
             )
-            # The deploy-time form the service will run (bf16 if held-out images stay within
-            # tolerance); index.store copies it into the version with the encoder.
+            # The deploy-time form the service will run (the fastest of ONNX Runtime, TorchScript,
+            # and bf16 where native and within tolerance on held-out images); index.store copies
+            # it into the version with the encoder.
             write_inference_encoder(encoder_path, data.subset(CALIBRATION_IMAGES).images)
             state.record("embed", {"vectors": len(data), "model_version": model_version})
             say(f"embedded {len(data)} catalogue images with {model_version}")
