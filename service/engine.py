@@ -174,8 +174,9 @@ class Engine:
         thread runs one (OpenMP counts threads per calling thread)."""
         encoder.threads = intra_op_threads(encoder, self.settings.INTRA_OP_THREADS, self._torch_threads)
         log.info(
-            "model %s: %.0f MMACs per image, %d torch thread(s) per forward pass",
+            "model %s: %.0f MMACs per image, %d intra-op thread(s) per forward pass in %s",
             encoder.version, encoder.macs_per_image / 1e6, encoder.threads,
+            getattr(encoder, "runtime", "the training graph"),
         )  # fmt: skip
 
     def _load_version(self, version: str) -> Loaded:
@@ -183,7 +184,7 @@ class Engine:
         encoder_path = index.encoder_path
         if encoder_path is None:
             raise EncoderError(f"index version {version} has no encoder file")
-        encoder = load_deploy_encoder(encoder_path)  # folded eval graph, bf16 where within tolerance
+        encoder = load_deploy_encoder(encoder_path)  # folded eval graph in its fastest stored form
         if encoder.embed_dim != index.dim:
             raise EncoderError(f"encoder dimension {encoder.embed_dim} != index dimension {index.dim}")
         self._fit_threads(encoder)  # counts its work here, off the event loop (one pass of a blank image)

@@ -242,7 +242,7 @@ class InferenceEncoder(Encoder):
         self.version = record["version"]  # the source encoder's: the same model, served faster
         self.method = record["method"]
         self.metrics = record.get("metrics", {})
-        self.threads: int | None = None  # as Encoder.threads
+        self._threads: int | None = None  # as Encoder.threads
         shape = (1, self.in_channels, 1, 1)
         # Normalisation folded into one multiply-add in the network's dtype: x * a + b.
         std = torch.tensor(record["std"], dtype=torch.float64).view(shape)
@@ -264,6 +264,17 @@ class InferenceEncoder(Encoder):
             if runtime == "eager" or self.onnx is not None or self.scripted is not None:
                 self.runtime = runtime
                 break
+
+    @property
+    def threads(self) -> int | None:
+        """Intra-op threads per pass (None: the calling thread's torch count), as Encoder.threads."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, count: int | None) -> None:
+        self._threads = count
+        if self.onnx is not None and count is not None:
+            self.onnx.session(count)  # built now (the service sets it at load), not in a search
 
     @property
     def agreement(self) -> dict[str, Any] | None:
@@ -305,7 +316,8 @@ class InferenceEncoder(Encoder):
         except Exception as exc:  # damaged, or from an opset this runtime lacks: another form serves
             log.warning("encoder %s: its ONNX form does not load (%s)", self.version, exc)
             return None
-        if not form_agrees(self._path, runner, self.in_channels, self.input_size, self.device):
+        one_thread = functools.partial(runner, threads=1)  # the session built with it; others when set
+        if not form_agrees(self._path, one_thread, self.in_channels, self.input_size, self.device):
             log.warning("encoder %s: its ONNX form disagrees with the eager form", self.version)
             return None
         return runner

@@ -77,6 +77,12 @@ class OnnxRunner:
         self._lock = threading.Lock()
         self.session(1)  # a model that does not load fails here, not at the first search
 
+    @property
+    def thread_counts(self) -> list[int]:
+        """The intra-op thread counts that have a session already."""
+        with self._lock:
+            return sorted(self._sessions)
+
     def session(self, threads: int) -> onnxruntime.InferenceSession:
         with self._lock:
             if threads not in self._sessions:

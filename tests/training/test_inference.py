@@ -221,6 +221,18 @@ def test_each_stored_form_computes_the_eager_path_and_an_unusable_one_falls_back
     assert not np.allclose(expected, eager, atol=1e-3)  # the change was real
 
 
+def test_an_onnx_session_is_built_when_threads_are_set_not_at_the_first_pass(held_out: torch.Tensor) -> None:
+    deployed = build_inference_encoder(read_encoder_record(DEMO_ENCODER), None)
+    fast = InferenceEncoder({**deployed, "runtime": "onnxruntime"})
+    assert fast.runtime == "onnxruntime" and fast.onnx.thread_counts == [1]  # built at load
+    fast.threads = 3  # as the service does after loading a version
+    assert fast.onnx.thread_counts == [1, 3]
+    with torch.inference_mode():
+        eager = fast.path()(held_out[:16]).numpy()
+    np.testing.assert_allclose(fast.embed(held_out[:16]), eager, atol=1e-6)
+    assert fast.onnx.thread_counts == [1, 3]  # the pass used the session built for it
+
+
 def test_without_onnx_runtime_the_torchscript_form_serves(
     held_out: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
