@@ -26,7 +26,7 @@ INLINE_DECODE_MAX_PIXELS = 64 * 64
 INLINE_DECODE_MAX_BYTES = 64 * 1024
 
 
-def _decode_for_model(data: bytes, max_bytes: int, max_pixels: int, channels: int, size: int):
+def decode_for_model(data: bytes, max_bytes: int, max_pixels: int, channels: int, size: int):
     decoded = decode_image(data, max_bytes, max_pixels, "query image")
     return model_input(decoded.image, channels, size)[None]  # 1xCxSxS
 
@@ -74,9 +74,9 @@ async def query_vector(engine: Engine, db: Database, loaded: Loaded, query: Any,
     started = time.perf_counter()
     decode_args = (data, max_bytes, settings.MAX_PIXELS, encoder.in_channels, encoder.input_size)
     if small_enough_to_decode_inline(data):
-        images = _decode_for_model(*decode_args)
+        images = decode_for_model(*decode_args)
     else:
-        images = await engine.run_in_thread(_decode_for_model, *decode_args)
+        images = await engine.run_in_thread(decode_for_model, *decode_args)
     timer.add("decode", started)
     started = time.perf_counter()
     vector = await engine.embed(loaded, images)  # 1xD
