@@ -26,7 +26,9 @@ from training.inference import (
     InferenceEncoder,
     build_inference_encoder,
     calibration_images,
+    inference_record,
     measure_agreement,
+    with_forms,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,11 +51,21 @@ def main() -> None:
     parser.add_argument("--data", default="fashion-mnist:test", help="held-out images (calibration)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="measure the form in this dtype instead of the one publishing would choose (e.g. bf16 on a "
+        "CPU that only emulates it)",
+    )
     args = parser.parse_args()
 
     record = read_encoder_record(args.encoder)
     images = calibration_images(args.data, args.encoder, 2000)
-    deployed = build_inference_encoder(record, images)
+    if args.dtype:
+        candidate = with_forms(inference_record(record, args.dtype))
+        deployed = {**candidate, "runtime": "onnxruntime" if "onnx" in candidate else "torchscript"}
+    else:
+        deployed = build_inference_encoder(record, images)
     exact, fast = Encoder(record), InferenceEncoder(deployed)
     # Every form of the chosen record, the one that serves first: how much each runtime gives.
     forms = {f"{fast.runtime} {deployed['dtype']}": fast}
