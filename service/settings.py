@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     INTRA_OP_THREADS: int = Field(
         0,
         ge=0,
-        description="torch threads per forward pass; 0: 1 for an encoder of at most 1 GMAC per image "
-        "(waking more costs it more than they save; batches then run side by side, one per pool "
-        "thread), torch's default otherwise",
+        description="threads per forward pass (torch's or ONNX Runtime's); 0: 1 for an encoder of at "
+        "most 1 GMAC per image (batches then run side by side, one per pool thread; more threads "
+        "gain only by spinning on the other core), torch's default otherwise",
     )
     FAISS_THREADS: int = Field(
         1, ge=1, description="OpenMP threads per FAISS call (1: no spin-wait contention with torch)"
