@@ -412,13 +412,9 @@ def report(args: argparse.Namespace, floors_ms: list[float], rows: list[dict], d
                 f"median **{statistics.median(ratios):.2f}x**"
             )
         cores = len(os.sched_getaffinity(0))
-        ceilings = [
-            ratio_ceiling(low, high, cores) for low, high in round_pairs(rows, busiest["concurrency"])
-        ]
-        used = [
-            high["rps"] * sum(high["cpu_ms"].values()) / 1000 / cores
-            for _, high in round_pairs(rows, busiest["concurrency"])
-        ]
+        pairs = round_pairs(rows, busiest["concurrency"])
+        ceilings = [ratio_ceiling(low, high, cores) for low, high in pairs]
+        used = [high["rps"] * sum(high["cpu_ms"].values()) / 1000 / cores for _, high in pairs]
         lines.append(
             f"ceiling of that ratio on {cores} cores (cores x mean latency at 1 / CPU ms per request at "
             f"{busiest['concurrency']}, all three processes), per round: "
