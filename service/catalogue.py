@@ -1,12 +1,16 @@
 """The catalogue write and read paths: image bytes in GridFS, one record per image in `images`.
 
-`store_image` is the one function that stores "an image + its record", shared by `POST /images`
-and `python -m service.ingest`. Write order (a crash loses nothing and leaves no orphan that the
-reconcile step cannot repair): GridFS bytes, then the record with status "pending"; the caller
-then adds the vector to the index and only then marks the record "indexed", storing the vector
-with it (`vector`: float32 little-endian bytes, tagged by the record's `model_version`). Replicas
-add a record from its stored vector instead of embedding its bytes again (service.watcher); the
-vector never leaves the service (`public_record`, `RECORD_PROJECTION`).
+`store_prepared_many` is the one function that stores "images + their records", shared by
+`POST /images` and `python -m service.ingest`. Write order (a crash loses nothing and leaves no
+orphan that the reconcile step cannot repair): GridFS bytes, then the records, then the index.
+A record is written with its vector when the caller embedded the image first (`Embedded`: status
+"indexed", `vector` as float32 little-endian bytes, tagged by `model_version`), so storing an image
+costs the database inserts only; the caller then adds the vectors to the index. A crash between
+the record and the index leaves a record that the index lacks, which reconcile adds from its
+stored vector (the index's id set, not `status`, is the truth about what is indexed). Without a
+model loaded the record is written "pending" and indexed later (reconcile, then `mark_indexed`).
+Replicas add a record from its stored vector instead of embedding its bytes again
+(service.watcher); the vector never leaves the service (`public_record`, `RECORD_PROJECTION`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ class Limits:
     thumbnail_size: int
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """Vectors computed before their records are written: row i for the i-th image, tagged by the
+    model that computed them and the index version they are added to."""
+
+    vectors: np.ndarray  # NxD float32
+    model_version: str
+    index_version: str
+
+
 @dataclass
 class StoredImage:
     record: dict[str, Any]
@@ -80,7 +94,8 @@ def prepare_image(data: bytes, filename: str, limits: Limits) -> PreparedImage:
 
 
 async def store_prepared(db: Database, prepared: PreparedImage, metadata: ImageMetadata) -> StoredImage:
-    """Store bytes + thumbnail + a pending record; the same bytes again return the existing record."""
+    """Store bytes + thumbnail + a pending record (indexed later: reconcile or `mark_indexed`); the
+    same bytes again return the existing record."""
     return (await store_prepared_many(db, [prepared], [metadata]))[0]
 
 
@@ -102,9 +117,11 @@ def _gridfs_documents(image_id: int, filename: str, data: bytes, media_type: str
     return files, chunks
 
 
-def _record(image_id: int, prepared: PreparedImage, metadata: ImageMetadata) -> dict[str, Any]:
+def _record(
+    image_id: int, prepared: PreparedImage, metadata: ImageMetadata, embedded: Embedded | None, row: int
+) -> dict[str, Any]:
     decoded = prepared.decoded
-    return {
+    record = {
         "_id": image_id,
         "filename": prepared.filename,
         "sha256": decoded.sha256,
@@ -120,6 +137,14 @@ def _record(image_id: int, prepared: PreparedImage, metadata: ImageMetadata) -> 
         "model_version": None,
         "index_version": None,
     }
+    if embedded is not None:
+        record |= {
+            "status": INDEXED,
+            "model_version": embedded.model_version,
+            "index_version": embedded.index_version,
+            VECTOR: encode_vector(embedded.vectors[row]),
+        }
+    return record
 
 
 TRANSIENT = (AutoReconnect, NetworkTimeout)  # the write may or may not have been applied
@@ -174,13 +199,20 @@ async def _insert_records(db: Database, records: list[dict[str, Any]]) -> dict[s
 
 
 async def store_prepared_many(
-    db: Database, prepared: list[PreparedImage], metadata: list[ImageMetadata]
+    db: Database,
+    prepared: list[PreparedImage],
+    metadata: list[ImageMetadata],
+    embedded: Embedded | None = None,
 ) -> list[StoredImage]:
     """`store_prepared` for a batch, in a handful of round trips whatever its size: one query for
     the hashes already stored, one block of ids, then bulk inserts in the crash-safe order (bytes,
-    thumbnails, then the pending records: see `sweep_orphans`). Duplicates within the batch are
-    stored once. Safe to retry after a timeout: ids are fresh per call, so a duplicate key is our
-    own earlier write."""
+    thumbnails, then the records: see `sweep_orphans`). With `embedded` (row i for prepared[i])
+    new records carry their vectors and are written "indexed"; the caller adds them to the index
+    next (an existing record is returned as it is: the caller decides). Duplicates within the batch
+    are stored once. Safe to retry after a timeout: ids are fresh per call, so a duplicate key is
+    our own earlier write."""
+    if embedded is not None and len(embedded.vectors) != len(prepared):
+        raise ValueError(f"{len(prepared)} images but {len(embedded.vectors)} vectors")
     if not prepared:
         return []
     shas = [p.decoded.sha256 for p in prepared]
@@ -203,7 +235,7 @@ async def store_prepared_many(
                 files, chunks = _gridfs_documents(image_id, name, data, media_type)
                 documents[bucket][0].append(files)
                 documents[bucket][1].extend(chunks)
-            records[shas[i]] = _record(image_id, item, metadata[i])
+            records[shas[i]] = _record(image_id, item, metadata[i], embedded, i)
         for bucket, (files, chunks) in documents.items():
             # Files document first, then chunks: a chunk always has its files document, so the
             # orphan sweep finds every leftover by scanning files documents alone. Nobody reads the

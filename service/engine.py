@@ -95,6 +95,9 @@ class Engine:
         # Held while the index is mutated or written to disk, so a publish never sees half an add.
         self.mutation_lock = asyncio.Lock()
         self._changed_at: float | None = None  # monotonic time of the first unpublished change
+        # Calls of `remove` so far: a writer that adds ids after their records exist compares it
+        # before and after, to learn whether a delete may have run before its add (see indexing).
+        self.removals = 0
         self._last_change: float = 0.0
         # Set by service.replica: whether this process may republish now (it holds the publisher
         # lease), and what every republished version records (lease term, change-stream token).
@@ -245,6 +248,7 @@ class Engine:
             return [ids[i] for i in keep]
 
     async def remove(self, ids: list[int]) -> int:
+        self.removals += 1  # counted whatever it removes: a no-op may be a delete that came too early
         loaded = self.loaded
         if loaded is None or not ids:
             return 0

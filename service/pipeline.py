@@ -1,16 +1,15 @@
 """A bounded pipeline for storing many images: CPU work overlapped with database writes.
 
     prepare (worker threads)                      write (event loop, one batch at a time)
-    read, decode, check, hash, thumbnail,   -->   GridFS bytes + thumbnails, then records (pending),
-    model input, embed the whole batch            then index add, then mark indexed
+    read, decode, check, hash, thumbnail,   -->   GridFS bytes + thumbnails, then records that
+    model input, embed the whole batch            carry their vectors, then index add
 
 While batch n is written, batches n+1 .. n+depth are prepared in `workers` threads; at most
 `depth + 1` batches exist at once (memory stays bounded whatever the number of images), and
-batches are written in order. Each batch goes through the unchanged write order of
-`catalogue.store_prepared_many` and `indexing.index_vectors`, so a crash at any point leaves what
-a crash of the one-image path leaves: bytes without a record (removed by reconcile), or a pending
-record not yet in the index (indexed by reconcile or the next run). Embedding before the records
-exist changes nothing there: the vectors stay in memory until their records are written.
+batches are written in order. Each batch goes through the write order of
+`indexing.store_and_index`, so a crash at any point leaves what a crash of `POST /images` leaves:
+bytes without a record (removed by the orphan sweep), or a record with its vector not yet in the
+index (added from that vector by reconcile or the next run).
 
 Used by `python -m service.ingest` and by `POST /images` (one batch of up to MAX_FILES_PER_REQUEST).
 """
@@ -27,18 +26,11 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from service.catalogue import (
-    ImageMetadata,
-    Limits,
-    PreparedImage,
-    StoredImage,
-    prepare_image,
-    store_prepared_many,
-)
+from service.catalogue import ImageMetadata, Limits, PreparedImage, StoredImage, prepare_image
 from service.db import Database
 from service.engine import Engine, Loaded
 from service.imaging import ImageRejected, model_input
-from service.indexing import index_vectors
+from service.indexing import store_and_index
 from training.encoder import Encoder
 
 T = TypeVar("T")
@@ -89,12 +81,10 @@ def prepare_batch(sources: list[Source], limits: Limits, encoder: Encoder) -> Pr
 
 
 async def write_batch(engine: Engine, db: Database, loaded: Loaded, batch: PreparedBatch) -> BatchResult:
-    """The write order: bytes and pending records, then the index, then `indexed`."""
-    stored = await store_prepared_many(db, batch.prepared, batch.metadata)
-    indexed: set[int] = set()
-    if stored and batch.vectors is not None:
-        # Existing records are indexed too when a previous run was killed before that step.
-        indexed = set(await index_vectors(engine, db, loaded, [s.id for s in stored], batch.vectors))
+    """The write order: bytes, records with their vectors, then the index."""
+    if not batch.prepared:
+        return BatchResult([], set(), batch.skipped, batch.sources)
+    stored, indexed = await store_and_index(engine, db, loaded, batch.prepared, batch.metadata, batch.vectors)
     return BatchResult(stored, indexed, batch.skipped, batch.sources)
 
 

@@ -3,12 +3,15 @@ writes made through any other replica (or `service.ingest`) without waiting for 
 
 Events on `images` are applied to the loaded index in order, in batches. Replicas replicate vectors,
 they do not recompute them: the replica that indexes a record stores its vector in the record
-(tagged by the model that computed it, `catalogue.mark_indexed`), and the others add that vector
-straight from the update event. So:
-  * an update that carries a vector of the loaded model -> add it (no GridFS read, no embedding);
-  * an insert (or replacement) of a pending record -> the writing replica is embedding it right
-    now: wait up to REPLICA_VECTOR_GRACE_SECONDS for its vector; when it does not come (the writer
-    died, runs another model, or predates stored vectors), fall back as below;
+(tagged by the model that computed it: with the insert for uploads and ingest, which embed before
+they write, `indexing.store_and_index`; with an update when a pending record is indexed later,
+`catalogue.mark_indexed`), and the others add that vector straight from the event. So:
+  * an insert or update that carries a vector of the loaded model -> add it (no GridFS read, no
+    embedding);
+  * an insert (or replacement) of a pending record -> its writer may be embedding it right now
+    (a writer of an older release did so after the insert): wait up to
+    REPLICA_VECTOR_GRACE_SECONDS for its vector; when it does not come (the writer died, had no
+    model loaded, or predates stored vectors), fall back as below;
   * anything else that makes a record live (a status change without a usable vector, a grace
     that ran out) -> the record's stored vector if the loaded model computed it, else embed the
     stored bytes and add (and store the vector in the record for the next replica);

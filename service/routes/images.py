@@ -15,11 +15,10 @@ from service.catalogue import (
     prepare_image,
     public_record,
     read_file,
-    store_prepared_many,
 )
 from service.db import Database
 from service.deps import AUTH_ERRORS, DatabaseDep, EngineDep, ReadAccess, StateDep, WriteAccess
-from service.indexing import index_images
+from service.indexing import model_inputs, store_and_index
 from service.routing import ContractRoute
 from service.schemas import (
     Deleted,
@@ -64,24 +63,28 @@ async def upload_images(state: StateDep, form: Annotated[UploadForm, File()]) ->
         prepared.append(
             await engine.run_in_thread(prepare_image, data, upload.filename or "upload", state.limits)
         )
+    loaded = engine.loaded
+    vectors = None
+    if loaded is not None:  # embedded before the writes, so each record is written once, with its vector
+        encoder = loaded.encoder
+        images = [item.decoded.image for item in prepared]
+        batch = await engine.run_in_thread(model_inputs, images, encoder.in_channels, encoder.input_size)
+        vectors = await engine.embed(loaded, batch)  # NxD
     # Taken before the writes: a delete (by anyone) whose invalidation reaches the cache before the
-    # new thumbnails go in keeps them out. (The records are not kept here: the `indexed` update
-    # below invalidates them; the first search reads them.)
+    # new thumbnails go in keeps them out.
     generation = engine.thumbnails.generation
-    stored = await store_prepared_many(db, prepared, [metadata] * len(prepared))
+    stored, _ = await store_and_index(engine, db, loaded, prepared, [metadata] * len(prepared), vectors)
     for item, image in zip(stored, prepared, strict=True):
         if item.created:  # the first search that shows a new image reads no thumbnail
             engine.thumbnails.offer(item.id, image.thumbnail, generation)
     given = _given_metadata(form)
     updated = {item.id: await _update_metadata(db, item.record, given) for item in stored if not item.created}
 
-    loaded = engine.loaded
     indexed: set[int] = set()
     if loaded is not None:
-        ids, images = [s.id for s in stored], [s.decoded.image for s in stored]
-        await index_images(engine, db, loaded, ids, images)
         # Searchable now, whoever added it: the change-stream watcher may have indexed a record it
-        # saw inserted before this request got to it (index_images then adds nothing).
+        # saw inserted before this request got to it.
+        ids = [s.id for s in stored]
         present = await engine.run_in_thread(loaded.index.contains, ids)
         indexed = {image_id for image_id, there in zip(ids, present.tolist(), strict=True) if there}
     items = [

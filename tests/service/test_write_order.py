@@ -1,0 +1,138 @@
+"""The write order with vectors embedded first (`indexing.store_and_index`): each record is written
+once, with its vector, and never updated; a crash between the records and the index is repaired
+by reconcile from the stored vectors (no embedding); a delete that lands between the records and
+the index add does not leave its id in the index."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pymongo import MongoClient
+from service_helpers import fashion_mnist_pngs, service_settings
+
+from service.catalogue import (
+    INDEXED,
+    VECTOR,
+    Embedded,
+    ImageMetadata,
+    Limits,
+    decode_vector,
+    delete_image,
+    prepare_image,
+    store_prepared_many,
+)
+from service.db import Database
+from service.engine import Engine, Loaded
+from service.indexing import store_and_index
+from service.pipeline import Source, batched, run_pipeline
+from service.reconcile import reconcile
+
+
+@pytest.fixture
+def settings(data_dir: Path, mongo_uri: str, mongo_db_name: str):
+    return service_settings(data_dir, mongo_uri, mongo_db_name)
+
+
+def with_service(settings, body: Callable[[Engine, Database, Loaded, Limits], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        engine = Engine(settings)
+        db = Database.connect(settings.MONGO_URI, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS)
+        try:
+            await db.prepare()
+            await engine.load_current()
+            limits = Limits(settings.MAX_UPLOAD_BYTES, settings.MAX_PIXELS, settings.THUMBNAIL_SIZE)
+            return await body(engine, db, engine.require(), limits)
+        finally:
+            await db.close()
+            engine.shutdown()
+
+    return asyncio.run(go())
+
+
+def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
+    """Random unit vectors, unlike anything the encoder computes: finding them proves where they came from."""
+    rows = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_ingest_writes_each_record_once_with_its_vector(settings) -> None:
+    images = fashion_mnist_pngs(0, 24)
+
+    async def body(engine: Engine, db: Database, loaded: Loaded, limits: Limits) -> tuple[list[dict], int]:
+        sources = [
+            Source(f"{i}.png", lambda d=data: d, ImageMetadata(label))
+            for i, (data, label) in enumerate(images)
+        ]
+        events: list[dict] = []
+        async with await db.images.watch() as stream:
+            with ThreadPoolExecutor(2) as workers:
+                await run_pipeline(engine, db, loaded, batched(sources, 8), limits, workers)
+            await db.images.insert_one({"_id": -1, "sha256": "end"})  # a marker after every write
+            while (event := await stream.next())["documentKey"]["_id"] != -1:
+                events.append(event)
+        assert loaded.index.ntotal == len(images)
+        return events, loaded.index.dim
+
+    events, dim = with_service(settings, body)
+    assert [e["operationType"] for e in events] == ["insert"] * len(images)  # no update, no replace
+    with MongoClient(settings.MONGO_URI) as mongo:
+        records = list(mongo[settings.MONGO_DB].images.find({"_id": {"$gt": 0}}))
+    assert {r["status"] for r in records} == {INDEXED}
+    assert all(decode_vector(r[VECTOR], dim) is not None for r in records)
+
+
+def test_a_crash_before_the_index_add_is_repaired_from_the_stored_vectors(settings) -> None:
+    images = fashion_mnist_pngs(40, 12)
+
+    async def body(engine: Engine, db: Database, loaded: Loaded, limits: Limits) -> None:
+        prepared = [prepare_image(data, f"{i}.png", limits) for i, (data, _) in enumerate(images)]
+        vectors = unit_rows(len(prepared), loaded.index.dim, seed=1)
+        embedded = Embedded(vectors, loaded.model_version, loaded.version)
+        # The records are written, then the process "dies" before the index add.
+        stored = await store_prepared_many(db, prepared, [ImageMetadata()] * len(prepared), embedded)
+        ids = [item.id for item in stored]
+        assert not loaded.index.contains(np.asarray(ids)).any()
+
+        report = await reconcile(engine, db)
+        assert report is not None and report.added == len(ids)
+        assert loaded.index.contains(np.asarray(ids)).all()
+        # The index holds the stored vectors themselves, not the encoder's embedding of the bytes.
+        scores, found = loaded.index.search(vectors, 1)
+        assert found[:, 0].tolist() == ids and np.allclose(scores[:, 0], 1.0, atol=1e-4)
+
+    with_service(settings, body)
+
+
+def test_a_delete_between_the_records_and_the_index_add_leaves_no_id(settings) -> None:
+    images = fashion_mnist_pngs(60, 6)
+
+    async def body(engine: Engine, db: Database, loaded: Loaded, limits: Limits) -> None:
+        prepared = [prepare_image(data, f"{i}.png", limits) for i, (data, _) in enumerate(images)]
+        vectors = unit_rows(len(prepared), loaded.index.dim, seed=2)
+        real_add = engine.add
+        victims: list[int] = []
+
+        async def add_after_a_delete(loaded_: Loaded, rows: np.ndarray, ids: list[int]) -> list[int]:
+            # DELETE /images/{id} lands here: the record goes, then its (not yet present) index id.
+            victims.append(ids[2])
+            assert await delete_image(db, ids[2]) is not None
+            assert await engine.remove([ids[2]]) == 0
+            return await real_add(loaded_, rows, ids)
+
+        engine.add = add_after_a_delete  # type: ignore[method-assign]
+        stored, indexed = await store_and_index(
+            engine, db, loaded, prepared, [ImageMetadata()] * len(prepared), vectors
+        )
+        ids = [item.id for item in stored]
+        assert victims == [ids[2]]
+        assert indexed == set(ids) - {ids[2]}
+        present = loaded.index.contains(np.asarray(ids)).tolist()
+        assert present == [i != ids[2] for i in ids]
+
+    with_service(settings, body)
