@@ -176,6 +176,11 @@ async def _insert_records(db: Database, records: list[dict[str, Any]]) -> dict[s
     a race to a concurrent upload of the same bytes (their own GridFS files are deleted)."""
     if not records:
         return {}
+    try:  # the common case: one attempt inserts them all, so all are ours and nothing is left to check
+        await db.images.insert_many(records, ordered=False)
+        return {}
+    except (BulkWriteError, *TRANSIENT):
+        pass  # some were refused (a sha256 taken meanwhile) or the answer was lost: sorted out below
     errors = await insert_own_documents(db.images, records)
     if errors:
         raise BulkWriteError({"writeErrors": errors, "nInserted": 0})

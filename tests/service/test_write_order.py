@@ -136,3 +136,37 @@ def test_a_delete_between_the_records_and_the_index_add_leaves_no_id(settings) -
         assert present == [i != ids[2] for i in ids]
 
     with_service(settings, body)
+
+
+def test_an_upload_that_loses_the_race_for_its_bytes_returns_the_winner(settings) -> None:
+    images = fashion_mnist_pngs(80, 3)
+
+    async def body(engine: Engine, db: Database, loaded: Loaded, limits: Limits) -> None:
+        prepared = [prepare_image(data, f"{i}.png", limits) for i, (data, _) in enumerate(images)]
+        vectors = unit_rows(len(prepared), loaded.index.dim, seed=3)
+        contested = prepared[1].decoded.sha256
+        real_allocate = db.allocate_ids
+        ours: list[int] = []
+
+        async def allocate_after_a_rival(count: int) -> list[int]:
+            # Another replica stores the same bytes after our lookup of the hashes found nothing.
+            await db.images.insert_one({"_id": 10**9, "sha256": contested, "filename": "rival.png"})
+            ours.extend(await real_allocate(count))
+            return ours
+
+        db.allocate_ids = allocate_after_a_rival  # type: ignore[method-assign]
+        stored, indexed = await store_and_index(
+            engine, db, loaded, prepared, [ImageMetadata()] * len(prepared), vectors
+        )
+        assert [item.created for item in stored] == [True, False, True]
+        assert stored[1].id == 10**9 and stored[1].record["filename"] == "rival.png"
+        assert indexed == {stored[0].id, 10**9, stored[2].id}  # the rival's record is indexed too
+        assert loaded.index.contains(np.asarray([item.id for item in stored])).all()
+        # The loser's bytes and thumbnail are gone; the winner got the vector with its mark.
+        for bucket in ("content", "thumbnails"):
+            assert await db.db[f"{bucket}.files"].count_documents({"_id": ours[1]}) == 0
+            assert await db.db[f"{bucket}.chunks"].count_documents({"files_id": ours[1]}) == 0
+        rival = await db.images.find_one({"_id": 10**9})
+        assert rival["status"] == INDEXED and decode_vector(rival[VECTOR], loaded.index.dim) is not None
+
+    with_service(settings, body)
