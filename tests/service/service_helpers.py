@@ -8,17 +8,21 @@ import io
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import uvicorn
 from PIL import Image
 
+from service.catalogue import Limits
+from service.db import Database
 from service.embedded_db import free_port
+from service.engine import Engine, Loaded
 from service.main import create_app
 from service.random_model import write_random_encoder
 from service.settings import Settings
@@ -50,6 +54,27 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray, list[str
 def fashion_mnist_pngs(start: int, count: int, split: str = "test") -> list[tuple[bytes, str]]:
     images, labels, names = fashion_mnist(split)
     return [(png_bytes(images[i]), names[int(labels[i])]) for i in range(start, start + count)]
+
+
+def with_engine(
+    settings: Settings, body: Callable[[Engine, Database, Loaded, Limits], Awaitable[Any]]
+) -> Any:
+    """Run `body` with an engine that loaded the current version, a prepared database and the
+    upload limits, as the service's write paths get them (no HTTP); returns what `body` returns."""
+
+    async def go() -> Any:
+        engine = Engine(settings)
+        db = Database.connect(settings.MONGO_URI, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS)
+        try:
+            await db.prepare()
+            await engine.load_current()
+            limits = Limits(settings.MAX_UPLOAD_BYTES, settings.MAX_PIXELS, settings.THUMBNAIL_SIZE)
+            return await body(engine, db, engine.require(), limits)
+        finally:
+            await db.close()
+            engine.shutdown()
+
+    return asyncio.run(go())
 
 
 def service_settings(tmp_path: Path, mongo_uri: str | None, db_name: str, **overrides) -> Settings:

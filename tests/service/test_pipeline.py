@@ -3,18 +3,17 @@ whole batches behind (stored and indexed), nothing of the batches after it."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from pymongo import MongoClient
-from service_helpers import fashion_mnist_pngs, service_settings
+from service_helpers import fashion_mnist_pngs, service_settings, with_engine
 
 from service.catalogue import INDEXED, ImageMetadata, Limits
 from service.db import Database
-from service.engine import Engine
+from service.engine import Engine, Loaded
 from service.pipeline import BatchResult, Source, batched, run_pipeline
 
 BATCH, DEPTH = 8, 2
@@ -49,27 +48,17 @@ class Log:
 def run(settings, sources: list[Source], log: Log) -> int:
     """Run the pipeline over `sources`; returns the loaded index's size afterwards."""
 
-    async def go() -> int:
-        engine = Engine(settings)
-        db = Database.connect(settings.MONGO_URI, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS)
-        try:
-            await db.prepare()
-            await engine.load_current()
-            loaded = engine.require()
-            limits = Limits(settings.MAX_UPLOAD_BYTES, settings.MAX_PIXELS, settings.THUMBNAIL_SIZE)
-            with ThreadPoolExecutor(2) as workers:
-                try:
-                    await run_pipeline(
-                        engine, db, loaded, batched(sources, BATCH), limits, workers, DEPTH, log.wrote
-                    )
-                finally:
-                    size = loaded.index.ntotal
-            return size
-        finally:
-            await db.close()
-            engine.shutdown()
+    async def body(engine: Engine, db: Database, loaded: Loaded, limits: Limits) -> int:
+        with ThreadPoolExecutor(2) as workers:
+            try:
+                await run_pipeline(
+                    engine, db, loaded, batched(sources, BATCH), limits, workers, DEPTH, log.wrote
+                )
+            finally:
+                size = loaded.index.ntotal
+        return size
 
-    return asyncio.run(go())
+    return with_engine(settings, body)
 
 
 @pytest.fixture

@@ -5,16 +5,13 @@ the index add does not leave its id in the index."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from pymongo import MongoClient
-from service_helpers import fashion_mnist_pngs, service_settings
+from service_helpers import fashion_mnist_pngs, service_settings, with_engine
 
 from service.catalogue import (
     INDEXED,
@@ -37,22 +34,6 @@ from service.reconcile import reconcile
 @pytest.fixture
 def settings(data_dir: Path, mongo_uri: str, mongo_db_name: str):
     return service_settings(data_dir, mongo_uri, mongo_db_name)
-
-
-def with_service(settings, body: Callable[[Engine, Database, Loaded, Limits], Awaitable[Any]]) -> Any:
-    async def go() -> Any:
-        engine = Engine(settings)
-        db = Database.connect(settings.MONGO_URI, settings.MONGO_DB, settings.MONGO_TIMEOUT_MS)
-        try:
-            await db.prepare()
-            await engine.load_current()
-            limits = Limits(settings.MAX_UPLOAD_BYTES, settings.MAX_PIXELS, settings.THUMBNAIL_SIZE)
-            return await body(engine, db, engine.require(), limits)
-        finally:
-            await db.close()
-            engine.shutdown()
-
-    return asyncio.run(go())
 
 
 def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
@@ -79,7 +60,7 @@ def test_ingest_writes_each_record_once_with_its_vector(settings) -> None:
         assert loaded.index.ntotal == len(images)
         return events, loaded.index.dim
 
-    events, dim = with_service(settings, body)
+    events, dim = with_engine(settings, body)
     assert [e["operationType"] for e in events] == ["insert"] * len(images)  # no update, no replace
     with MongoClient(settings.MONGO_URI) as mongo:
         records = list(mongo[settings.MONGO_DB].images.find({"_id": {"$gt": 0}}))
@@ -106,7 +87,7 @@ def test_a_crash_before_the_index_add_is_repaired_from_the_stored_vectors(settin
         scores, found = loaded.index.search(vectors, 1)
         assert found[:, 0].tolist() == ids and np.allclose(scores[:, 0], 1.0, atol=1e-4)
 
-    with_service(settings, body)
+    with_engine(settings, body)
 
 
 def test_a_delete_between_the_records_and_the_index_add_leaves_no_id(settings) -> None:
@@ -135,7 +116,7 @@ def test_a_delete_between_the_records_and_the_index_add_leaves_no_id(settings) -
         present = loaded.index.contains(np.asarray(ids)).tolist()
         assert present == [i != ids[2] for i in ids]
 
-    with_service(settings, body)
+    with_engine(settings, body)
 
 
 def test_an_upload_that_loses_the_race_for_its_bytes_returns_the_winner(settings) -> None:
@@ -169,4 +150,4 @@ def test_an_upload_that_loses_the_race_for_its_bytes_returns_the_winner(settings
         rival = await db.images.find_one({"_id": 10**9})
         assert rival["status"] == INDEXED and decode_vector(rival[VECTOR], loaded.index.dim) is not None
 
-    with_service(settings, body)
+    with_engine(settings, body)
