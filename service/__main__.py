@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import uvicorn
 from pydantic import ValidationError
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         except EmbeddedDatabaseError as exc:
             parser.exit(2, f"error: {exc}\n")
     settings = settings.model_copy(update={"HOST": args.host, "PORT": args.port})
+    sys.setswitchinterval(settings.GIL_SWITCH_INTERVAL_MS / 1000)  # a process-wide choice: made here
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
 
 

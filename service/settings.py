@@ -104,6 +104,15 @@ class Settings(BaseSettings):
     FAISS_THREADS: int = Field(
         1, ge=1, description="OpenMP threads per FAISS call (1: no spin-wait contention with torch)"
     )
+    GIL_SWITCH_INTERVAL_MS: float = Field(
+        0.5,
+        gt=0,
+        le=100,
+        description="how long a thread may hold the GIL while another waits for it (Python's own "
+        "default: 5 ms). A pool thread back from a forward pass or a FAISS search needs the GIL to hand "
+        "its result over, and under load the event loop holds it for long stretches: 0.5 ms gave "
+        "6-12% more searches/s at concurrency 16 (bench/RESULTS.md). Set by `python -m service`",
+    )
 
     @field_validator(
         "MONGO_URI", "API_KEY", "MODEL_CHECKPOINT", "INDEX_DIR", "REPLICA_ID", "INDEX_STORAGE_URL",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import service.__main__ as service_cli
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,3 +103,21 @@ def test_cli_rejects_bad_settings_in_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: invalid settings: MAX_UPLOAD_BYTES: ")
     assert "valid integer" in lines[0]
+
+
+def test_cli_sets_the_gil_switch_interval_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    served_with: list[float] = []
+    monkeypatch.setattr(
+        service_cli.uvicorn, "run", lambda *args, **kwargs: served_with.append(sys.getswitchinterval())
+    )
+    monkeypatch.setenv("GIL_SWITCH_INTERVAL_MS", "0.25")
+    monkeypatch.setenv("MONGO_URI", "mongodb://127.0.0.1:1")  # not contacted: uvicorn.run is replaced
+    before = sys.getswitchinterval()
+    try:
+        service_cli.main(["--port", "8123"])
+    finally:
+        sys.setswitchinterval(before)
+    assert served_with == [pytest.approx(0.00025)]
+    monkeypatch.setenv("GIL_SWITCH_INTERVAL_MS", "0")
+    with pytest.raises(SystemExit, match="GIL_SWITCH_INTERVAL_MS"):
+        service_cli.main([])
