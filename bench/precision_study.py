@@ -141,6 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         stage_whiten = whitened_by(stage_views["f"][view])
         score = precision(stage_whiten(stage_views["q"][view]), stage_whiten(stage_views["c"][view]))
         rows.append((f"{view} of the backbone, whitened", score, f"{stage_views['q'][view].shape[1]}-d"))
+    # Pooled multi-stage features: layer3's 3x3 and layer4's 2x2 grid, each whitened on its own and
+    # unit length, side by side (each stage then weighs the same in the cosine).
+    stages = ("layer3 3x3", "layer4 2x2")
+    stage_whitenings = {view: whitened_by(stage_views["f"][view]) for view in stages}
+
+    def multi_stage(part: str) -> torch.Tensor:
+        return F.normalize(
+            torch.cat([stage_whitenings[v](stage_views[part][v]) for v in stages], dim=1), dim=1
+        )
+
+    rows.append(
+        ("layer3 3x3 + layer4 2x2, each whitened", precision(multi_stage("q"), multi_stage("c")), "2 stages")
+    )
     searched = f"catalogue {catalogue.name} ({len(catalogue)}), {len(queries)} queries from {memory.name}"
     print(f"{args.encoder}: {searched}")
     print("| retrieval | precision@10 | cost |\n|---|---|---|")
