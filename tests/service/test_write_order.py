@@ -19,6 +19,7 @@ from service.catalogue import (
     Embedded,
     ImageMetadata,
     Limits,
+    PreparedImage,
     decode_vector,
     delete_image,
     prepare_image,
@@ -36,10 +37,17 @@ def settings(data_dir: Path, mongo_uri: str, mongo_db_name: str):
     return service_settings(data_dir, mongo_uri, mongo_db_name)
 
 
-def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
-    """Random unit vectors, unlike anything the encoder computes: finding them proves where they came from."""
+def prepared_with_vectors(
+    start: int, count: int, limits: Limits, dim: int, seed: int
+) -> tuple[list[PreparedImage], np.ndarray]:
+    """Validated Fashion-MNIST uploads and random unit vectors for them (NxD), unlike anything the
+    encoder computes: finding them in the index proves where they came from."""
+    prepared = [
+        prepare_image(data, f"{i}.png", limits)
+        for i, (data, _) in enumerate(fashion_mnist_pngs(start, count))
+    ]
     rows = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return prepared, rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def test_ingest_writes_each_record_once_with_its_vector(settings) -> None:
@@ -69,11 +77,8 @@ def test_ingest_writes_each_record_once_with_its_vector(settings) -> None:
 
 
 def test_a_crash_before_the_index_add_is_repaired_from_the_stored_vectors(settings) -> None:
-    images = fashion_mnist_pngs(40, 12)
-
     async def body(engine: Engine, db: Database, loaded: Loaded, limits: Limits) -> None:
-        prepared = [prepare_image(data, f"{i}.png", limits) for i, (data, _) in enumerate(images)]
-        vectors = unit_rows(len(prepared), loaded.index.dim, seed=1)
+        prepared, vectors = prepared_with_vectors(40, 12, limits, loaded.index.dim, seed=1)
         embedded = Embedded(vectors, loaded.model_version, loaded.version)
         # The records are written, then the process "dies" before the index add.
         stored = await store_prepared_many(db, prepared, [ImageMetadata()] * len(prepared), embedded)
@@ -91,11 +96,8 @@ def test_a_crash_before_the_index_add_is_repaired_from_the_stored_vectors(settin
 
 
 def test_a_delete_between_the_records_and_the_index_add_leaves_no_id(settings) -> None:
-    images = fashion_mnist_pngs(60, 6)
-
     async def body(engine: Engine, db: Database, loaded: Loaded, limits: Limits) -> None:
-        prepared = [prepare_image(data, f"{i}.png", limits) for i, (data, _) in enumerate(images)]
-        vectors = unit_rows(len(prepared), loaded.index.dim, seed=2)
+        prepared, vectors = prepared_with_vectors(60, 6, limits, loaded.index.dim, seed=2)
         real_add = engine.add
         victims: list[int] = []
 
@@ -120,11 +122,8 @@ def test_a_delete_between_the_records_and_the_index_add_leaves_no_id(settings) -
 
 
 def test_an_upload_that_loses_the_race_for_its_bytes_returns_the_winner(settings) -> None:
-    images = fashion_mnist_pngs(80, 3)
-
     async def body(engine: Engine, db: Database, loaded: Loaded, limits: Limits) -> None:
-        prepared = [prepare_image(data, f"{i}.png", limits) for i, (data, _) in enumerate(images)]
-        vectors = unit_rows(len(prepared), loaded.index.dim, seed=3)
+        prepared, vectors = prepared_with_vectors(80, 3, limits, loaded.index.dim, seed=3)
         contested = prepared[1].decoded.sha256
         real_allocate = db.allocate_ids
         ours: list[int] = []
