@@ -4,10 +4,14 @@ The demo catalogue is the Fashion-MNIST test split (10k labelled images, `servic
 are 50 seeded images from the training split, so no query is in the catalogue (a catalogue image
 would find itself first); precision@10 is the share of the top 10 results (cosine, exact, as the
 service's flat index) with the query's class. `--pixels` gives the raw-pixel reference.
+`--catalogue train` swaps the splits' roles to those of kNN evaluation: a seeded part of the
+training split (`--catalogue-size`) is searched by seeded test images.
 
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt
     python bench/demo_precision.py --pixels
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --queries 1000 --by-class
+    python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --catalogue train \
+        --catalogue-size 60000 --queries 10000
 """
 
 from __future__ import annotations
@@ -37,9 +41,27 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also a table: precision per query class and its most frequent wrong neighbour",
     )
+    parser.add_argument(
+        "--catalogue",
+        choices=["demo", "train"],
+        default="demo",
+        help="demo: the test split, searched by training images (what `make run` serves); "
+        "train: part of the training split, searched by test images (kNN evaluation's roles)",
+    )
+    parser.add_argument(
+        "--catalogue-size",
+        type=int,
+        default=60_000,
+        help="training images in the catalogue (--catalogue train)",
+    )
     args = parser.parse_args(argv)
-    catalogue = load_dataset("fashion-mnist:test", 28)
-    queries = load_dataset("fashion-mnist", 28).subset(args.queries, seed=args.seed)
+    searched, searching = ("fashion-mnist:test", "fashion-mnist")
+    if args.catalogue == "train":
+        searched, searching = searching, searched
+    catalogue = load_dataset(searched, 28)
+    if args.catalogue == "train":
+        catalogue = catalogue.subset(args.catalogue_size, seed=args.seed)
+    queries = load_dataset(searching, 28).subset(args.queries, seed=args.seed)
     if args.pixels:
 
         def embed(images: torch.Tensor) -> torch.Tensor:
@@ -55,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     same = catalogue.labels[top] == queries.labels.unsqueeze(1)
     result = {
         "embedding": "pixels" if args.pixels else args.encoder,
-        "queries": args.queries,
+        "catalogue": f"{catalogue.name} ({len(catalogue)})",
+        "queries": f"{queries.name} ({len(queries)})",
         f"precision@{args.k}": round(same.float().mean().item(), 4),
     }
     print(json.dumps(result))
