@@ -11,7 +11,8 @@ batches are written in order. Each batch goes through the write order of
 bytes without a record (removed by the orphan sweep), or a record with its vector not yet in the
 index (added from that vector by reconcile or the next run).
 
-Used by `python -m service.ingest` and by `POST /images` (one batch of up to MAX_FILES_PER_REQUEST).
+Used by `python -m service.ingest`; `POST /images` writes its one batch (up to MAX_FILES_PER_REQUEST
+files) through the same `store_and_index`.
 """
 
 from __future__ import annotations
