@@ -32,7 +32,7 @@ from service.record_cache import RecordCache
 from service.settings import Settings
 from service.thumbnail_cache import ThumbnailCache
 from training.encoder import Encoder, EncoderError, read_encoder_record
-from training.inference import load_deploy_encoder
+from training.inference import ensure_inference_encoder, load_deploy_encoder
 
 log = logging.getLogger("service.engine")
 T = TypeVar("T")
@@ -208,6 +208,9 @@ class Engine:
         except EncoderError as exc:
             self.problem = str(exc)
             return None
+        # Its deploy form goes with the version (unless one is there already), so every replica
+        # loads the compiled form instead of folding the training graph at each start.
+        await self.run_in_thread(ensure_inference_encoder, checkpoint)
         empty = SearchIndex.empty_flat(int(record["embed_dim"]))
         version = await self.run_in_thread(
             self._publish_blocking, empty, checkpoint, {"created_by": "bootstrap"}

@@ -19,12 +19,16 @@ from pymongo import MongoClient
 
 from service.embedded_db import EmbeddedDatabase, free_port
 from service.random_model import write_random_encoder
+from training.inference import write_inference_encoder
 
 
 @pytest.fixture(scope="session")
 def encoder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised encoder file (ResNet-18 x0.25, small stem, 1 channel, 28 px)."""
-    return write_random_encoder(tmp_path_factory.mktemp("encoder") / "model.pt", width=0.25)
+    """A randomly initialised encoder file (ResNet-18 x0.25, small stem, 1 channel, 28 px), with
+    its deploy form beside it (`encoder_files.install_encoder` copies both)."""
+    path = write_random_encoder(tmp_path_factory.mktemp("encoder") / "model.pt", width=0.25)
+    write_inference_encoder(path, None)
+    return path
 
 
 @pytest.fixture(scope="session")

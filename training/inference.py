@@ -587,22 +587,43 @@ def write_inference_encoder(
     return inference
 
 
+def stored_inference_record(encoder_path: str | os.PathLike, version: str) -> dict[str, Any] | None:
+    """The inference file next to `encoder_path` when it is of the model `version`, else None."""
+    sibling = Path(encoder_path).with_name(INFERENCE_ENCODER_FILE)
+    if not sibling.is_file():
+        return None
+    data = torch.load(sibling, map_location="cpu", weights_only=False)
+    if isinstance(data, dict) and data.get("format") == INFERENCE_FORMAT and data.get("version") == version:
+        return data
+    return None
+
+
+def ensure_inference_encoder(encoder_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The inference file next to `encoder_path`, written now when none of the same model is there:
+    fp32 with its compiled forms (no held-out images here, so no reduced precision; a refresh or
+    `python -m training.inference --data ...` measures that). For a model the service bootstraps
+    from, so that it serves through ONNX Runtime or TorchScript rather than the eager graph (which
+    waits for the GIL at every layer beside the event loop). None when it cannot be written (a
+    read-only directory): the service then folds the model at load."""
+    version = read_encoder_record(encoder_path)["version"]
+    stored = stored_inference_record(encoder_path, version)
+    if stored is not None:
+        return stored
+    try:
+        return write_inference_encoder(encoder_path, None)
+    except OSError as exc:
+        log.warning("encoder %s: no deploy form written next to it (%s); it is folded at load", version, exc)
+        return None
+
+
 def load_deploy_encoder(
     encoder_path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> InferenceEncoder:
     """What the service runs for the encoder at `encoder_path`: its inference file when one of the
     same model sits next to it, else the folded fp32 graph (exact, built here in milliseconds)."""
     record = read_encoder_record(encoder_path)
-    sibling = Path(encoder_path).with_name(INFERENCE_ENCODER_FILE)
-    if sibling.is_file():
-        data = torch.load(sibling, map_location="cpu", weights_only=False)
-        if (
-            isinstance(data, dict)
-            and data.get("format") == INFERENCE_FORMAT
-            and data.get("version") == record["version"]
-        ):
-            return InferenceEncoder(data, device)
-    return InferenceEncoder(inference_record(record, "float32"), device)
+    stored = stored_inference_record(encoder_path, record["version"])
+    return InferenceEncoder(stored if stored is not None else inference_record(record, "float32"), device)
 
 
 def calibration_images(data_spec: str, encoder_path: str | os.PathLike, count: int = 2000) -> torch.Tensor:

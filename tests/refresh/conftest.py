@@ -3,7 +3,6 @@ into the session's MongoDB-wire server), a DATA_DIR per test, and the refresh as
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))  # shared service_helpers
 
+from encoder_files import install_encoder
 from refresh_helpers import CATALOGUE_SIZE, CatalogueDb  # noqa: E402
 from service_helpers import fashion_mnist_pngs, service_client, service_settings, upload_labelled  # noqa: E402
 
@@ -23,7 +23,7 @@ def catalogue(
 ) -> CatalogueDb:
     """CATALOGUE_SIZE labelled Fashion-MNIST test images uploaded through POST /images."""
     directory = tmp_path_factory.mktemp("upload")
-    shutil.copyfile(encoder_file, directory / "model.pt")
+    install_encoder(encoder_file, directory / "model.pt")
     items = fashion_mnist_pngs(0, CATALOGUE_SIZE)
     settings = service_settings(directory, mongo_uri, module_db_name)
     with service_client(settings) as client:
@@ -36,7 +36,7 @@ def data_dir(tmp_path: Path, encoder_file: Path) -> Path:
     """A DATA_DIR holding model.pt: the service bootstraps from this random encoder."""
     directory = tmp_path / "data"
     directory.mkdir()
-    shutil.copyfile(encoder_file, directory / "model.pt")
+    install_encoder(encoder_file, directory / "model.pt")
     return directory
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from encoder_files import install_encoder
 from pymongo import MongoClient
 from service_helpers import fashion_mnist_pngs, running_service, service_settings, upload
 
@@ -86,7 +86,7 @@ def test_a_running_server_that_does_not_answer_is_an_error_not_a_second_server(
 def test_refresh_attaches_to_the_running_services_embedded_database(
     embedded_env: Settings, encoder_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shutil.copyfile(encoder_file, embedded_env.DATA_DIR / "model.pt")
+    install_encoder(encoder_file, embedded_env.DATA_DIR / "model.pt")
     monkeypatch.setenv("MONGO_DB", "embedded")
     settings = service_settings(embedded_env.DATA_DIR, None, "embedded", EMBEDDED_DB_PORT=free_port())
     with running_service(settings) as url, httpx.Client(base_url=url) as client:

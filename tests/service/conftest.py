@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
+from encoder_files import install_encoder
 from service_helpers import (
     CATALOGUE_SIZE,
     Catalogue,
@@ -22,7 +22,7 @@ from service_helpers import (
 @pytest.fixture
 def data_dir(tmp_path: Path, encoder_file: Path) -> Path:
     """A DATA_DIR holding model.pt (the service bootstraps an empty index from it)."""
-    shutil.copyfile(encoder_file, tmp_path / "model.pt")
+    install_encoder(encoder_file, tmp_path / "model.pt")
     return tmp_path
 
 
@@ -46,7 +46,7 @@ def catalogue(
 ) -> Iterator[Catalogue]:
     """A service with CATALOGUE_SIZE labelled Fashion-MNIST test images ingested over HTTP."""
     directory = tmp_path_factory.mktemp("catalogue")
-    shutil.copyfile(encoder_file, directory / "model.pt")
+    install_encoder(encoder_file, directory / "model.pt")
     settings = service_settings(directory, mongo_uri, module_db_name)
     items = fashion_mnist_pngs(0, CATALOGUE_SIZE)
     with service_client(settings) as client:

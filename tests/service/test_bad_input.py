@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
+from encoder_files import install_encoder
 from PIL import Image
 from pymongo import MongoClient
 from service_helpers import fashion_mnist_pngs, png_bytes, running_service, service_settings
@@ -22,7 +22,7 @@ MAX_PIXELS = 1_000_000
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, encoder_file, mongo_uri, module_db_name) -> Iterator[httpx.Client]:
     directory = tmp_path_factory.mktemp("bad-input")
-    shutil.copyfile(encoder_file, directory / "model.pt")
+    install_encoder(encoder_file, directory / "model.pt")
     settings = service_settings(
         directory,
         mongo_uri,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+from encoder_files import install_encoder
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -87,7 +87,7 @@ class ApiView:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, encoder_file, mongo_uri, module_db_name) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("contract")
-    shutil.copyfile(encoder_file, directory / "model.pt")
+    install_encoder(encoder_file, directory / "model.pt")
     settings = service_settings(
         directory,
         mongo_uri,

@@ -4,7 +4,6 @@ with one publisher elected by the lease: real processes, real HTTP, real signals
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from encoder_files import install_encoder
 from pymongo import MongoClient
 from replica_processes import Replica, ReplicaSet, require_change_streams
 from service_helpers import fashion_mnist_pngs, upload, wait_until
@@ -36,7 +36,7 @@ LONG_GRACE_S = 120  # "the writer's vector always comes in time", whatever the m
 @pytest.fixture
 def replicas(tmp_path: Path, encoder_file: Path, mongo_uri: str, mongo_db_name: str) -> Iterator[ReplicaSet]:
     require_change_streams(mongo_uri)
-    shutil.copyfile(encoder_file, tmp_path / "model.pt")
+    install_encoder(encoder_file, tmp_path / "model.pt")
     group = ReplicaSet(mongo_uri, mongo_db_name, tmp_path)
     try:
         yield group

@@ -3,10 +3,10 @@ each has its own INDEX_DIR cache; what one publishes the other downloads and ser
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from encoder_files import install_encoder
 from service_helpers import fashion_mnist_pngs, service_client, service_settings, upload, wait_until
 
 from index.storage import S3Storage
@@ -24,7 +24,7 @@ def test_a_version_published_to_s3_is_served_by_a_replica_with_another_cache(
     url = f"s3://index-store/{mongo_db_name}"
     machine_a, machine_b = tmp_path / "a", tmp_path / "b"
     machine_a.mkdir()
-    shutil.copyfile(encoder_file, machine_a / "model.pt")  # only A has a model file; B gets it from S3
+    install_encoder(encoder_file, machine_a / "model.pt")  # only A has a model file; B gets it from S3
     store = SyncedIndexStore(tmp_path / "reader", S3Storage("index-store", mongo_db_name))
     items = fashion_mnist_pngs(40, 3)
 

@@ -14,12 +14,12 @@ minute on a 2-core machine; `derandomize` makes it the same run every time."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import schemathesis
+from encoder_files import install_encoder
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -62,7 +62,7 @@ def with_image(case, image: bytes) -> None:
 @pytest.fixture(scope="module")
 def fuzzed_service(tmp_path_factory, encoder_file, mongo_uri, module_db_name) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("fuzz")
-    shutil.copyfile(encoder_file, directory / "model.pt")
+    install_encoder(encoder_file, directory / "model.pt")
     config = service_settings(directory, mongo_uri, module_db_name, MAX_UPLOAD_BYTES=200_000)
     with running_service(config) as url:
         with httpx.Client(base_url=url, timeout=60) as client:
