@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
 import threading
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -110,6 +112,17 @@ def running_service(settings: Settings, timeout_s: float = 60.0) -> Iterator[str
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+    if thread.is_alive():  # say where the shutdown is stuck, not only what it left behind
+        raise RuntimeError(f"the service did not stop within 60 s; its threads:\n{thread_stacks()}")
+
+
+def thread_stacks() -> str:
+    """Every thread's stack in this process, named."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+    )
 
 
 @contextmanager
