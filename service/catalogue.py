@@ -16,7 +16,7 @@ Replicas add a record from its stored vector instead of embedding its bytes agai
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -30,8 +30,6 @@ from pymongo.errors import AutoReconnect, BulkWriteError, NetworkTimeout
 
 from service.db import CONTENT_BUCKET, ID_CHUNK, THUMBNAIL_BUCKET, Database, chunked
 from service.imaging import DecodedImage, decode_image, make_thumbnail
-
-RunInThread = Callable[..., Awaitable[Any]]
 
 GRIDFS_CHUNK_SIZE = 255 * 1024  # GridFS's default chunk size
 DUPLICATE_KEY = 11000
@@ -262,19 +260,6 @@ async def store_prepared_many(
 def _chunks(values: list[str], size: int = ID_CHUNK) -> Iterator[list[str]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
-
-
-async def store_image(
-    db: Database,
-    data: bytes,
-    filename: str,
-    metadata: ImageMetadata,
-    limits: Limits,
-    run_in_thread: RunInThread,
-) -> StoredImage:
-    """Validate, then store (see `store_prepared`). Raises ImageRejected before anything is written."""
-    prepared = await run_in_thread(prepare_image, data, filename, limits)
-    return await store_prepared(db, prepared, metadata)
 
 
 async def mark_indexed(

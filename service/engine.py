@@ -103,8 +103,8 @@ class Engine:
         # lease), and what every republished version records (lease term, change-stream token).
         self.may_publish: Callable[[], bool] = lambda: True
         self.publish_extras: Callable[[], dict[str, Any]] = dict
-        # Ids being embedded and added right now (an upload, a reconcile): the change-stream watcher
-        # waits for them instead of embedding the same images a second time.
+        # Ids being embedded and added right now (by reconcile: uploads write their vectors with
+        # the insert): the change-stream watcher waits for them instead of embedding them twice.
         self._indexing: dict[int, asyncio.Future[None]] = {}
         self._serving = 0  # searches and classifications in flight: background scans wait for them
         # HNSW compaction (a rebuild without deleted vectors, minutes at 1M) runs on its own thread,

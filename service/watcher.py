@@ -339,7 +339,7 @@ class CatalogueWatcher:
         if live and loaded is not None:
             # The vectors were checked against `loaded`: keep it (after a swap meanwhile, every add
             # below is refused and the swap's resume or reconcile covers these records).
-            await engine.wait_indexing(live)  # an upload through this replica is adding them now
+            await engine.wait_indexing(live)  # a reconcile in this replica is embedding them now
             indexed = await engine.run_in_thread(loaded.index.contains, live)
             todo = [i for i, there in zip(live, indexed.tolist(), strict=True) if not there]
             for image_id in set(live) - set(todo):  # added here meanwhile: nothing to wait for
