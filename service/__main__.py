@@ -13,6 +13,11 @@ from service.embedded_db import EmbeddedDatabaseError, secantusd_executable
 from service.main import create_app
 from service.settings import Settings
 
+# On SIGTERM or Ctrl-C, requests in flight get this long to finish; then the shutdown itself runs
+# (publish, close, stop the embedded database: service.lifecycle.SHUTDOWN_TIMEOUT_S and the server's
+# own stop). Unbounded, one stuck request kept the shutdown from ever starting.
+GRACEFUL_SHUTDOWN_S = 10
+
 
 def load_settings() -> Settings:
     try:
@@ -50,7 +55,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"error: {exc}\n")
     settings = settings.model_copy(update={"HOST": args.host, "PORT": args.port})
     sys.setswitchinterval(settings.GIL_SWITCH_INTERVAL_MS / 1000)  # a process-wide choice: made here
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
 
 
 if __name__ == "__main__":

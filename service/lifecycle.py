@@ -10,15 +10,17 @@ indexes, load (or bootstrap) the index version; the service then serves at once.
     memory once the caches' change streams are open, yielding to searches;
   * the embedded database's supervisor (only for a server this process started): restarts it when
     it exits or stops answering real queries for EMBEDDED_DB_HANG_SECONDS.
-Shutdown publishes pending changes and stops the embedded database.
+Shutdown publishes pending changes and stops the embedded database. Its steps share a time budget
+(SHUTDOWN_TIMEOUT_S) and a step that fails or hangs is logged and passed over, so that the embedded
+database is always asked to stop (and checkpoint) before the process ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from datetime import timedelta
 
 from service.cache_warmup import keep_caches_warm
@@ -35,6 +37,13 @@ from service.state import ServiceState
 
 log = logging.getLogger("service")
 PROBE_TIMEOUT_MS = 20_000  # the supervisor's catalogue probe: late is slow, never is hung
+# The shutdown's steps before the embedded database's own stop, together. Unbounded, a database that
+# stopped answering held each step (a database call, the publish) for the client's socket timeout,
+# 30 s or more, one after another, and the embedded database's stop, the last step, never came
+# before a supervisor's SIGKILL. A step left when the budget is spent still gets LAST_STEP_S.
+SHUTDOWN_TIMEOUT_S = 20.0
+LAST_STEP_S = 1.0
+BACKGROUND_STOP_TIMEOUT_S = 5.0  # cancelled background tasks end at their next await
 
 
 async def start(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
@@ -200,24 +209,48 @@ async def supervise_embedded_db(state: ServiceState) -> None:
 
 
 async def stop_background(tasks: list[asyncio.Task]) -> None:
+    """Cancel the background tasks and wait for them, at most BACKGROUND_STOP_TIMEOUT_S."""
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=BACKGROUND_STOP_TIMEOUT_S)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shutdown: background task %s had failed", task.get_name(), exc_info=task.exception())
+    for task in pending:
+        log.error("shutdown: background task %s did not stop in time", task.get_name())
+
+
+class ShutdownSteps:
+    """Runs the shutdown's steps within one time budget: a step that fails or outlasts what is left of
+    it is logged and passed over, and the steps after it still run."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.deadline = time.monotonic() + budget_s
+
+    async def run(self, what: str, step: Awaitable[object]) -> None:
+        timeout = max(self.deadline - time.monotonic(), LAST_STEP_S)
+        try:
+            await asyncio.wait_for(step, timeout)
+        except TimeoutError:
+            log.error("shutdown: %s did not finish within %.1f s; passed over", what, timeout)
+        except Exception:
+            log.exception("shutdown: %s failed; passed over", what)
 
 
 async def stop(state: ServiceState) -> None:
-    if state.replica is not None:
-        await state.replica.stop()
-        await state.replica.renew_for_shutdown()
+    steps = ShutdownSteps(SHUTDOWN_TIMEOUT_S)
     try:
-        await state.engine.publish_if_due(force=True)  # only the lease holder publishes
-    except Exception:
-        log.exception("could not publish pending index changes at shutdown (reconcile repairs them)")
-    if state.replica is not None:
-        await state.replica.release()
-    await state.db.close()
-    state.engine.shutdown()
-    if state.embedded_db is not None:
-        await asyncio.to_thread(state.embedded_db.stop)
+        if state.replica is not None:
+            await steps.run("stopping the change-stream follower", state.replica.stop())
+            await steps.run("renewing the publisher lease", state.replica.renew_for_shutdown())
+        publish = state.engine.publish_if_due(force=True)  # only the lease holder publishes
+        await steps.run("publishing pending index changes (reconcile repairs them)", publish)
+        if state.replica is not None:
+            await steps.run("releasing the publisher lease", state.replica.release())
+        await steps.run("closing the database client", state.db.close())
+        state.engine.shutdown()
+    finally:  # whatever happened above: a server this process started is stopped, and checkpoints
+        if state.embedded_db is not None:
+            await asyncio.to_thread(state.embedded_db.stop)

@@ -4,6 +4,7 @@ and the settings/CLI the containers rely on."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import service.__main__ as service_cli
+from service import lifecycle
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +62,20 @@ def test_compose_file_is_valid_and_complete() -> None:
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert trainer["environment"]["MONGO_URI"] == api["environment"]["MONGO_URI"]
     assert {v.split(":")[0] for v in trainer["volumes"]} == {v.split(":")[0] for v in api["volumes"]}
+    # docker sends SIGKILL after stop_grace_period: the drain of requests in flight and the shutdown's
+    # budget (publish, close) must fit in it, or the publish at shutdown is cut off.
+    needed = (
+        service_cli.GRACEFUL_SHUTDOWN_S + lifecycle.BACKGROUND_STOP_TIMEOUT_S + lifecycle.SHUTDOWN_TIMEOUT_S
+    )
+    production = as_json(compose_config(profile="production"))["services"]
+    for name, spec in [("api", api)] + [(n, production[n]) for n in ("api-1", "api-2")]:
+        assert seconds(spec.get("stop_grace_period", "10s")) >= needed, name
+
+
+def seconds(duration: str) -> float:
+    """A compose duration ("40s", "1m30s") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(value) * units[unit] for value, unit in re.findall(r"([0-9.]+)([hms])", duration))
 
 
 def test_dockerfile_essentials() -> None:
@@ -107,9 +123,13 @@ def test_cli_rejects_bad_settings_in_one_line() -> None:
 
 def test_cli_sets_the_gil_switch_interval_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
     served_with: list[float] = []
-    monkeypatch.setattr(
-        service_cli.uvicorn, "run", lambda *args, **kwargs: served_with.append(sys.getswitchinterval())
-    )
+    options: list[dict] = []
+
+    def run(*args, **kwargs) -> None:
+        served_with.append(sys.getswitchinterval())
+        options.append(kwargs)
+
+    monkeypatch.setattr(service_cli.uvicorn, "run", run)
     monkeypatch.setenv("GIL_SWITCH_INTERVAL_MS", "0.25")
     monkeypatch.setenv("MONGO_URI", "mongodb://127.0.0.1:1")  # not contacted: uvicorn.run is replaced
     before = sys.getswitchinterval()
@@ -118,6 +138,8 @@ def test_cli_sets_the_gil_switch_interval_before_serving(monkeypatch: pytest.Mon
     finally:
         sys.setswitchinterval(before)
     assert served_with == [pytest.approx(0.00025)]
+    # requests in flight cannot hold the shutdown (publish, the embedded database's stop) forever
+    assert options[0]["timeout_graceful_shutdown"] == service_cli.GRACEFUL_SHUTDOWN_S
     monkeypatch.setenv("GIL_SWITCH_INTERVAL_MS", "0")
     with pytest.raises(SystemExit, match="GIL_SWITCH_INTERVAL_MS"):
         service_cli.main([])

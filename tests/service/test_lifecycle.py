@@ -3,6 +3,7 @@ restart, the embedded database, publish on shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from datetime import datetime, timezone
@@ -24,7 +25,10 @@ from service_helpers import (
 
 from index.search_index import SearchIndex
 from index.store import IndexStore
+from service import lifecycle
+from service.db import Database
 from service.embedded_db import EmbeddedDatabase, free_port
+from service.engine import Engine
 from training.encoder import Encoder
 
 
@@ -181,6 +185,49 @@ def test_embedded_database_when_mongo_uri_is_unset(data_dir) -> None:
     assert (data_dir / "db").is_dir()
     with running_service(settings) as url, httpx.Client(base_url=url) as client:  # data survived
         assert client.get(f"/images/{image_id}").json()["status"] == "indexed"
+
+
+async def hung_forced_publish(self: Engine, force: bool = False) -> str | None:
+    """A shutdown publish that never finishes (the maintenance loop's publishes return at once)."""
+    if force:
+        await asyncio.Event().wait()
+    return None
+
+
+async def failing_close(self: Database) -> None:
+    raise RuntimeError("the client could not be closed")
+
+
+@pytest.mark.parametrize(
+    ("step", "replacement", "logged"),
+    [
+        (
+            "publish",
+            hung_forced_publish,
+            "publishing pending index changes (reconcile repairs them) did not finish",
+        ),
+        ("close", failing_close, "closing the database client failed"),
+    ],
+)
+def test_a_hung_or_failing_shutdown_step_still_stops_the_embedded_database(
+    data_dir, monkeypatch, caplog, step, replacement, logged
+) -> None:
+    """A shutdown step that never finishes or raises is passed over, logged, and the server this
+    process started is still stopped (before, the shutdown waited for the step forever, or ended at
+    its error, and the server was never asked to stop and checkpoint)."""
+    monkeypatch.setattr(lifecycle, "SHUTDOWN_TIMEOUT_S", 1.0)
+    if step == "publish":
+        monkeypatch.setattr(Engine, "publish_if_due", replacement)
+    else:
+        monkeypatch.setattr(Database, "close", replacement)
+    port = free_port()
+    settings = service_settings(data_dir, None, f"shutdown-{step}", EMBEDDED_DB_PORT=port)
+    with running_service(settings) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/health/ready").status_code == 200
+        assert ping(port)
+    assert not ping(port)  # stopped with the service, whatever the step did
+    assert not (data_dir / "db.json").exists()
+    assert logged in caplog.text
 
 
 def test_changes_are_published_debounced_and_on_shutdown(start_service, data_dir) -> None:
