@@ -21,6 +21,7 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
+from service.__main__ import GRACEFUL_SHUTDOWN_S
 from service.catalogue import Limits
 from service.db import Database
 from service.embedded_db import free_port
@@ -96,8 +97,13 @@ def service_settings(tmp_path: Path, mongo_uri: str | None, db_name: str, **over
 def running_service(settings: Settings, timeout_s: float = 60.0) -> Iterator[str]:
     """Serve the app over real HTTP on a free loopback port; yields the base URL."""
     port = free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    config = uvicorn.Config(  # shut down as `python -m service` does
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
