@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.secantus_write_cost import cpu_seconds  # noqa: E402
 from service.catalogue import (  # noqa: E402
     CONTENT_BUCKET,
     Embedded,
@@ -49,19 +50,12 @@ from service.embedded_db import EmbeddedDatabase  # noqa: E402
 from service.ingest import fashion_mnist_items  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
 
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.machine()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 @dataclass
