@@ -29,6 +29,9 @@ from service.embedded_db import EmbeddedDatabase  # noqa: E402
 INDEXES = {
     "the catalogue's four (sha256 unique, label, tags, status)": ["sha256", "label", "tags", "status"],
     "three (no status)": ["sha256", "label", "tags"],
+    "one: sha256 (unique)": ["sha256"],
+    "one: label": ["label"],
+    "one: tags (an array)": ["tags"],
     "none": [],
 }
 
