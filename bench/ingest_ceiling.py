@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.search_bench import machine  # noqa: E402
 from bench.secantus_write_cost import cpu_seconds  # noqa: E402
 from service.catalogue import (  # noqa: E402
     CONTENT_BUCKET,
@@ -49,13 +48,6 @@ from service.db import Database  # noqa: E402
 from service.embedded_db import EmbeddedDatabase  # noqa: E402
 from service.ingest import fashion_mnist_items  # noqa: E402
 from service.settings import Settings  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 @dataclass
@@ -159,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             phases = asyncio.run(measure(args.images, args.batch, args.dim, uri, database.process.pid))
         finally:
             database.stop()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, "
-          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")  # fmt: skip
+    print(f"machine: {machine()}")
     print(f"{args.images} Fashion-MNIST images in batches of {args.batch}, {args.dim}-d vectors, "
           "embedded SecantusDB on disk (journaled)\n")  # fmt: skip
     ratio_head = f" | / {args.before:g} images/s" if args.before else ""
