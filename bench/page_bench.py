@@ -81,7 +81,8 @@ window.__benchResult = new Promise(resolve => {
     const search = performance.getEntriesByType('resource')
       .find(e => e.startTime >= armed && new URL(e.name).pathname === '/search');
     const timing = name => search?.serverTiming.find(t => t.name === name)?.duration ?? 0;
-    const result = {wire: search ? [search.requestStart - search.startTime,
+    const result = {chosenToFetch: search ? search.startTime - armed : null,
+                    wire: search ? [search.requestStart - search.startTime,
                                     search.responseStart - search.requestStart,
                                     search.responseEnd - search.responseStart] : [0, 0, 0],
                     serverTiming: [timing('body'), timing('app')],
@@ -117,6 +118,43 @@ input.dispatchEvent(new Event('change', {bubbles: true}));
 """
     + COLLECT
 )
+
+# The floor under any page, in the same browser: a bare document on the service's origin that does
+# only the irreducible part of a search (the same request as the page's, its JSON, the first 12
+# inline thumbnails put in as plain <img>) and resolves when Element Timing reports their paint.
+BARE_ROUND = r"""
+const [base64, done] = [arguments[0], arguments[arguments.length - 1]];
+const bytes = Uint8Array.from(atob(base64), c => c.charCodeAt(0));
+const box = document.getElementById('bare');
+const armed = performance.now();
+const painted = [];
+const paints = new PerformanceObserver(entries => {
+  for (const e of entries.getEntries()) {
+    if (e.identifier === 'bare' && e.renderTime >= armed) painted.push(e.renderTime - armed);
+  }
+});
+paints.observe({type: 'element'});
+const body = {method: 'POST', body: bytes, headers: {'Content-Type': 'image/png'}};
+fetch('/search?k={k}&thumbnails={k}', body)
+  .then(reply => reply.json()).then(data => {
+    const answered = performance.now() - armed;
+    box.replaceChildren(...data.results.slice(0, 12).map(r => {
+      const img = new Image(112, 112);
+      img.setAttribute('elementtiming', 'bare');
+      img.src = r.thumbnail_data_url;
+      return img;
+    }));
+    const inserted = performance.now() - armed;
+    const until = performance.now() + 2000;
+    const painting = () => {
+      if (painted.length < 12 && performance.now() < until) return void setTimeout(painting, 5);
+      paints.disconnect();
+      done({answered, inserted, painted: painted.length >= 12 ? Math.max(...painted) : null});
+    };
+    painting();
+  });
+""".replace("{k}", str(K))
+BARE_DOCUMENT = "document.body.replaceChildren(Object.assign(document.createElement('div'), {id: 'bare'}));"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -213,6 +251,7 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
         counts_before = cache_counts(url)
         browser, answered, rendered, server, api, thumbnail_requests = [], [], [], [], [], []
         painted: list[float | None] = []
+        chosen: list[float] = []  # the file's choice to the search request's start
         browser_stages, api_stages, wire, server_timing, api_server_timing = [], [], [], [], []
         for i, (path, api_path) in enumerate(zip(page_queries, api_queries, strict=True)):
             png = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -235,6 +274,7 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
             thumbnail_requests.append(result["thumbnails"])
             browser.append(result["shown"])
             painted.append(result["painted"])
+            chosen.append(result["chosenToFetch"])
             answered.append(result["answered"])
             rendered.append(result["rendered"])
             server.append(result["server"])
@@ -245,12 +285,14 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
             api.append(elapsed)
             api_stages.append(reply.json()["timing_ms"])
         counts = cache_counts(url)
+        bare = bare_rounds(driver, client, url, workdir, first=2 * (rounds + 1), rounds=rounds)
     return {
         "cache_counts": {name: counts[name] - counts_before.get(name, 0.0) for name in sorted(counts)},
         "first_load": first_load,
         "requests": len(entries),
         "browser": browser,
         "painted": painted,
+        "chosen": chosen,
         "answered": answered,
         "rendered": rendered,
         "server": server,
@@ -261,7 +303,32 @@ def measure(url: str, rounds: int, workdir: Path) -> dict:
         "wire": wire,
         "server_timing": server_timing,
         "api_server_timing": api_server_timing,
+        "bare": bare,
     }
+
+
+def bare_rounds(driver, client: httpx.Client, url: str, workdir: Path, first: int, rounds: int) -> dict:
+    """BARE_ROUND in a bare document on the service's origin, each round beside an API search of
+    another new image (the same load for both); the first round is a warm-up."""
+    page_queries = query_files(workdir, first, rounds + 1)
+    api_queries = query_files(workdir, first + rounds + 1, rounds + 1)
+    driver.get(url + "/health/ready")  # any document of the origin: its body is replaced
+    driver.execute_script(BARE_DOCUMENT)
+    answered, inserted, painted, api = [], [], [], []
+    for i, (path, api_path) in enumerate(zip(page_queries, api_queries, strict=True)):
+        png = base64.b64encode(path.read_bytes()).decode("ascii")
+        result = driver.execute_async_script(BARE_ROUND, png)
+        started = time.perf_counter()
+        reply = client.post("/search", content=api_path.read_bytes(), headers=PNG_BODY, params={"k": K})
+        reply.raise_for_status()
+        elapsed = (time.perf_counter() - started) * 1000
+        if i == 0:
+            continue
+        answered.append(result["answered"])
+        inserted.append(result["inserted"])
+        painted.append(result["painted"])
+        api.append(elapsed)
+    return {"answered": answered, "inserted": inserted, "painted": painted, "api": api}
 
 
 def median_stages(rows: list[dict[str, float]]) -> str:
@@ -307,6 +374,7 @@ def report(args: argparse.Namespace, m: dict, demo_s: float, warm_s: float) -> s
             f"| {stats(m['browser'])} |",
             f"| browser: the file's choice to those thumbnails painted (Element Timing; {len(paints)} of "
             f"{len(m['painted'])} rounds reported a paint) | {stats(paints) if paints else 'n/a'} |",
+            f"| browser: the file's choice to the search request's start | {stats(m['chosen'])} |",
             f"| browser: request to JSON answered | {stats(m['answered'])} |",
             f"| browser: request to result cards in the DOM | {stats(m['rendered'])} |",
             f"| the service's own stage times for the browser's requests | {stats(m['server'])} |",
@@ -327,8 +395,32 @@ def report(args: argparse.Namespace, m: dict, demo_s: float, warm_s: float) -> s
             "",
             f"Browser round trip / API POST /search (medians): **{ratio:.2f}x** (goal <= 2x); to the "
             f"paint: {painted_ratio:.2f}x",
+            "",
+            *bare_report(m["bare"], stats),
         ]
     )
+
+
+def bare_report(bare: dict, stats) -> list[str]:
+    """The floor: a bare document that only fetches and shows 12 thumbnails, against the API."""
+    paints = [ms for ms in bare["painted"] if ms is not None]
+    api = statistics.median(bare["api"])
+    floor = f"{statistics.median(paints) / api:.2f}x" if paints else "n/a"
+    return [
+        f"The floor under any page (a bare document on the service's origin: the same request, its "
+        f"JSON, the first 12 inline thumbnails put in as plain `<img>`, nothing else; "
+        f"{len(bare['api'])} rounds after the page's):",
+        "",
+        "| bare document | median / p90 ms |",
+        "|---|---:|",
+        f"| request to JSON answered | {stats(bare['answered'])} |",
+        f"| request to the 12 images in the document | {stats(bare['inserted'])} |",
+        f"| request to the 12 images painted (Element Timing; {len(paints)} of {len(bare['painted'])} "
+        f"rounds reported a paint) | {stats(paints) if paints else 'n/a'} |",
+        f"| API: POST /search over HTTP (httpx), the same rounds | {stats(bare['api'])} |",
+        "",
+        f"Bare document to the paint / API POST /search (medians): **{floor}**",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
