@@ -27,7 +27,7 @@ SUBSET=${SUBSET:-}
 CURVES=${CURVES:-}
 ARCH=${ARCH:---arch resnet18 --width 0.25}
 OUT=${OUT:-runs/quality}
-METHODS=${METHODS:-"simclr moco-v2 moco-v3 moco-v1 instdisc instdisc-softmax"}
+METHODS=${METHODS:-"simclr nnclr moco-v2 moco-v3 moco-v1 instdisc instdisc-softmax"}
 COMMON="--data fashion-mnist $ARCH --batch-size 256 --epochs $EPOCHS --warmup-epochs 0.05 \
   --time-budget $BUDGET --device $DEVICE --amp $AMP --knn-every $KNN_EVERY --knn-subset $KNN_SUBSET \
   --no-progress${SUBSET:+ --subset $SUBSET}"
@@ -35,6 +35,7 @@ COMMON="--data fashion-mnist $ARCH --batch-size 256 --epochs $EPOCHS --warmup-ep
 command_for() {
   case "$1" in
     simclr)   echo "-m training.simclr" ;;
+    nnclr)    echo "-m training.nnclr" ;;
     moco-v1)  echo "-m training.moco --version 1 --moco-k 4096 --lr-schedule cosine" ;;
     moco-v2)  echo "-m training.moco --version 2 --moco-k 4096" ;;
     moco-v3)  echo "-m training.moco --version 3" ;;

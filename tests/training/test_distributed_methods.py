@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from training.methods.instdisc import InstDisc
 from training.methods.moco import MoCoV2
 from training.methods.mocov3 import MoCoV3
+from training.methods.nnclr import NNCLR
 from training.methods.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp
 from training.methods.simclr import SimCLR
 from training.models.global_bn import GlobalBatchNorm, convert_global_batchnorm
@@ -48,6 +49,8 @@ def build(name: str) -> torch.nn.Module:
         return SimCLR("resnet18", TINY, dim=8)
     if name == "moco-v3":
         return MoCoV3("resnet18", TINY, dim=8, mlp_dim=16)
+    if name == "nnclr":  # a support set larger than the batch: the step's lookups and its enqueue
+        return NNCLR("resnet18", TINY, dim=8, hidden_dim=16, pred_hidden_dim=16, support_size=12)
     raise ValueError(name)
 
 
@@ -154,7 +157,7 @@ def _instdisc_bank_worker(rank: int, port: int, out_dir: str) -> None:
 # ---------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco-v3"])
+@pytest.mark.parametrize("name", ["simclr", "moco-v3", "nnclr"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(name, tmp_path):
     reference = build(name)
     loss = one_step(reference, reference, global_views(), torch.arange(BATCH))

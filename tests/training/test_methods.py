@@ -22,6 +22,7 @@ from training.methods.instdisc import EXACT_SOFTMAX_MAX_SAMPLES, InstDisc
 from training.methods.moco import MoCoV1, MoCoV2
 from training.methods.mocov3 import MoCoV3
 from training.methods.momentum import cosine_momentum
+from training.methods.nnclr import NNCLR
 from training.methods.simclr import SimCLR
 from training.models.memory_bank import MemoryBank
 from training.models.resnet import SplitBatchNorm
@@ -392,6 +393,58 @@ def test_instdisc_nce_loss_equals_formula_with_fixed_normaliser():
     assert model.nce_normaliser.item() == z  # fixed after the first batch
 
 
+# ---------------------------------------------------------------- NNCLR
+
+
+def test_nnclr_loss_equals_formula_with_the_support_sets_nearest_neighbours():
+    torch.manual_seed(0)
+    nnclr = NNCLR("resnet18", TINY, dim=8, hidden_dim=16, pred_hidden_dim=16, support_size=10)
+    support = nnclr.support.clone()  # the set the step searches, before it receives view 1
+    x1, x2 = views(6)
+    out = nnclr([x1, x2], torch.arange(6))
+    with torch.no_grad():
+        z1, z2 = (F.normalize(z, dim=1) for z in nnclr.encoder(torch.cat([x1, x2])).chunk(2))
+        p1, p2 = (F.normalize(p, dim=1) for p in nnclr.predictor(nnclr.encoder(torch.cat([x1, x2]))).chunk(2))
+
+    def neighbour(z: torch.Tensor) -> torch.Tensor:  # by distance, as the paper writes it
+        return support[min(range(10), key=lambda j: float((z - support[j]).norm()))]
+
+    def loss(z: torch.Tensor, p: torch.Tensor) -> float:
+        total = 0.0
+        for i in range(6):
+            anchor = neighbour(z[i])
+            denominator = sum(math.exp(dot(anchor, p[k]) / 0.1) for k in range(6))
+            total += -math.log(math.exp(dot(anchor, p[i]) / 0.1) / denominator) / 6
+        return total
+
+    assert out.loss.item() == pytest.approx((loss(z1, p2) + loss(z2, p1)) / 2, rel=1e-4)
+    # the support set received view 1's projections (FIFO: slots 0..5), the rest is untouched
+    torch.testing.assert_close(nnclr.support[:6], z1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(nnclr.support[6:], support[6:])
+    assert int(nnclr.support_ptr) == 6
+
+
+def test_nnclr_support_set_travels_in_the_state_dict_and_wraps_around():
+    nnclr = NNCLR("resnet18", TINY, dim=3, hidden_dim=8, pred_hidden_dim=8, support_size=5)
+    for step in range(2):
+        nnclr([*views(4, seed=step)], torch.arange(4))
+    # 8 projections into 5 slots: the second step's last three wrapped to slots 0..2
+    assert int(nnclr.support_ptr) == 8 % 5
+    state = nnclr.state_dict()
+    assert {"support", "support_ptr"} <= set(state) and state["support"].shape == (5, 3)
+    torch.testing.assert_close(state["support"].norm(dim=1), torch.ones(5))
+
+
+def test_nnclr_small_image_recipe_and_a_bad_support_size(capsys):
+    config = parse("nnclr", [])
+    assert (config.params.temperature, config.params.support_size, config.params.dim) == (0.1, 16_384, 256)
+    assert (config.batch_size, config.lr, config.augmentation) == (256, 1.2, "simclr-noflip")
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: exit 2, one line
+        parse("nnclr", ["--support-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--support-size and --temperature must be positive" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- all methods
 
 
@@ -439,6 +492,10 @@ def test_every_method_trains_one_step_and_exports_its_encoder(name, tmp_path):
             {"optimizer": "lars", "moco_t": 0.2, "moco_m": 0.99, "moco_dim": 256, "augmentation": "mocov3"},
         ),
         ("simclr", {"optimizer": "lars", "lr": 0.3, "temperature": 0.5, "batch_size": 4096, "proj_dim": 128}),
+        (
+            "nnclr",
+            {"optimizer": "lars", "temperature": 0.1, "support_size": 98_304, "augmentation": "mocov3"},
+        ),
     ],
 )
 def test_paper_defaults_and_help(name, expected, tmp_path):

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import ConfigError, MethodParams, RunConfig, setting, world_size
-from training.distributed import concat_all_gather, get_world_size, is_distributed
+from training.distributed import get_world_size, is_distributed
 from training.losses.infonce import queue_infonce
 from training.methods.base import Method, StepOutput
 from training.methods.momentum import make_momentum_copy, momentum_update
+from training.methods.queue import enqueue
 from training.methods.shuffle_bn import (
     batch_shuffle_ddp,
     batch_shuffle_single,
@@ -108,13 +109,7 @@ class MoCo(Method):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         """Enqueue the keys of every rank (rank order), overwriting the oldest; wraps around K."""
-        keys = concat_all_gather(keys)  # (N*world)xC
-        total = keys.shape[0]
-        skipped = max(0, total - self.queue_size)  # more keys than slots: only the newest K survive
-        ptr = int(self.queue_ptr)
-        positions = (ptr + skipped + torch.arange(total - skipped, device=keys.device)) % self.queue_size
-        self.queue.index_copy_(0, positions, keys[skipped:].to(self.queue.dtype))
-        self.queue_ptr[0] = (ptr + total) % self.queue_size
+        enqueue(self.queue, self.queue_ptr, keys)
 
     @torch.no_grad()
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
