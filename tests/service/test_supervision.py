@@ -59,9 +59,16 @@ def test_kill_9_of_the_database_under_load_recovers_by_itself(data_dir: Path) ->
         os.kill(first_pid, signal.SIGKILL)
         killed_at = time.monotonic()
         with service.client(timeout=30) as http:
-            wait_until(
-                lambda: http.get("/health/ready").status_code == 503, timeout_s=10, what="503 while down"
-            )
+            probes: list[tuple[float, int]] = []  # (seconds after the kill, status): in the failure message
+
+            def down() -> bool:
+                probes.append((round(time.monotonic() - killed_at, 2), http.get("/health/ready").status_code))
+                return probes[-1][1] == 503
+
+            try:
+                wait_until(down, timeout_s=10, what="503 while down")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; /health/ready (s after the kill, status): {probes}") from None
             wait_until(
                 lambda: service.embedded_db()["pid"] != first_pid, timeout_s=30, what="the database restart"
             )
