@@ -403,8 +403,9 @@ def test_nnclr_loss_equals_formula_with_the_support_sets_nearest_neighbours():
     x1, x2 = views(6)
     out = nnclr([x1, x2], torch.arange(6))
     with torch.no_grad():
-        z1, z2 = (F.normalize(z, dim=1) for z in nnclr.encoder(torch.cat([x1, x2])).chunk(2))
-        p1, p2 = (F.normalize(p, dim=1) for p in nnclr.predictor(nnclr.encoder(torch.cat([x1, x2]))).chunk(2))
+        z = nnclr.encoder(torch.cat([x1, x2]))  # 2NxC, BN over both views as in the step
+        z1, z2 = F.normalize(z, dim=1).chunk(2)
+        p1, p2 = F.normalize(nnclr.predictor(z), dim=1).chunk(2)
 
     def neighbour(z: torch.Tensor) -> torch.Tensor:  # by distance, as the paper writes it
         return support[min(range(10), key=lambda j: float((z - support[j]).norm()))]

@@ -26,6 +26,7 @@ from training.losses.nnclr import nearest_neighbours, nnclr_loss
 from training.losses.result import ContrastiveResult
 from training.methods.base import Method, StepOutput
 from training.methods.queue import enqueue
+from training.methods.simclr import SimCLR
 from training.models import EmbeddingNetwork, build_backbone
 from training.models.global_bn import collectives_without_sync_bn, convert_global_batchnorm
 from training.models.heads import PredictionHead, ProjectionHead
@@ -63,12 +64,12 @@ class NNCLR(Method):
         "optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "optimizer_momentum": 0.9, "batch_size": 4096,
         "epochs": 1000, "warmup_epochs": 10.0, "lr_schedule": "cosine", "augmentation": "mocov3",
     }  # fmt: skip
-    # Images <= 64 px: SimCLR's small-image recipe (bench/RESULTS.md), a support set of 16,384
-    # (about a quarter of a 60k data set, as the paper's 98k is 8% of ImageNet's 1.28M).
+    # Images <= 64 px: SimCLR's small-image recipe (bench/RESULTS.md) but the paper's tau, and a
+    # support set of 16,384 (about a quarter of a 60k data set, as the paper's 98k is 8% of ImageNet's 1.28M).
     small_image_defaults = {
-        "batch_size": 256, "warmup_epochs": 0.05, "lr": 1.2, "augmentation": "simclr-noflip",
+        **{key: value for key, value in SimCLR.small_image_defaults.items() if key != "temperature"},
         "support_size": 16_384,
-    }  # fmt: skip
+    }
     notes = (
         "The base lr (0.3 per 256, LARS) is SimCLR's: the value in the NNCLR paper was not checked "
         "offline. Small images: SimCLR's small-image recipe and a 16,384-entry support set."
