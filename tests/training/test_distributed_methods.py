@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,29 +65,33 @@ def one_step(model: torch.nn.Module, module: torch.nn.Module, views: list[torch.
 
 
 def run(worker, tmp_path: Path, *args) -> list[dict]:
-    mp.spawn(worker, args=(free_port(), str(tmp_path), *args), nprocs=WORLD, join=True)
+    mp.spawn(_in_group, args=(free_port(), str(tmp_path), worker, *args), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
-def init(rank: int, port: int) -> None:
+def _in_group(rank: int, port: int, out_dir: str, worker, *args) -> None:
+    """Run one rank's worker inside the gloo group, leave the group together, and exit at once.
+
+    Twice under a loaded `make test` a rank that had written its results aborted afterwards
+    ("terminate called without an active exception", SIGABRT): a native thread still joinable
+    while the interpreter finalises. These tests are about what the ranks computed, which is on
+    disk by then; `os._exit` skips the finalisation where that race lives. (The product's exit
+    under torchrun is exercised by test_distributed_engine.)"""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-
-
-def finish() -> None:
-    """Leave the group together: a rank that tears gloo down while the other still talks to it (the
-    store lives in rank 0) aborted rank 0 once under a loaded `make test` ("terminate called
-    without an active exception", SIGABRT)."""
+    worker(rank, out_dir, *args)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-# ---------------------------------------------------------------- workers (run in each rank)
+# ---------------------------------------------------------------- workers (run in each rank, in the group)
 
 
-def _equivalence_worker(rank: int, port: int, out_dir: str, name: str) -> None:
-    init(rank, port)
+def _equivalence_worker(rank: int, out_dir: str, name: str) -> None:
     method = build(name)  # under gloo the method makes its BN global itself (SyncBatchNorm needs CUDA)
     assert not method.sync_batch_norm and any(isinstance(m, GlobalBatchNorm) for m in method.modules())
     model = DistributedDataParallel(method)
@@ -97,11 +102,9 @@ def _equivalence_worker(rank: int, port: int, out_dir: str, name: str) -> None:
     dist.all_gather(losses, torch.tensor([loss]))
     state = {k: v.clone() for k, v in method.state_dict().items()}
     torch.save({"loss": float(torch.cat(losses).mean()), "state": state}, Path(out_dir) / f"rank{rank}.pt")
-    finish()
 
 
-def _moco_queue_worker(rank: int, port: int, out_dir: str) -> None:
-    init(rank, port)
+def _moco_queue_worker(rank: int, out_dir: str) -> None:
     torch.manual_seed(100 + rank)  # different seeds: DDP must still start both ranks equal
     method = MoCoV2("resnet18", TINY, dim=8, queue_size=20)
     assert not method.split_bn  # real cross-rank shuffle under DDP
@@ -130,11 +133,9 @@ def _moco_queue_worker(rank: int, port: int, out_dir: str) -> None:
         },
         Path(out_dir) / f"rank{rank}.pt",
     )
-    finish()
 
 
-def _instdisc_bank_worker(rank: int, port: int, out_dir: str) -> None:
-    init(rank, port)
+def _instdisc_bank_worker(rank: int, out_dir: str) -> None:
     torch.manual_seed(200 + rank)  # different initial banks: the first step must synchronise them
     method = InstDisc("resnet18", TINY, num_samples=32, nce_k=8)
     model = DistributedDataParallel(method, broadcast_buffers=method.ddp_broadcast_buffers)
@@ -151,7 +152,6 @@ def _instdisc_bank_worker(rank: int, port: int, out_dir: str) -> None:
         },
         Path(out_dir) / f"rank{rank}.pt",
     )
-    finish()
 
 
 # ---------------------------------------------------------------- tests
