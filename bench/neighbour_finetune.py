@@ -9,8 +9,10 @@ that to a finished encoder, without labels:
 1. mine each training image's top-k neighbours in the encoder's whitened embedding (the
    retrieval space; the labels only report the neighbours' purity);
 2. fine-tune the backbone with NT-Xent whose positive for an image is an augmented view of one
-   of its neighbours, drawn at random each step (with probability `--neighbour-p`, else itself),
-   through a fresh projection head; SGD with momentum, linear warm-up and cosine decay;
+   of its neighbours, drawn at random each step (with probability `--neighbour-p`, else itself;
+   with `--mutual` only from the neighbours that have the image among their own top k, the
+   cleaner set of k-reciprocal re-ranking, Zhong et al. 2017), through a fresh projection head;
+   SGD with momentum, linear warm-up and cosine decay;
 3. score precision@10 before and after as `bench/demo_precision.py` does (1000 seeded training
    images search the held-out split), the whitening refitted on the fine-tuned features.
 
@@ -18,6 +20,9 @@ that to a finished encoder, without labels:
         --catalogue fashion-mnist:test --k 10 --epochs 3 --lr 0.2
     python bench/neighbour_finetune.py runs/tau/glyphs/tau0.2/encoder.pt \
         --data folder:/tmp/glyphs/train --catalogue folder:/tmp/glyphs/test --k 10 --epochs 3 --lr 0.2
+
+`--out` keeps the fine-tuned encoder (its whitening refitted), which can be mined and fine-tuned
+again: rounds, as SCAN's self-labelling repeats.
 """
 
 from __future__ import annotations
@@ -35,7 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.data.augment import build_augmentation  # noqa: E402
 from training.data.datasets import ImageDataset, load_dataset  # noqa: E402
-from training.encoder import embedding_features, read_encoder_record  # noqa: E402
+from training.encoder import (  # noqa: E402
+    embedding_features,
+    read_encoder_record,
+    save_encoder,
+    with_whitening,
+)
 from training.losses.ntxent import nt_xent  # noqa: E402
 from training.models import build_embedding_network  # noqa: E402
 from training.models.heads import ProjectionHead  # noqa: E402
@@ -82,11 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--neighbour-p", type=float, default=1.0, help="share of positives that are neighbours"
     )
+    parser.add_argument(
+        "--mutual", action="store_true", help="only neighbours that have the image among their own top k"
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--augmentation", default="simclr-noflip", help="the small-image default's views")
+    parser.add_argument(
+        "--out", help="save the fine-tuned encoder here (whitening refitted), e.g. for another round"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     record = read_encoder_record(args.encoder)
@@ -98,8 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     before = precision_at_10(network, record, memory, catalogue)
     neighbours = mine_neighbours(network, record, memory, args.k)  # NxK
-    purity = (memory.labels[neighbours] == memory.labels.unsqueeze(1)).float().mean().item()
-    print(f"precision@10 before: {before:.4f}; top-{args.k} neighbours' purity {purity:.4f}", flush=True)
+    # NxK: which neighbours may be drawn (all, or the reciprocal ones); an image without any is its own
+    allowed = torch.ones_like(neighbours, dtype=torch.bool)
+    if args.mutual:
+        allowed = (neighbours[neighbours] == torch.arange(len(neighbours)).view(-1, 1, 1)).any(dim=2)
+    has_any = allowed.any(dim=1)  # N
+    same = memory.labels[neighbours] == memory.labels.unsqueeze(1)  # NxK
+    purity = same[allowed].float().mean().item()
+    drawable, without = allowed.float().sum(1).mean(), 1 - has_any.float().mean()
+    print(
+        f"precision@10 before: {before:.4f}; top-{args.k} neighbours' purity {purity:.4f}, "
+        f"{drawable:.1f} drawable per image, {without:.3f} without any",
+        flush=True,
+    )
+    weights = allowed.float()
+    weights[~has_any, 0] = 1.0  # a placeholder draw; such images keep their own view below
 
     augment = build_augmentation(args.augmentation, size, channels, record["mean"], record["std"])
     with torch.no_grad():
@@ -114,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimiser.param_groups:
             group["lr"] = lr
         anchors = torch.randint(0, len(memory), (args.batch_size,))
-        drawn = neighbours[anchors, torch.randint(0, args.k, (args.batch_size,))]
-        positives = torch.where(torch.rand(args.batch_size) < args.neighbour_p, drawn, anchors)
+        drawn = neighbours[anchors, torch.multinomial(weights[anchors], 1).squeeze(1)]
+        use = (torch.rand(args.batch_size) < args.neighbour_p) & has_any[anchors]
+        positives = torch.where(use, drawn, anchors)
         z1 = head(network.features(augment(memory.images[anchors], 0)))  # BxC
         z2 = head(network.features(augment(memory.images[positives], 1)))
         loss = nt_xent(z1, z2, args.temperature, gather=False).loss
@@ -130,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     network.eval()
     after = precision_at_10(network, record, memory, catalogue)
+    if args.out:
+        state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        tuned = {**record, "network": {k: v for k, v in record["network"].items() if k != "whitening"}}
+        tuned["state_dict"] = state
+        fit = memory.subset(min(10_000, len(memory)), seed=1)
+        save_encoder(args.out, with_whitening(tuned, fit.images, POWER, amp="none"))
     elapsed = time.monotonic() - start
     print(f"precision@10 after {steps} steps: {after:.4f} ({after - before:+.4f}; {elapsed:.0f} s)")
     return 0
