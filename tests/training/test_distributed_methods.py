@@ -72,11 +72,11 @@ def run(worker, tmp_path: Path, *args) -> list[dict]:
 def _in_group(rank: int, port: int, out_dir: str, worker, *args) -> None:
     """Run one rank's worker inside the gloo group, leave the group together, and exit at once.
 
-    Twice under a loaded `make test` a rank that had written its results aborted afterwards
-    ("terminate called without an active exception", SIGABRT): a native thread still joinable
-    while the interpreter finalises. These tests are about what the ranks computed, which is on
-    disk by then; `os._exit` skips the finalisation where that race lives. (The product's exit
-    under torchrun is exercised by test_distributed_engine.)"""
+    Twice under a loaded `make test` a rank aborted as it ended ("terminate called without an
+    active exception", SIGABRT: a native thread still joinable while the interpreter finalises),
+    once even after leaving the group together. These tests are about what the ranks computed,
+    which is on disk before the exit; `os._exit` skips the finalisation where that race lives.
+    (The product's exit under torchrun is exercised by test_distributed_engine.)"""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
