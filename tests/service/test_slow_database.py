@@ -14,6 +14,7 @@ import asyncio
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pymongo import MongoClient
@@ -43,7 +44,11 @@ def test_commands_server() -> Iterator[str]:
         yield uri
     finally:
         process.terminate()
-        process.wait(60)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:  # SecantusDB's graceful stop can wedge (seen once in CI)
+            process.kill()
+            process.wait()
 
 
 def test_a_slow_server_does_not_cancel_operations_in_flight(test_commands_server: str) -> None:
@@ -77,12 +82,14 @@ def test_a_slow_server_does_not_cancel_operations_in_flight(test_commands_server
         asyncio.run(scenario())
 
 
-def test_a_stopped_server_still_fails_fast() -> None:
+def test_a_stopped_server_still_fails_fast(tmp_path: Path) -> None:
     """The other side: connections refused mean down, and a request learns it within the
-    server-selection limit, not after the long operation limit."""
+    server-selection limit, not after the long operation limit. The server is killed, not asked to
+    stop: its graceful stop once took over 60 s in CI (inside SecantusDB), and refused connections
+    are the same either way."""
     port = free_port()
     process = subprocess.Popen(
-        [secantusd_executable(), "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
+        [secantusd_executable(), "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(tmp_path)],
         stdin=subprocess.DEVNULL,
     )
     uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
@@ -91,7 +98,7 @@ def test_a_stopped_server_still_fails_fast() -> None:
         db = Database.connect(uri, "down", 300)
         try:
             assert await db.images.count_documents({}) == 0
-            process.terminate()
+            process.kill()
             process.wait(60)
             started = time.monotonic()
             with pytest.raises(PyMongoError):
@@ -104,5 +111,5 @@ def test_a_stopped_server_still_fails_fast() -> None:
         wait_for_ping(uri, process, 120)
         asyncio.run(scenario())
     finally:
-        process.terminate()
+        process.kill()
         process.wait(60)
