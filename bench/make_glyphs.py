@@ -32,29 +32,29 @@ CLASSES = "ABCDEFGHIJ"
 SKIP = ("symbol", "dingbat", "awesome", "math", "emoji", "music", "ornament", "d050000l", "standardsymbols")
 
 
-def system_fonts() -> list[str]:
+def system_fonts(classes: str = CLASSES) -> list[str]:
     out = subprocess.run(["fc-list", "--format", "%{file}\n"], capture_output=True, text=True, check=True)
     files = sorted(
         {f for f in out.stdout.splitlines() if f.lower().endswith((".ttf", ".otf", ".t1", ".pfb"))}
     )
-    return [f for f in files if not any(s in f.lower() for s in SKIP) and _renders_letters(f)]
+    return [f for f in files if not any(s in f.lower() for s in SKIP) and _renders_letters(f, classes)]
 
 
-def _renders_letters(path: str) -> bool:
-    """A font whose A-J glyphs are distinct and non-empty (drops fonts that map letters to boxes)."""
+def _renders_letters(path: str, classes: str = CLASSES) -> bool:
+    """A font whose glyphs of `classes` are distinct and non-empty (drops fonts that map them to boxes)."""
     try:
         font = ImageFont.truetype(path, 20)
     except OSError:
         return False
     shapes = set()
-    for letter in CLASSES:
+    for letter in classes:
         image = Image.new("L", (28, 28))
         ImageDraw.Draw(image).text((14, 14), letter, fill=255, font=font, anchor="mm")
         pixels = np.asarray(image)
         if pixels.sum() < 255 * 10:
             return False
         shapes.add(pixels.tobytes())
-    return len(shapes) == len(CLASSES)
+    return len(shapes) == len(classes)
 
 
 def render(letter: str, font_path: str, rng: random.Random) -> Image.Image:
@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         "--test-fonts", type=float, default=0.2, help="fraction of fonts kept for the test split"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--classes", default=CLASSES, help="the characters, one class each (e.g. 0123456789: a digits set)"
+    )
     args = parser.parse_args(argv)
-    fonts = system_fonts()
+    fonts = system_fonts(args.classes)
     if len(fonts) < 10:
         print(
             f"error: only {len(fonts)} usable fonts; install the packages in this script's docstring",
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = {"test": (fonts[:n_test], args.test), "train": (fonts[n_test:], args.train)}
     for split, (split_fonts, count) in splits.items():
         for i in range(count):
-            letter = CLASSES[i % len(CLASSES)]
+            letter = args.classes[i % len(args.classes)]
             folder = args.out / split / letter
             folder.mkdir(parents=True, exist_ok=True)
             render(letter, rng.choice(split_fonts), rng).save(folder / f"{i:05d}.png")

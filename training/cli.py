@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tqdm import tqdm
 
 from training import distributed as dist
 from training.checkpoint import resolve_resume
@@ -33,6 +34,7 @@ from training.config import (
     DEFAULT,
     FILE,
     FLAG,
+    INIT,
     PAPER,
     SMALL_IMAGE,
     SMALL_IMAGE_GRID,
@@ -42,6 +44,7 @@ from training.config import (
 )
 from training.data.augment import NORMALISATION, build_augmentation
 from training.data.datasets import DataError, ImageDataset, load_dataset, native_image_size, split_held_out
+from training.encoder import Encoder, EncoderError, read_encoder_record
 from training.engine import Trainer
 from training.flags import add_settings, flag_names, layered, read_config_file
 from training.knn_monitor import KnnMonitor
@@ -87,11 +90,18 @@ def build_parser(
         help="a TOML file of settings (keys: the flag names, e.g. lr = 0.3); flags given too override it",
     )
     paper, small = method.paper_values(), method.small_image_defaults
-    add_settings(parser, RunConfig, paper, small)
+    source = method.defaults_source
+    add_settings(parser, RunConfig, paper, small, source=source)
     if mode is not None:
         mode.add_arguments(parser)
     add_settings(
-        parser, method.Params, paper, small, title=f"{method.name} (paper defaults)", description=method.notes
+        parser,
+        method.Params,
+        paper,
+        small,
+        title=f"{method.name} ({source} defaults)",
+        description=method.notes,
+        source=source,
     )
     return parser
 
@@ -141,7 +151,7 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         native = native_image_size(data)
     layers: list[tuple[str, Mapping[str, Any]]] = [
         (DEFAULT, {"method": method.name, "out": Path("runs") / method.name}),
-        (PAPER, method.paper_values()),
+        (method.defaults_source, method.paper_values()),
     ]
     if native is not None and native <= SMALL_IMAGE_MAX_SIZE:
         layers.append((DATA, {"crop_size": native}))
@@ -152,6 +162,8 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         small.setdefault("whitening", "pca")  # measured for SimCLR, MoCo v3 and InstDisc's head
         layers.append((SMALL_IMAGE, small))
     layers.append(("catalogue", filled))
+    if merged.get("init"):
+        layers.append((INIT, init_encoder_settings(merged["init"])))
     layers += explicit
     engine, params, sources = layered(layers, RunConfig, method.Params)
     scale_paper_milestones(engine, sources, method.paper_values().get("epochs"))
@@ -163,6 +175,22 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         raise ConfigError(f"--local-crops: {method.name} has no multi-crop loss (simclr has)")
     config = RunConfig(**engine, params=method.Params(**params), sources=tuple(sorted(sources.items())))
     return config, options
+
+
+def init_encoder_settings(path: str) -> dict[str, Any]:
+    """The network settings of the encoder that `--init` starts from (they default to its own)."""
+    try:
+        record = read_encoder_record(path)
+    except EncoderError as exc:
+        raise ConfigError(f"--init: {exc}") from None
+    network = record["network"]
+    kwargs = network.get("kwargs", {})
+    settings = {"arch": network["arch"], "crop_size": record["input_size"]}
+    settings["embedding_grid"] = network.get("grid", 1)
+    flags = {"width": "width", "small_stem": "small_stem", "patch_size": "patch_size"}
+    flags |= {"embed_dim": "vit_dim", "depth": "vit_depth", "num_heads": "vit_heads"}  # a ViT's
+    settings |= {flag: kwargs[key] for key, flag in flags.items() if key in kwargs}
+    return settings
 
 
 def scale_paper_milestones(engine: dict[str, Any], sources: dict[str, str], paper_epochs: int | None) -> None:
@@ -242,15 +270,52 @@ def normalisation(data: str, images: torch.Tensor) -> tuple[list[float], list[fl
     return sample.mean(1).tolist(), sample.std(1).clamp_min(1e-3).tolist()
 
 
+def initial_embeddings(
+    config: RunConfig, record: dict[str, Any], data: ImageDataset, device: torch.device
+) -> torch.Tensor:
+    """NxD: the --init encoder's retrieval embeddings of the training images (whitened where it is)."""
+    encoder = Encoder(record, device, amp=config.amp)
+    step = 4096
+    bar = tqdm(
+        total=len(data),
+        unit="img",
+        unit_scale=True,
+        desc="embedding with --init",
+        disable=not dist.is_main_process() or not config.progress,
+        dynamic_ncols=True,
+    )
+    parts = []
+    with bar:
+        for start in range(0, len(data), step):
+            parts.append(torch.from_numpy(encoder.embed(data.images[start : start + step])))
+            bar.update(len(parts[-1]))
+    return torch.cat(parts)
+
+
 def build_trainer(config: RunConfig, device: torch.device) -> Trainer:
     """Data, kNN monitor, method, augmentation and engine for the parsed command line."""
     torch.manual_seed(config.seed)  # model initialisation: identical on every rank
+    initial = read_encoder_record(config.init) if config.init else None
     train_set = load_dataset(
-        config.data, config.crop_size, config.subset, seed=config.seed, workers=config.workers
+        config.data,
+        config.crop_size,
+        config.subset,
+        seed=config.seed,
+        in_channels=initial["in_channels"] if initial else None,
+        workers=config.workers,
     )
     train_set, knn = knn_sets(config, train_set)
     mean, std = normalisation(config.data, train_set.images)
     method = build_method(config, len(train_set), train_set.in_channels)
+    if initial is not None:
+        mean, std = initial["mean"], initial["std"]  # the network learnt on inputs normalised so
+        method.start_from_encoder(initial)
+        if method.needs_initial_embeddings and resolve_resume(config.resume, config.out) is None:
+            # (a resumed run has what the method made of them in its checkpoint: its buffers)
+            embeddings = initial_embeddings(config, initial, train_set, device)
+            line = method.use_initial_embeddings(embeddings, train_set.labels)
+            if dist.is_main_process():
+                print(line, flush=True)
     augment = build_augmentation(config.augmentation, config.crop_size, train_set.in_channels, mean, std)
     local_augment = None
     if config.local_crops:

@@ -27,6 +27,7 @@ from training.models import ARCH_NAMES
 
 # Where a value came from (printed at start; stored with the config).
 DEFAULT, PAPER, SMALL_IMAGE, DATA, FILE, FLAG = "default", "paper", "small-image", "data", "file", "flag"
+INIT = "init encoder"  # the network settings of the encoder --init starts from
 SMALL_IMAGE_MAX_SIZE = 64  # native image side up to which the small-image recipe applies (CIFAR, MNIST)
 SMALL_IMAGE_GRID = 2  # small images' retrieval embedding: the last stage pooled to 2x2 (bench/RESULTS.md)
 CONV_ARCHS = ("resnet",)  # prefixes of convolutional backbones (channels_last applies to these)
@@ -112,6 +113,12 @@ class RunConfig:
         0.5,
         "whitening strength: eigenvalues^(-p/2); 1 whitens fully, 0.5 (square-rooted) gained in kNN "
         "and precision@10 on both image sets measured",
+        group="backbone",
+    )
+    init: str | None = setting(
+        None,
+        "start from a finished encoder file (e.g. runs/simclr/encoder.pt): its weights and "
+        "normalisation; --arch, --width, --small-stem, --crop-size and --embedding-grid default to its own",
         group="backbone",
     )
     patch_size: int = setting(16, "ViT patch size", group="backbone")

@@ -255,16 +255,27 @@ class Trainer:
         if dist.is_main_process():
             tqdm.write(message)
 
-    def views(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """The method's views of uint8 BxCxHxW images: float BxCxSxS each, then the local BxCxLxL."""
-        views = [self.augment(batch, v) for v in range(self.method.num_views)]
+    def views(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """The method's views of the data-set images at `indices` (B): float BxCxSxS each, view v
+        made from the images `method.view_sources` names for it (the images themselves but for
+        mined-neighbour positives), then the local BxCxLxL of the images themselves."""
+        batches: dict[int, torch.Tensor] = {}  # one gather per distinct source tensor
+
+        def images_at(source: torch.Tensor) -> torch.Tensor:  # uint8 BxCxSxS on the device
+            if id(source) not in batches:
+                batches[id(source)] = self.images[source.to(self.images.device)].to(
+                    self.device, non_blocking=True
+                )
+            return batches[id(source)]
+
+        sources = self.method.view_sources(indices)
+        views = [self.augment(images_at(source), v) for v, source in enumerate(sources)]
         if self.local_augment is not None:
-            views += [self.local_augment(batch, v) for v in range(self.config.local_crops)]
+            views += [self.local_augment(images_at(indices), v) for v in range(self.config.local_crops)]
         return views
 
     def train_step(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        batch = self.images[indices.to(self.images.device)].to(self.device, non_blocking=True)  # BxCxSxS
-        views = self.views(batch)
+        views = self.views(indices)
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):

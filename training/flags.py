@@ -55,13 +55,19 @@ def _shown_item(value: Any) -> Any:
 
 
 def default_text(
-    name: str, default: Any, help_text: str, paper: Mapping[str, Any], small: Mapping[str, Any]
+    name: str,
+    default: Any,
+    help_text: str,
+    paper: Mapping[str, Any],
+    small: Mapping[str, Any],
+    source: str = PAPER,
 ) -> str:
-    """` (default: V)`, `(default: V, the paper's)`, plus `; images <= 64 px: W` where that differs."""
+    """` (default: V)`, `(default: V, the paper's)`, plus `; images <= 64 px: W` where that differs
+    (`source` names where the method's defaults come from: a paper, or a measured recipe)."""
     value = paper.get(name, default)
     if (value == "" and name not in small) or "default:" in help_text:
         return ""
-    text = f"default: {_shown(value)}" + (", the paper's" if name in paper else "")
+    text = f"default: {_shown(value)}" + (f", the {source}'s" if name in paper else "")
     if name in small and small[name] != value:
         text += f"; images <= 64 px: {_shown(small[name])}"
     return f" ({text})".replace("%", "%%")
@@ -74,6 +80,7 @@ def add_settings(
     small: Mapping[str, Any] | None = None,
     title: str | None = None,
     description: str | None = None,
+    source: str = PAPER,
 ) -> None:
     """A flag per setting of the dataclass `cls`, grouped as declared (or all under `title`)."""
     paper, small = paper or {}, small or {}
@@ -88,7 +95,7 @@ def add_settings(
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": help_text + default_text(f.name, default, help_text, paper, small),
+            "help": help_text + default_text(f.name, default, help_text, paper, small, source),
         }
         kind = _without_none(hints[f.name])
         flag = flag_of(f)

@@ -355,8 +355,7 @@ def test_a_bf16_step_and_an_fp32_step_from_the_same_state_agree(tmp_path, small_
 
 def test_multi_crop_feeds_local_views_after_the_full_ones_and_trains(tmp_path):
     trainer = tiny_trainer("simclr", tmp_path, "--local-crops", "3", "--max-steps", "3")
-    batch = trainer.images[:5]
-    views = trainer.views(batch)
+    views = trainer.views(torch.arange(5))
     assert [tuple(v.shape) for v in views] == [(5, 1, 28, 28)] * 2 + [(5, 1, 12, 12)] * 3
     assert not torch.equal(views[2], views[3])  # each local view is its own draw
     summary = trainer.fit()

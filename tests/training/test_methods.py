@@ -453,6 +453,20 @@ def test_nnclr_small_image_recipe_and_a_bad_support_size(capsys):
 def test_every_method_trains_one_step_and_exports_its_encoder(name, tmp_path):
     torch.manual_seed(0)
     extra = {"instdisc": ["--nce-k", "16"], "moco-v1": ["--moco-k", "24"], "moco-v2": ["--moco-k", "24"]}
+    if name == "neighbours":  # fine-tunes a finished encoder: one of the same network
+        simclr = build_method(parse("simclr", []), 40, 1)
+        init = make_encoder_record(
+            "simclr",
+            simclr.encoder_spec(),
+            simclr.embedding_network(),
+            simclr.embed_dim(),
+            28,
+            1,
+            [0.5],
+            [0.5],
+        )
+        save_encoder(tmp_path / "init.pt", init)
+        extra["neighbours"] = ["--init", str(tmp_path / "init.pt")]
     method = build_method(parse(name, ["--batch-size", "8", *extra.get(name, [])]), 40, 1)
     method.train()
     out = method(views(8, method.num_views), torch.arange(8))

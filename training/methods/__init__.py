@@ -18,6 +18,7 @@ from training.methods.base import Method, StepOutput
 from training.methods.instdisc import InstDisc
 from training.methods.moco import MoCoV1, MoCoV2
 from training.methods.mocov3 import MoCoV3
+from training.methods.neighbours import MinedNeighbours
 from training.methods.nnclr import NNCLR
 from training.methods.simclr import SimCLR
 from training.models.vit import PRESETS as VIT_PRESETS
@@ -27,6 +28,7 @@ METHODS: dict[str, type[Method]] = {
     "moco-v1": MoCoV1,
     "moco-v2": MoCoV2,
     "moco-v3": MoCoV3,
+    "neighbours": MinedNeighbours,
     "nnclr": NNCLR,
     "simclr": SimCLR,
 }

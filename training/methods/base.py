@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from training.config import MethodParams
+from training.config import PAPER, MethodParams
+from training.errors import TrainingError
 from training.models import network_spec
 
 
@@ -69,6 +70,9 @@ class Method(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     # the engine settings the paper fixes, and Params values a variant changes (MoCo v1 vs v2),
     paper_defaults: ClassVar[dict[str, Any]] = {}
+    # Where paper_defaults come from, as --help and the settings print name it: "paper", or
+    # "recipe" for a method that is this project's measured recipe rather than a paper's.
+    defaults_source: ClassVar[str] = PAPER
     # and the recipe for small images (native side <= 64 px: MNIST, CIFAR), over the paper's.
     small_image_defaults: ClassVar[dict[str, Any]] = {}
     notes: ClassVar[str | None] = None  # shown in --help above the method's flags
@@ -78,6 +82,37 @@ class Method(nn.Module):
     # Whether `forward` takes multi-crop's local views (--local-crops): then `views` holds the
     # `num_views` full-size views followed by the local ones, which are smaller (--local-crop-size).
     accepts_local_crops: ClassVar[bool] = False
+    # Whether the method is given, before training, the retrieval embeddings of the training images
+    # by the finished encoder that --init starts from (`use_initial_embeddings`): then --init is required.
+    needs_initial_embeddings: ClassVar[bool] = False
+
+    def view_sources(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Per view, the N data-set indices of the images it is made from (`indices`: the batch's
+        N). Every paper here makes each view from the image itself; a method whose positives are
+        other images (mined neighbours) draws them here."""
+        return [indices] * self.num_views
+
+    @torch.no_grad()
+    def use_initial_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+        """NxD unit rows: the --init encoder's retrieval embeddings of the N training images, given
+        once before training when `needs_initial_embeddings`. `labels` (N class ids, -1 where
+        none) may only be reported, as the kNN monitor does: never trained on. Returns a log line."""
+        return ""
+
+    def start_from_encoder(self, record: dict[str, Any]) -> None:
+        """--init: a finished encoder's weights into `embedding_network()` (whose parameters are
+        the method's own); its whitening is not taken (the engine fits a new one when it saves).
+        TrainingError when the encoder's network is not the one this run builds."""
+        ours = self.encoder_spec()
+        theirs = {k: v for k, v in record["network"].items() if k not in ("grid", "whitening")}
+        if theirs != ours:
+            raise TrainingError(
+                f"--init: the encoder's network ({theirs['arch']} {theirs.get('kwargs')}, head "
+                f"{theirs.get('head')}) is not this run's ({ours['arch']} {ours.get('kwargs')}, head "
+                f"{ours.get('head')}); leave --arch/--width/--small-stem to --init or match them"
+            )
+        state = {k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")}
+        self.embedding_network().load_state_dict(state)
 
     @classmethod
     def paper_values(cls) -> dict[str, Any]:
