@@ -172,3 +172,21 @@ def test_bad_init_is_refused_in_one_line(init_encoder, tmp_path, capsys):
     assert not (tmp_path / "encoder.pt").exists()
     with pytest.raises(TrainingError, match="is not this run's"):
         tiny_trainer("neighbours", tmp_path, "--init", str(init_encoder), "--width", "0.125")
+
+
+@pytest.mark.parametrize("method", ["moco-v2", "moco-v3"])
+def test_init_starts_a_momentum_encoder_equal_to_the_loaded_online_one(method, init_encoder, tmp_path):
+    queue = ["--moco-k", "64"] if method == "moco-v2" else []
+    trainer = tiny_trainer(method, tmp_path, "--init", str(init_encoder), *queue)
+    model = trainer.method
+    online, momentum = (
+        (model.encoder_q, model.encoder_k)
+        if method == "moco-v2"
+        else (model.base_encoder, model.momentum_encoder)
+    )
+    record = read_encoder_record(init_encoder)
+    assert torch.equal(online.backbone.conv1.weight, record["state_dict"]["backbone.conv1.weight"])
+    for (name, ours), (_, theirs) in zip(
+        online.state_dict().items(), momentum.state_dict().items(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name

@@ -113,6 +113,12 @@ class Method(nn.Module):
             )
         state = {k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")}
         self.embedding_network().load_state_dict(state)
+        self.on_weights_loaded()
+
+    @torch.no_grad()
+    def on_weights_loaded(self) -> None:
+        """After `start_from_encoder`: re-derive what was copied from the online weights when the
+        method was built (MoCo's key encoder starts equal to the query encoder)."""
 
     @classmethod
     def paper_values(cls) -> dict[str, Any]:

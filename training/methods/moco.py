@@ -135,6 +135,10 @@ class MoCo(Method):
         # moco/builder.py updates at the start of the next forward; after the step is the same point.
         self._momentum_update_key_encoder()
 
+    @torch.no_grad()
+    def on_weights_loaded(self) -> None:
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())  # the key encoder starts equal
+
     def embedding_network(self) -> nn.Module:
         """The query backbone (pooled features): the representation MoCo transfers."""
         return EmbeddingNetwork(self.encoder_q.backbone)

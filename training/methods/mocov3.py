@@ -125,6 +125,10 @@ class MoCoV3(Method):
             self.current_momentum = cosine_momentum(self.base_momentum, progress)
         self._update_momentum_encoder(self.current_momentum)
 
+    @torch.no_grad()
+    def on_weights_loaded(self) -> None:
+        self.momentum_encoder.load_state_dict(self.base_encoder.state_dict())  # starts equal
+
     def embedding_network(self) -> nn.Module:
         """The backbone ([CLS] token for a ViT, pooled features for a ResNet), before the projector."""
         return EmbeddingNetwork(self.base_encoder.backbone)
