@@ -23,6 +23,9 @@ that to a finished encoder, without labels:
 
 `--out` keeps the fine-tuned encoder (its whitening refitted), which can be mined and fine-tuned
 again: rounds, as SCAN's self-labelling repeats.
+
+The product stage is `python -m training.neighbours --init ENCODER --data D` (the shared engine:
+AMP, resume, budget, TensorBoard, torchrun); this script stays as the study's record and control.
 """
 
 from __future__ import annotations
