@@ -237,7 +237,9 @@ def knn_sets(config: RunConfig, train_set: ImageDataset) -> tuple[ImageDataset, 
     if not config.knn_every:
         return train_set, None
     if config.knn_data != "auto":
-        queries = load_dataset(config.knn_data, config.crop_size, in_channels=train_set.in_channels)
+        queries = load_dataset(
+            config.knn_data, config.crop_size, in_channels=train_set.in_channels, progress=config.progress
+        )
         memory = train_set
     elif config.data.startswith("fashion-mnist"):
         queries, memory = load_dataset("fashion-mnist:test", config.crop_size), train_set
@@ -303,6 +305,7 @@ def build_trainer(config: RunConfig, device: torch.device) -> Trainer:
         seed=config.seed,
         in_channels=initial["in_channels"] if initial else None,
         workers=config.workers,
+        progress=config.progress,
     )
     train_set, knn = knn_sets(config, train_set)
     mean, std = normalisation(config.data, train_set.images)

@@ -97,6 +97,15 @@ def test_folder_labels_from_first_level_subfolders_and_any_size(tmp_path):
     assert torch.equal(again.ids, data.ids) and torch.equal(again.images, data.images)
 
 
+def test_a_large_folder_shows_its_decoding_bar_unless_progress_is_off(tmp_path, capsys):
+    for i in range(1000):  # the bar appears from 1000 files on
+        Image.fromarray(np.full((8, 8), i % 256, dtype=np.uint8)).save(tmp_path / f"{i:04d}.png")
+    load_dataset(f"folder:{tmp_path}", 8, workers=2)
+    assert "decoding" in capsys.readouterr().err
+    quiet = load_dataset(f"folder:{tmp_path}", 8, workers=2, progress=False)
+    assert len(quiet) == 1000 and "decoding" not in capsys.readouterr().err
+
+
 def test_folder_skips_and_counts_corrupt_files_with_a_warning(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,10 +136,11 @@ def load_dataset(
     seed: int = 0,
     in_channels: int | None = None,
     workers: int | None = None,
+    progress: bool = True,
 ) -> ImageDataset:
     """Load a `--data` spec (see the module docstring); `subset` keeps a seeded random part;
     `in_channels` converts (RGB <-> grey) to what an encoder expects; `workers` decoding threads
-    for the sources that decode files."""
+    for the sources that decode files, whose progress bar `progress` turns off (--no-progress)."""
     prefix, _, rest = spec.partition(":")
     if prefix not in SOURCES:
         known = ", ".join(f"{p}[:...]" for p in sorted(SOURCES))
@@ -146,7 +148,10 @@ def load_dataset(
     if crop_size <= 0:
         raise DataError(f"crop size must be positive, got {crop_size}")
     loader = SOURCES[prefix]
-    options = {"workers": workers} if workers and "workers" in inspect.signature(loader).parameters else {}
+    accepted = inspect.signature(loader).parameters
+    options: dict[str, Any] = {"workers": workers} if workers and "workers" in accepted else {}
+    if "progress" in accepted:
+        options["progress"] = progress
     dataset = loader(rest, crop_size, **options)
     if in_channels is not None and in_channels != dataset.in_channels:
         dataset = replace(dataset, images=convert_channels(dataset.images, in_channels))
@@ -244,7 +249,7 @@ def _decode_or_none(path: Path, crop_size: int) -> torch.Tensor | None:
 
 
 @register_source("folder")
-def load_folder(path_text: str, crop_size: int, workers: int = 4) -> ImageDataset:
+def load_folder(path_text: str, crop_size: int, workers: int = 4, progress: bool = True) -> ImageDataset:
     root = Path(path_text).expanduser()
     if not path_text or not root.is_dir():
         raise DataError(f"folder:{path_text}: not a directory")
@@ -259,7 +264,7 @@ def load_folder(path_text: str, crop_size: int, workers: int = 4) -> ImageDatase
                 total=len(files),
                 desc=f"decoding {root.name}",
                 unit="img",
-                disable=len(files) < 1000,
+                disable=not progress or len(files) < 1000,
             )
         )
     kept = [i for i, image in enumerate(decoded) if image is not None]
