@@ -3,17 +3,24 @@
 Starts from a finished encoder, mines each training image's nearest neighbours in its retrieval
 embedding, and fine-tunes with SimCLR's loss where an image's positive is a view of one of its
 neighbours (training/methods/neighbours.py). Another round: --init the encoder this run saved.
+
+Without --data it refreshes the service's catalogue as the other training commands do: e.g.
+`python -m training.neighbours --init data/model.pt` fine-tunes the served encoder on the
+catalogue's own neighbours, re-embeds, and publishes a new index version (quality guard included).
 """
 
 from __future__ import annotations
 
 import sys
 
+from service.refresh.mode import CATALOGUE_MODE  # the one upward edge: catalogue mode is on top
 from training.cli import train_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return train_main("neighbours", argv, prog="python -m training.neighbours", description=__doc__)
+    return train_main(
+        "neighbours", argv, prog="python -m training.neighbours", description=__doc__, mode=CATALOGUE_MODE
+    )
 
 
 if __name__ == "__main__":

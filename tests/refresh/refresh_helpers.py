@@ -41,11 +41,16 @@ def refresh_env(data_dir: Path, catalogue: CatalogueDb, **extra: str) -> dict[st
 
 
 def run_refresh(
-    data_dir: Path, catalogue: CatalogueDb, *args: str, env: dict[str, str] | None = None
+    data_dir: Path,
+    catalogue: CatalogueDb,
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: tuple[str, ...] = ("training.moco", *TINY_REFRESH),
 ) -> subprocess.CompletedProcess:
-    """`python -m training.moco` in catalogue mode (no --data), as an operator would run it."""
+    """`python -m training.moco` (or `command`: module, then flags) in catalogue mode (no --data),
+    as an operator would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "training.moco", *TINY_REFRESH, *args],
+        [sys.executable, "-m", *command, *args],
         cwd=REPO_ROOT,
         env=refresh_env(data_dir, catalogue, **(env or {})),
         capture_output=True,

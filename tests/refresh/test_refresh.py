@@ -181,6 +181,40 @@ def test_refresh_publishes_a_version_the_running_service_swaps_to_under_load(
             assert_finds_itself(client, catalogue, position)
 
 
+def test_a_neighbours_refresh_fine_tunes_the_served_encoder_and_publishes_it(
+    catalogue: CatalogueDb, data_dir: Path, service_on
+) -> None:
+    """`python -m training.neighbours --init <served encoder>` in catalogue mode: mines the
+    catalogue's own neighbours with the served encoder, fine-tunes it and publishes the result."""
+    store = IndexStore(data_dir / "index")
+    tiny = ("--batch-size", "32", "--epochs", "1", "--max-steps", "3", "--knn-every", "0", "--workers", "1")
+    command = ("training.neighbours", *tiny, "--no-progress", "--no-tensorboard")
+    with service_on() as client:
+        before = wait_until(lambda: settled(client, store), timeout_s=SETTLE_S, what="the service to settle")
+        served = store.load().encoder_path
+        result = run_refresh(data_dir, catalogue, "--init", str(served), "--force-publish", command=command)
+        assert result.returncode == 0, result.stderr
+        assert f"mined the top 10 neighbours of {CATALOGUE_SIZE} images" in result.stdout
+        version = json.loads((data_dir / "refresh" / "neighbours" / "refresh.json").read_text())["stages"][
+            "publish"
+        ]["version"]
+        now = wait_until(
+            lambda: (v := client.get("/version").json())["index_version"] == version and v,
+            what="the service to load the fine-tuned version",
+        )
+        assert (
+            now["model_version"].startswith("neighbours-") and now["model_version"] != before["model_version"]
+        )
+        assert store.read_manifest(version)["created_by"] == "refresh (neighbours)"
+        trained = read_encoder_record(store.version_dir(version) / "encoder.pt")
+        start = read_encoder_record(served)
+        assert trained["network"]["kwargs"] == start["network"]["kwargs"]  # the served network, fine-tuned
+        assert not torch.equal(
+            trained["state_dict"]["backbone.conv1.weight"], start["state_dict"]["backbone.conv1.weight"]
+        )
+        assert_finds_itself(client, catalogue, 7)
+
+
 def test_quality_guard_refuses_a_worse_model_then_force_publish_publishes_it(
     catalogue: CatalogueDb, data_dir: Path, service_on
 ) -> None:
