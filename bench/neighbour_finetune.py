@@ -25,7 +25,8 @@ that to a finished encoder, without labels:
 again: rounds, as SCAN's self-labelling repeats.
 
 The product stage is `python -m training.neighbours --init ENCODER --data D` (the shared engine:
-AMP, resume, budget, TensorBoard, torchrun); this script stays as the study's record and control.
+AMP, resume, budget, TensorBoard, torchrun); this script stays as the study's record and control,
+and `--score-only` scores any encoder the same way (bench/RESULTS.md, "training.neighbours").
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", help="save the fine-tuned encoder here (whitening refitted), e.g. for another round"
     )
+    parser.add_argument(
+        "--score-only",
+        action="store_true",
+        help="only print the encoder's precision@10 as this study scores it (any encoder file)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     record = read_encoder_record(args.encoder)
@@ -116,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     catalogue = load_dataset(args.catalogue, size, in_channels=channels)
     start = time.monotonic()
     before = precision_at_10(network, record, memory, catalogue)
+    if args.score_only:
+        print(f"precision@10 of {args.encoder}: {before:.4f}")
+        return 0
     neighbours = mine_neighbours(network, record, memory, args.k)  # NxK
     # NxK: which neighbours may be drawn (all, or the reciprocal ones); an image without any is its own
     allowed = torch.ones_like(neighbours, dtype=torch.bool)

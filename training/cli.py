@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm import tqdm
 
 from training import distributed as dist
 from training.checkpoint import resolve_resume
@@ -44,6 +43,7 @@ from training.config import (
 )
 from training.data.augment import NORMALISATION, build_augmentation
 from training.data.datasets import DataError, ImageDataset, load_dataset, native_image_size, split_held_out
+from training.embed import embed_in_shards
 from training.encoder import Encoder, EncoderError, read_encoder_record
 from training.engine import Trainer
 from training.flags import add_settings, flag_names, layered, read_config_file
@@ -275,23 +275,15 @@ def normalisation(data: str, images: torch.Tensor) -> tuple[list[float], list[fl
 def initial_embeddings(
     config: RunConfig, record: dict[str, Any], data: ImageDataset, device: torch.device
 ) -> torch.Tensor:
-    """NxD: the --init encoder's retrieval embeddings of the training images (whitened where it is)."""
+    """NxD: the --init encoder's retrieval embeddings of the training images (whitened where it
+    is), each rank embedding its shard (training.embed's), every rank getting all of them."""
     encoder = Encoder(record, device, amp=config.amp)
-    step = 4096
-    bar = tqdm(
-        total=len(data),
-        unit="img",
-        unit_scale=True,
+    return embed_in_shards(
+        lambda batch: torch.from_numpy(encoder.embed(batch)),
+        data.images,
         desc="embedding with --init",
-        disable=not dist.is_main_process() or not config.progress,
-        dynamic_ncols=True,
+        progress=config.progress,
     )
-    parts = []
-    with bar:
-        for start in range(0, len(data), step):
-            parts.append(torch.from_numpy(encoder.embed(data.images[start : start + step])))
-            bar.update(len(parts[-1]))
-    return torch.cat(parts)
 
 
 def build_trainer(config: RunConfig, device: torch.device) -> Trainer:
