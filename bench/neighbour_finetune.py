@@ -51,6 +51,7 @@ from training.encoder import (  # noqa: E402
     with_whitening,
 )
 from training.losses.ntxent import nt_xent  # noqa: E402
+from training.methods.neighbours import mine_neighbours, mutual_mask  # noqa: E402
 from training.models import build_embedding_network  # noqa: E402
 from training.models.heads import ProjectionHead  # noqa: E402
 from training.models.whitening import Whitening  # noqa: E402
@@ -76,15 +77,10 @@ def precision_at_10(network, record: dict, memory: ImageDataset, catalogue: Imag
 
 
 @torch.no_grad()
-def mine_neighbours(network, record: dict, memory: ImageDataset, k: int) -> torch.Tensor:
-    """NxK indices of each memory image's k nearest others (whitened cosine)."""
+def mine_in_whitened_space(network, record: dict, memory: ImageDataset, k: int) -> torch.Tensor:
+    """NxK indices of each memory image's k nearest others (whitened cosine; training's mining)."""
     embed = whitened_embedding(network, record, memory.subset(min(10_000, len(memory)), seed=1))
-    vectors = embed(memory.images)  # NxD
-    rows = [
-        (vectors[s : s + 2048] @ vectors.T).topk(k + 1, dim=1).indices[:, 1:]
-        for s in range(0, len(vectors), 2048)
-    ]
-    return torch.cat(rows)
+    return mine_neighbours(embed(memory.images), k)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.score_only:
         print(f"precision@10 of {args.encoder}: {before:.4f}")
         return 0
-    neighbours = mine_neighbours(network, record, memory, args.k)  # NxK
+    neighbours = mine_in_whitened_space(network, record, memory, args.k)  # NxK
     # NxK: which neighbours may be drawn (all, or the reciprocal ones); an image without any is its own
     allowed = torch.ones_like(neighbours, dtype=torch.bool)
     if args.mutual:
-        allowed = (neighbours[neighbours] == torch.arange(len(neighbours)).view(-1, 1, 1)).any(dim=2)
+        allowed = mutual_mask(neighbours)
     has_any = allowed.any(dim=1)  # N
     same = memory.labels[neighbours] == memory.labels.unsqueeze(1)  # NxK
     purity = same[allowed].float().mean().item()
