@@ -35,6 +35,7 @@ from training.config import (
     FLAG,
     INIT,
     PAPER,
+    SERVED_ENCODER,
     SMALL_IMAGE,
     SMALL_IMAGE_GRID,
     SMALL_IMAGE_MAX_SIZE,
@@ -144,6 +145,14 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
             _, option_values, _ = layered([(FLAG, mode_given)], RunConfig, mode.options_type)
             options = mode.options_type(**option_values)
             filled, native = mode.defaults(merged, method.name)
+    if merged.get("init") == SERVED_ENCODER:
+        if "init" not in filled:
+            raise ConfigError(
+                f"--init {SERVED_ENCODER} is the encoder the service serves: only a catalogue refresh "
+                "(no --data) has one; give --init FILE"
+            )
+        merged["init"] = filled["init"]  # the mode's resolved file replaces the word
+        explicit = [(source, {k: v for k, v in values.items() if k != "init"}) for source, values in explicit]
     data = merged.get("data", filled.get("data"))
     if not data:
         raise ConfigError("--data is required (fashion-mnist | fashion-mnist:test | folder:PATH)")
@@ -162,8 +171,8 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         small.setdefault("whitening", "pca")  # measured for SimCLR, MoCo v3 and InstDisc's head
         layers.append((SMALL_IMAGE, small))
     layers.append(("catalogue", filled))
-    if merged.get("init"):
-        layers.append((INIT, init_encoder_settings(merged["init"])))
+    if init := merged.get("init", filled.get("init")):
+        layers.append((INIT, init_encoder_settings(init)))
     layers += explicit
     engine, params, sources = layered(layers, RunConfig, method.Params)
     scale_paper_milestones(engine, sources, method.paper_values().get("epochs"))

@@ -28,6 +28,7 @@ from training.models import ARCH_NAMES
 # Where a value came from (printed at start; stored with the config).
 DEFAULT, PAPER, SMALL_IMAGE, DATA, FILE, FLAG = "default", "paper", "small-image", "data", "file", "flag"
 INIT = "init encoder"  # the network settings of the encoder --init starts from
+SERVED_ENCODER = "current"  # `--init current`: the served encoder (a catalogue refresh fills it in)
 SMALL_IMAGE_MAX_SIZE = 64  # native image side up to which the small-image recipe applies (CIFAR, MNIST)
 SMALL_IMAGE_GRID = 2  # small images' retrieval embedding: the last stage pooled to 2x2 (bench/RESULTS.md)
 CONV_ARCHS = ("resnet",)  # prefixes of convolutional backbones (channels_last applies to these)
@@ -118,7 +119,8 @@ class RunConfig:
     init: str | None = setting(
         None,
         "start from a finished encoder file (e.g. runs/simclr/encoder.pt): its weights and "
-        "normalisation; --arch, --width, --small-stem, --crop-size and --embedding-grid default to its own",
+        "normalisation; --arch, --width, --small-stem, --crop-size and --embedding-grid default to its own; "
+        "`current` in a catalogue refresh: the encoder the service serves now",
         group="backbone",
     )
     patch_size: int = setting(16, "ViT patch size", group="backbone")

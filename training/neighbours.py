@@ -4,9 +4,10 @@ Starts from a finished encoder, mines each training image's nearest neighbours i
 embedding, and fine-tunes with SimCLR's loss where an image's positive is a view of one of its
 neighbours (training/methods/neighbours.py). Another round: --init the encoder this run saved.
 
-Without --data it refreshes the service's catalogue as the other training commands do: e.g.
-`python -m training.neighbours --init data/model.pt` fine-tunes the served encoder on the
-catalogue's own neighbours, re-embeds, and publishes a new index version (quality guard included).
+Without --data it refreshes the service's catalogue as the other training commands do:
+`python -m training.neighbours` fine-tunes the encoder the service serves (--init defaults to
+`current` there) on the catalogue's own neighbours, re-embeds, and publishes a new index version
+(quality guard included).
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from service.refresh.stages import RefreshOptions, current_input_size, run_refresh
+from service.refresh.stages import RefreshOptions, current_input_size, run_refresh, served_encoder
 from service.settings import Settings
-from training.config import RunConfig
+from training.config import SERVED_ENCODER, RunConfig
 from training.flags import add_settings
+from training.methods import method_class
 
 
 class CatalogueMode:
@@ -41,13 +42,18 @@ class CatalogueMode:
 
     def defaults(self, given: Mapping[str, Any], method: str) -> tuple[dict[str, Any], int | None]:
         """Data from the service's database, outputs under DATA_DIR/refresh/<method>; the images'
-        size is the current serving model's (so a refresh keeps the catalogue's scale)."""
+        size is the current serving model's (so a refresh keeps the catalogue's scale). A method
+        that fine-tunes a finished encoder (`training.neighbours`) starts from the served one
+        unless --init names another; `--init current` asks for it with any method."""
         settings = Settings()
         data = given.get("data")
-        filled = {
+        filled: dict[str, Any] = {
             "data": data if data and str(data).startswith("catalogue") else "catalogue",
             "out": settings.DATA_DIR / "refresh" / method,
         }
+        init = given.get("init")
+        if init == SERVED_ENCODER or (init is None and method_class(method).needs_initial_embeddings):
+            filled["init"] = str(served_encoder(settings.index_dir, settings.INDEX_STORAGE_URL))
         return filled, current_input_size(settings.index_dir, settings.INDEX_STORAGE_URL)
 
     def run(self, config: RunConfig, options: RefreshOptions) -> int:

@@ -46,7 +46,7 @@ from service.refresh import catalogue_source  # noqa: F401  (registers --data ca
 from service.settings import Settings
 from training import distributed as dist
 from training.cli import build_trainer
-from training.config import RunConfig, setting
+from training.config import SERVED_ENCODER, ConfigError, RunConfig, setting
 from training.data.datasets import ImageDataset, held_out_mask, load_dataset
 from training.embed import embed_in_shards
 from training.encoder import Encoder
@@ -98,6 +98,22 @@ def current_input_size(index_dir: Path, storage_url: str | None = None) -> int |
         return int(read_encoder_record(encoder_path)["input_size"]) if encoder_path else None
     except (IndexStoreError, EncoderError, OSError):
         return None
+
+
+def served_encoder(index_dir: Path, storage_url: str | None = None) -> Path:
+    """The encoder file of the current index version (what the service serves): `--init current`.
+    ConfigError when there is none to start from."""
+    try:
+        store = open_store(index_dir, storage_url)
+        path = version_encoder(store, store.current_version())
+    except IndexStoreError as exc:
+        raise ConfigError(f"--init {SERVED_ENCODER}: {exc}") from None
+    if path is None:
+        raise ConfigError(
+            f"--init {SERVED_ENCODER}: the service has no index version with an encoder yet "
+            f"(index under {index_dir}); give --init FILE"
+        )
+    return path
 
 
 class RefreshState:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections import Counter
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from refresh_helpers import CATALOGUE_SIZE, CatalogueDb, run_refresh
 from service_helpers import fashion_mnist, fashion_mnist_pngs, wait_until
 
 import training.data.catalogue as catalogue_module
+from index.encoder_file import encoder_version
 from index.search_index import SearchIndex
 from index.store import IndexStore
 from service.refresh.stages import CRASH_EXIT_CODE, held_out_accuracy, start_or_resume
@@ -184,16 +186,20 @@ def test_refresh_publishes_a_version_the_running_service_swaps_to_under_load(
 def test_a_neighbours_refresh_fine_tunes_the_served_encoder_and_publishes_it(
     catalogue: CatalogueDb, data_dir: Path, service_on
 ) -> None:
-    """`python -m training.neighbours --init <served encoder>` in catalogue mode: mines the
-    catalogue's own neighbours with the served encoder, fine-tunes it and publishes the result."""
+    """`python -m training.neighbours` in catalogue mode starts from the served encoder (`--init`
+    defaults to `current` there): it mines the catalogue's own neighbours with it, fine-tunes it
+    and publishes the result."""
     store = IndexStore(data_dir / "index")
     tiny = ("--batch-size", "32", "--epochs", "1", "--max-steps", "3", "--knn-every", "0", "--workers", "1")
     command = ("training.neighbours", *tiny, "--no-progress", "--no-tensorboard")
     with service_on() as client:
         before = wait_until(lambda: settled(client, store), timeout_s=SETTLE_S, what="the service to settle")
         served = store.load().encoder_path
-        result = run_refresh(data_dir, catalogue, "--init", str(served), "--force-publish", command=command)
+        result = run_refresh(data_dir, catalogue, "--force-publish", command=command)
         assert result.returncode == 0, result.stderr
+        started_from = re.search(r"init=(\S+) \[catalogue\]", result.stdout)
+        assert started_from, result.stdout
+        assert encoder_version(Path(started_from[1])) == encoder_version(served)
         assert f"mined the top 10 neighbours of {CATALOGUE_SIZE} images" in result.stdout
         version = json.loads((data_dir / "refresh" / "neighbours" / "refresh.json").read_text())["stages"][
             "publish"

@@ -43,7 +43,7 @@ class NeighboursParams(SimCLRParams):
         if not config.init:
             raise ConfigError(
                 "neighbours fine-tunes a finished encoder, whose neighbours it mines: give --init "
-                "ENCODER (e.g. runs/simclr/encoder.pt)"
+                "ENCODER (e.g. runs/simclr/encoder.pt); a catalogue refresh starts from the served one"
             )
         if self.k <= 0 or not 0 <= self.neighbour_p <= 1 or self.temperature <= 0:
             raise ConfigError(
