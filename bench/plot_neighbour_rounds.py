@@ -3,8 +3,8 @@ with the control (the same steps with the image's own view) as a cross: bench/ne
 
     python bench/plot_neighbour_rounds.py bench/neighbour-rounds.tsv --out bench/neighbour-rounds.png
 
-The TSV's rows are bench/RESULTS.md's table "training.neighbours" (set, before, round1, round2,
-control, purity of the first round's neighbours).
+The TSV's rows are bench/RESULTS.md's tables "training.neighbours" and "A third round" (set,
+before, round1, round2, ..., control, purity of the first round's neighbours).
 """
 
 from __future__ import annotations
@@ -28,10 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     with args.table.open() as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     figure, axis = plt.subplots(figsize=(7, 4.2))
+    rounds = [name for name in rows[0] if name.startswith("round")]
     for row in rows:
-        values = [float(row[k]) for k in ("before", "round1", "round2")]
+        values = [float(row[k]) for k in ("before", *rounds)]
         (line,) = axis.plot(
-            range(3), values, marker="o", label=f"{row['set']}, neighbours {float(row['purity']):.0%} pure"
+            range(len(values)),
+            values,
+            marker="o",
+            label=f"{row['set']}, neighbours {float(row['purity']):.0%} pure",
         )
         axis.plot(
             [1], [float(row["control"])], marker="x", markersize=9, color=line.get_color(), linestyle=""
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     axis.axhline(
         0.85, color="grey", linestyle="--", linewidth=1, label="the demo's goal (Fashion-MNIST), 0.85"
     )
-    axis.set_xticks(range(3), ["--init encoder", "round 1", "round 2"])
+    axis.set_xticks(range(len(rounds) + 1), ["--init encoder", *(f"round {r[5:]}" for r in rounds)])
     axis.set_ylabel("precision@10")
     axis.set_title("Mined-neighbour fine-tuning (python -m training.neighbours)")
     axis.grid(alpha=0.3)

@@ -12,6 +12,12 @@ catalogue (the query set), precision@10 = the share of the top 10 with the query
   weights s^3, alpha 0.95, 20 iterations, the query's top 50 as the seed).
 - other stages: layer3 pooled to 3x3 and layer4 unpooled instead of layer4's 2x2 grid
   (`bench/embedding_views.py`), whitened the same way.
+- CSLS (Lample et al. 2018): each catalogue item's score lowered by beta times its mean cosine to
+  its own 10 nearest catalogue items (a hubness correction; a per-item bias at index time).
+- a pixel channel: the embedding beside w times the raw pixels PCA-whitened (64 directions, power
+  0.5, fitted on the same 10k memory images), each unit length.
+- `--with ENCODER ...`: a committee, the whitened embeddings of the encoders side by side, each
+  unit length; each row also gives the purity of the 10k fit images' top 10 among themselves.
 
 The whitening (power 0.5) is fitted without labels on 10k seeded memory images, as
 `python -m training.whiten` does; an encoder that is already whitened is studied on its features
@@ -21,6 +27,8 @@ before the whitening.
         --train-data fashion-mnist
     python bench/precision_study.py runs/glyph8/simclr/encoder.pt --data folder:/tmp/glyphs/test \
         --train-data folder:/tmp/glyphs/train
+    python bench/precision_study.py service/assets/demo-encoder.pt --data fashion-mnist:test \
+        --train-data fashion-mnist --with runs/nnclr-long/nnclr/encoder.pt
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from training.encoder import Encoder, read_encoder_record  # noqa: E402
 from training.models.whitening import Whitening  # noqa: E402
 
 POWER = 0.5
+PIXEL_DIMS = 64  # principal directions of the pixel channel
 ALPHA = 3.0  # alpha-QE's and DBA's score exponent (Radenovic et al.)
 
 
@@ -90,12 +99,38 @@ def diffusion_scores(
     return f + 1e-6 * direct  # the direct score orders what the diffusion does not reach
 
 
+def csls_scores(queries: torch.Tensor, catalogue: torch.Tensor, beta: float, k: int = 10) -> torch.Tensor:
+    """QxN cosines less beta x each catalogue item's mean cosine to its own k nearest items."""
+    own = catalogue @ catalogue.T  # NxN
+    own.fill_diagonal_(-2.0)
+    return queries @ catalogue.T - beta * own.topk(k, dim=1).values.mean(1)
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """NxP: the raw pixels, flattened and unit length."""
+    return F.normalize(images.flatten(1).float(), dim=1)
+
+
+def side_by_side(*parts: torch.Tensor) -> torch.Tensor:
+    """NxD: the parts concatenated, unit length (a part's weight is its norm)."""
+    return F.normalize(torch.cat(parts, dim=1), dim=1)
+
+
+def top10_purity(vectors: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of each row's 10 nearest other rows with its label (the labels only score)."""
+    similarity = vectors @ vectors.T
+    similarity.fill_diagonal_(-2.0)
+    found = similarity.topk(10, dim=1).indices
+    return (labels[found] == labels.unsqueeze(1)).float().mean().item()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("encoder", help="encoder file")
     parser.add_argument("--data", required=True, help="the catalogue searched (a labelled set)")
     parser.add_argument("--train-data", required=True, help="queries (seeded) and the whitening fit")
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--with", dest="others", nargs="+", default=[], help="encoders for committee rows")
     args = parser.parse_args(argv)
     record = read_encoder_record(args.encoder)
     size, channels = record["input_size"], record["in_channels"]
@@ -109,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         found = scores.topk(10, dim=1).indices
         return (catalogue.labels[found] == queries.labels.unsqueeze(1)).float().mean().item()
 
-    def whitened_by(fit_x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        whitening = Whitening.fitted(fit_x, POWER)
+    def whitened_by(fit_x: torch.Tensor, dims: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        whitening = Whitening.fitted(fit_x, POWER, out_dim=dims)
         return lambda x: F.normalize(whitening(x), dim=1)
 
     def flip_averaged(images: torch.Tensor) -> torch.Tensor:
@@ -154,6 +189,31 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(
         ("layer3 3x3 + layer4 2x2, each whitened", precision(multi_stage("q"), multi_stage("c")), "2 stages")
     )
+    for beta in (0.25, 0.5):
+        rows.append((f"CSLS, beta {beta}", precision(q, scores=csls_scores(q, c, beta)), "a bias per item"))
+    pixel_channel = whitened_by(pixels(fit.images), dims=PIXEL_DIMS)
+    for weight in (0.5, 0.75, 1.0):
+        beside = precision(
+            side_by_side(q, weight * pixel_channel(pixels(queries.images))),
+            side_by_side(c, weight * pixel_channel(pixels(catalogue.images))),
+        )
+        rows.append((f"+ pixels, w {weight}", beside, f"+{PIXEL_DIMS}-d"))
+    if args.others:
+        parts = {args.encoder: {"q": q, "c": c, "f": whiten(features(record, fit.images))}}
+        for other in args.others:
+            other_record = read_encoder_record(other)
+            other_whiten = whitened_by(features(other_record, fit.images))
+            parts[other] = {
+                name: other_whiten(features(other_record, s.images))
+                for name, s in (("q", queries), ("c", catalogue), ("f", fit))
+            }
+        committees = [[args.encoder], *([args.encoder, o] for o in args.others)]
+        committees += [list(parts)] if len(args.others) > 1 else []
+        for members in committees:
+            joined = {k: side_by_side(*(parts[m][k] for m in members)) for k in ("q", "c", "f")}
+            names = " + ".join(f"{Path(m).parent.name}/{Path(m).name}" for m in members)
+            purity = top10_purity(joined["f"], fit.labels)
+            rows.append((f"committee {names}", precision(joined["q"], joined["c"]), f"purity {purity:.3f}"))
     searched = f"catalogue {catalogue.name} ({len(catalogue)}), {len(queries)} queries from {memory.name}"
     print(f"{args.encoder}: {searched}")
     print("| retrieval | precision@10 | cost |\n|---|---|---|")
