@@ -317,7 +317,7 @@ def build_trainer(config: RunConfig, device: torch.device) -> Trainer:
         if method.needs_initial_embeddings and resolve_resume(config.resume, config.out) is None:
             # (a resumed run has what the method made of them in its checkpoint: its buffers)
             embeddings = initial_embeddings(config, initial, train_set, device)
-            line = method.use_initial_embeddings(embeddings, train_set.labels)
+            line = method.use_initial_embeddings(embeddings, train_set.labels, train_set.images)
             if dist.is_main_process():
                 print(line, flush=True)
     augment = build_augmentation(config.augmentation, config.crop_size, train_set.in_channels, mean, std)

@@ -97,8 +97,8 @@ def test_two_rank_resume_continues_exactly_and_embed_matches_one_rank(tmp_path):
 
 
 def test_two_rank_neighbour_fine_tuning_mines_the_same_table_as_one_process(tmp_path):
-    """training.neighbours under torchrun: the ranks mine from the --init encoder the table one
-    process mines, train on it and save the encoder."""
+    """training.neighbours under torchrun: the ranks mine from the --init encoder (and filter by
+    the pixels' agreement) the table one process mines, train on it and save the encoder."""
     common = ["--data", "fashion-mnist", "--arch", "resnet18", "--width", "0.0625", "--subset", "96"]
     common += [
         "--batch-size",
@@ -111,7 +111,7 @@ def test_two_rank_neighbour_fine_tuning_mines_the_same_table_as_one_process(tmp_
         "cpu",
     ]
     torchrun(1, "-m", "training.simclr", *common, "--max-steps", "1", "--out", str(tmp_path / "init"))
-    init = ["--init", str(tmp_path / "init" / "encoder.pt"), "--max-steps", "2"]
+    init = ["--init", str(tmp_path / "init" / "encoder.pt"), "--max-steps", "2", "--agree-pixels", "20"]
     data_args = [a for a in common if a not in ("--arch", "resnet18", "--width", "0.0625")]
     torchrun(1, "-m", "training.neighbours", *data_args, *init, "--out", str(tmp_path / "one"))
     torchrun(2, "-m", "training.neighbours", *data_args, *init, "--out", str(tmp_path / "two"))
@@ -119,4 +119,5 @@ def test_two_rank_neighbour_fine_tuning_mines_the_same_table_as_one_process(tmp_
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
     assert torch.equal(one["neighbours"], two["neighbours"]) and torch.equal(one["drawable"], two["drawable"])
     assert not (two["neighbours"] == torch.arange(96).view(-1, 1)).any()  # mined: never the image itself
+    assert 0 < two["drawable"].float().mean() < 1  # the pixels' agreement filtered, alike on both ranks
     assert (tmp_path / "two" / "encoder.pt").exists()

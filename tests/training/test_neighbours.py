@@ -16,7 +16,13 @@ import training.methods.neighbours as neighbours_module
 from training.cli import build_trainer, parse_config
 from training.encoder import read_encoder_record
 from training.errors import TrainingError
-from training.methods.neighbours import MinedNeighbours, mine_neighbours, mutual_mask
+from training.methods.neighbours import (
+    MinedNeighbours,
+    agreement_mask,
+    mine_neighbours,
+    mutual_mask,
+    pixel_embedding,
+)
 from training.models import build_embedding_network
 from training.neighbours import main
 
@@ -57,6 +63,38 @@ def test_mutual_neighbours_are_the_reciprocal_ones():
     assert 0 < mask.float().mean() < 1  # some are, some are not
 
 
+def test_agreement_is_membership_in_the_other_table_block_by_block(monkeypatch):
+    monkeypatch.setattr(neighbours_module, "MINING_BLOCK", 64)
+    mined = mine_neighbours(unit_rows(200, 6, seed=3), 4)
+    others = mine_neighbours(unit_rows(200, 6, seed=3) + 0.3 * unit_rows(200, 6, seed=4), 7)
+    mask = agreement_mask(mined, others)
+    for i in range(200):
+        for slot in range(4):
+            assert bool(mask[i, slot]) == (int(mined[i, slot]) in others[i].tolist())
+    assert 0 < mask.float().mean() < 1  # some agree, some do not
+
+
+def test_the_pixel_view_is_whitened_raw_pixels_of_small_images():
+    generator = torch.Generator().manual_seed(5)
+    # 80 patterns with geometrically spaced strengths: distinct principal directions to compare
+    patterns = torch.randn(80, 784, generator=generator) * 0.93 ** torch.arange(80.0).view(-1, 1)
+    mix = torch.randn(300, 80, generator=generator) @ patterns
+    images = (128 + 20 * mix).clamp(0, 255).round().to(torch.uint8).view(300, 1, 28, 28)
+    view = pixel_embedding(images)
+    assert view.shape == (300, 64)  # PIXEL_DIMS directions
+    assert torch.allclose(view.norm(dim=1), torch.ones(300), atol=1e-5)
+    assert torch.equal(view, pixel_embedding(images))  # seeded: every rank mines the same
+    pixels = F.normalize(images.flatten(1).float(), dim=1)  # the direct formula
+    centred = pixels - pixels.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / (len(pixels) - 1))
+    top = eigenvalues.argsort(descending=True)[:64]
+    direct = F.normalize(centred @ eigenvectors[:, top] * eigenvalues[top] ** -0.25, dim=1)
+    direct = direct * (view * direct).sum(0).sign()  # each direction's sign is arbitrary
+    assert torch.allclose(view, direct, atol=1e-3)
+    photos = torch.randint(0, 256, (40, 3, 96, 96), dtype=torch.uint8, generator=generator)
+    assert pixel_embedding(photos).shape == (40, 40)  # resized to 32 px; at most its 40 images' rank
+
+
 def tiny_method(num_samples: int, **params) -> MinedNeighbours:
     return MinedNeighbours("resnet18", BACKBONE, num_samples, dim=16, **params)
 
@@ -87,6 +125,21 @@ def test_draws_come_only_from_the_drawable_neighbours_uniformly():
     counts = torch.bincount(slot[(indices == image)], minlength=4)[drawable[image]].float()
     expected = 200 / len(counts)
     assert ((counts - expected).abs() < 5 * expected**0.5).all(), counts
+
+
+def test_agree_pixels_keeps_only_the_neighbours_the_pixels_also_find():
+    generator = torch.Generator().manual_seed(6)
+    images = torch.randint(0, 256, (150, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    pixels = pixel_embedding(images)
+    embeddings = F.normalize(pixels[:, :16] + 0.5 * unit_rows(150, 16, seed=7), dim=1)  # related views
+    method = tiny_method(150, k=5, agree_pixels=20)
+    line = method.use_initial_embeddings(embeddings, torch.arange(150) % 4, images)
+    assert "(also in the pixels top 20)" in line
+    expected = agreement_mask(mine_neighbours(embeddings, 5), mine_neighbours(pixels, 20))
+    assert torch.equal(method.drawable, expected)
+    assert 0 < expected.float().mean() < 1
+    with pytest.raises(ValueError, match="needs the training images"):
+        tiny_method(150, k=5, agree_pixels=20).use_initial_embeddings(embeddings)
 
 
 def test_neighbour_p_mixes_in_the_image_itself_and_unmined_is_simclr():
@@ -170,6 +223,10 @@ def test_bad_init_is_refused_in_one_line(init_encoder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not this run's" in err and "Traceback" not in err
     assert not (tmp_path / "encoder.pt").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--init", str(init_encoder), "--agree-pixels", "-1"])
+    assert exit_info.value.code == 2
+    assert "--agree-pixels 0 or more" in capsys.readouterr().err
     with pytest.raises(TrainingError, match="is not this run's"):
         tiny_trainer("neighbours", tmp_path, "--init", str(init_encoder), "--width", "0.125")
 

@@ -93,10 +93,16 @@ class Method(nn.Module):
         return [indices] * self.num_views
 
     @torch.no_grad()
-    def use_initial_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+    def use_initial_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+    ) -> str:
         """NxD unit rows: the --init encoder's retrieval embeddings of the N training images, given
-        once before training when `needs_initial_embeddings`. `labels` (N class ids, -1 where
-        none) may only be reported, as the kNN monitor does: never trained on. Returns a log line."""
+        once before training when `needs_initial_embeddings`, with the images themselves (NxCxHxW
+        uint8). `labels` (N class ids, -1 where none) may only be reported, as the kNN monitor
+        does: never trained on. Returns a log line."""
         return ""
 
     def start_from_encoder(self, record: dict[str, Any]) -> None:

@@ -22,11 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from training.config import ConfigError, RunConfig, setting
 from training.methods.simclr import SimCLR, SimCLRParams
+from training.models.whitening import Whitening
 
 MINING_BLOCK = 2048  # query rows per similarity block: 2048 x 60k floats, 0.5 GB
+PIXEL_SIDE = 32  # larger images are area-resized to this side for the pixel view
+PIXEL_DIMS = 64  # principal directions of the pixel view
+PIXEL_FIT = 10_000  # images its PCA whitening is fitted on (seeded)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,12 @@ class NeighboursParams(SimCLRParams):
         False, "draw only neighbours that have the image among their own top k (k-reciprocal)"
     )
     neighbour_p: float = setting(1.0, "share of positives that are a neighbour (else the image itself)")
+    agree_pixels: int = setting(
+        0,
+        "draw only neighbours that are also among the image's K nearest in its raw pixels (PCA-whitened, "
+        f"{PIXEL_DIMS} directions): a second, independent view must agree; 0 = off",
+        flag="--agree-pixels",
+    )
 
     def check(self, config: RunConfig) -> None:
         if not config.init:
@@ -45,9 +56,10 @@ class NeighboursParams(SimCLRParams):
                 "neighbours fine-tunes a finished encoder, whose neighbours it mines: give --init "
                 "ENCODER (e.g. runs/simclr/encoder.pt); a catalogue refresh starts from the served one"
             )
-        if self.k <= 0 or not 0 <= self.neighbour_p <= 1 or self.temperature <= 0:
+        if self.k <= 0 or not 0 <= self.neighbour_p <= 1 or self.temperature <= 0 or self.agree_pixels < 0:
             raise ConfigError(
-                "--neighbour-k must be positive, --neighbour-p in [0, 1], --temperature positive"
+                "--neighbour-k must be positive, --neighbour-p in [0, 1], --temperature positive, "
+                "--agree-pixels 0 or more"
             )
 
 
@@ -69,6 +81,32 @@ def mutual_mask(neighbours: torch.Tensor) -> torch.Tensor:
     """NxK bool: whether neighbour j of image i has i among its own neighbours (NxK indices)."""
     own = torch.arange(len(neighbours)).view(-1, 1, 1)
     return (neighbours[neighbours] == own).any(dim=2)  # NxKxK -> NxK
+
+
+@torch.no_grad()
+def agreement_mask(neighbours: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """NxK bool: whether neighbour j of image i is also among its neighbours in `others` (NxK2)."""
+    blocks = []
+    for start in range(0, len(neighbours), MINING_BLOCK):
+        mine, theirs = neighbours[start : start + MINING_BLOCK], others[start : start + MINING_BLOCK]
+        blocks.append((mine.unsqueeze(2) == theirs.unsqueeze(1)).any(dim=2))  # BxKxK2 -> BxK
+    return torch.cat(blocks)
+
+
+@torch.no_grad()
+def pixel_embedding(images: torch.Tensor) -> torch.Tensor:
+    """NxD unit rows: the raw pixels (area-resized to at most PIXEL_SIDE), unit length, then
+    PCA-whitened (power 0.5, PIXEL_DIMS directions, fitted on PIXEL_FIT seeded images)."""
+    rows = []
+    for start in range(0, len(images), MINING_BLOCK):
+        block = images[start : start + MINING_BLOCK].float()  # BxCxHxW
+        if max(block.shape[-2:]) > PIXEL_SIDE:
+            block = F.interpolate(block, size=(PIXEL_SIDE, PIXEL_SIDE), mode="area")
+        rows.append(F.normalize(block.flatten(1), dim=1))
+    pixels = torch.cat(rows)  # NxP
+    fit = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(0))[:PIXEL_FIT]
+    whitening = Whitening.fitted(pixels[fit], out_dim=min(PIXEL_DIMS, pixels.shape[1], len(fit)))
+    return F.normalize(whitening(pixels), dim=1)
 
 
 class MinedNeighbours(SimCLR):
@@ -96,10 +134,11 @@ class MinedNeighbours(SimCLR):
         k: int = 10,
         mutual: bool = False,
         neighbour_p: float = 1.0,
+        agree_pixels: int = 0,
         **simclr: Any,
     ) -> None:
         super().__init__(arch, backbone_kwargs, **simclr)
-        self.k, self.mutual, self.neighbour_p = k, mutual, neighbour_p
+        self.k, self.mutual, self.neighbour_p, self.agree_pixels = k, mutual, neighbour_p, agree_pixels
         # NxK: each image's mined neighbours and which of them may be drawn. Until mined, every
         # image is its own only neighbour (plain SimCLR). Buffers: checkpoints and resume keep them.
         self.register_buffer("neighbours", torch.arange(num_samples).view(-1, 1).repeat(1, k))
@@ -110,13 +149,24 @@ class MinedNeighbours(SimCLR):
         return cls(arch, backbone_kwargs, num_samples, **dataclasses.asdict(params))
 
     @torch.no_grad()
-    def use_initial_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+    def use_initial_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+    ) -> str:
         """Mine the neighbours (NxD unit rows of the N training images, as the --init encoder
-        retrieves them); with labels, the line reports how many drawable neighbours share the image's."""
+        retrieves them; `images`, NxCxHxW, for --agree-pixels); with labels, the line reports how
+        many drawable neighbours share the image's."""
         if len(embeddings) != len(self.neighbours):
             raise ValueError(f"{len(embeddings)} embeddings for {len(self.neighbours)} images")
         neighbours = mine_neighbours(embeddings.float(), self.k)  # NxK' (K' < K: fewer images than K)
         drawable = mutual_mask(neighbours) if self.mutual else torch.ones_like(neighbours, dtype=torch.bool)
+        if self.agree_pixels:
+            if images is None:
+                raise ValueError("--agree-pixels needs the training images")
+            pixel_neighbours = mine_neighbours(pixel_embedding(images), self.agree_pixels)  # NxK2
+            drawable &= agreement_mask(neighbours, pixel_neighbours)
         found = neighbours.shape[1]
         self.neighbours[:, :found] = neighbours.to(self.neighbours.device)
         self.drawable.zero_()[:, :found] = drawable.to(self.drawable.device)
@@ -126,7 +176,9 @@ class MinedNeighbours(SimCLR):
         per_image = self.drawable.sum(dim=1)
         line = (
             f"mined the top {self.k} neighbours of {len(per_image)} images"
-            f"{' (mutual only)' if self.mutual else ''}: {per_image.float().mean():.1f} drawable per "
+            f"{' (mutual only)' if self.mutual else ''}"
+            f"{f' (also in the pixels top {self.agree_pixels})' if self.agree_pixels else ''}"
+            f": {per_image.float().mean():.1f} drawable per "
             f"image, {(per_image == 0).float().mean():.1%} without any (their positive is themselves)"
         )
         if labels is None or not (labels >= 0).any():
