@@ -7,8 +7,10 @@ an image toward its neighbours. Here the neighbours are mined in the --init enco
 embedding (what the service searches: whitened where it is), the positive of an image is an
 augmented view of one of its top k, drawn at random each step (with probability
 `neighbour_p`, else the image itself; with `mutual`, only from the neighbours that have the image
-among their own top k, the k-reciprocal set of Zhong et al. 2017), and the loss is SimCLR's
-NT-Xent through a fresh projection head. Rounds: mine again from the encoder a run saved.
+among their own top k, the k-reciprocal set of Zhong et al. 2017; with `agree_pixels` K, only
+from those that are also among the image's K nearest in its raw pixels, a second view that must
+agree), and the loss is SimCLR's NT-Xent through a fresh projection head. Rounds: mine again from
+the encoder a run saved.
 
 Not a paper's recipe: the defaults are the one measured in bench/RESULTS.md ("Mined neighbours as
 positives": 3 epochs, SGD lr 0.2 at batch 256, tau 0.2, k 10): on a set of letters +0.057
