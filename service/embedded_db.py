@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,7 +46,26 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_CHOSEN_PORT = 10_000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a server that binds it a moment later. Chosen below the kernel's
+    ephemeral range where there is one: a port from that range (what bind(0) gives) can be taken by
+    any outgoing connection before the server binds it (seen in CI: "address already in use")."""
+    try:
+        ephemeral_low = int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    candidates = list(range(LOWEST_CHOSEN_PORT, ephemeral_low))
+    for port in random.sample(candidates, min(50, len(candidates))):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
