@@ -2,14 +2,19 @@
 
 The demo catalogue is the Fashion-MNIST test split (10k labelled images, `service.demo`). Queries
 are 50 seeded images from the training split, so no query is in the catalogue (a catalogue image
-would find itself first); precision@10 is the share of the top 10 results (cosine, exact, as the
-service's flat index) with the query's class. `--pixels` gives the raw-pixel reference.
+would find itself first); precision@10 is the share of the top 10 results with the query's class.
+The results come from the service's own search: a flat `SearchIndex` (exact cosine), with
+`--expand N` alpha query expansion as `POST /search` applies it (`SEARCH_EXPAND`). `--pixels`
+gives the raw-pixel reference.
 `--catalogue train` swaps the splits' roles to those of kNN evaluation: a seeded part of the
 training split (`--catalogue-size`) is searched by seeded test images.
 
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt
     python bench/demo_precision.py --pixels
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --queries 1000 --by-class
+    python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --queries 1000 --expand 5
+    python bench/demo_precision.py --encoder E --sets folder:/tmp/glyphs/test folder:/tmp/glyphs/train \
+        --queries 1000 --expand 5
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --catalogue train \
         --catalogue-size 60000 --queries 10000
 """
@@ -24,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from index.search_index import SearchIndex
 from training.data.datasets import FASHION_MNIST_CLASSES, load_dataset
-from training.encoder import Encoder
+from training.encoder import Encoder, read_encoder_record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--expand", type=int, default=0, help="alpha query expansion over the top N results (0: off)"
+    )
     parser.add_argument(
         "--by-class",
         action="store_true",
@@ -54,14 +63,27 @@ def main(argv: list[str] | None = None) -> int:
         default=60_000,
         help="training images in the catalogue (--catalogue train)",
     )
+    parser.add_argument(
+        "--sets",
+        nargs=2,
+        metavar=("CATALOGUE", "QUERIES"),
+        help="another labelled pair instead of Fashion-MNIST's, e.g. folder:/tmp/glyphs/test "
+        "folder:/tmp/glyphs/train (the same protocol: seeded queries search the whole catalogue)",
+    )
     args = parser.parse_args(argv)
     searched, searching = ("fashion-mnist:test", "fashion-mnist")
     if args.catalogue == "train":
         searched, searching = searching, searched
-    catalogue = load_dataset(searched, 28)
+    size, channels = 28, 1
+    if args.encoder:
+        record = read_encoder_record(args.encoder)
+        size, channels = record["input_size"], record["in_channels"]
+    if args.sets:
+        searched, searching = args.sets
+    catalogue = load_dataset(searched, size, in_channels=channels)
     if args.catalogue == "train":
         catalogue = catalogue.subset(args.catalogue_size, seed=args.seed)
-    queries = load_dataset(searching, 28).subset(args.queries, seed=args.seed)
+    queries = load_dataset(searching, size, in_channels=channels).subset(args.queries, seed=args.seed)
     if args.pixels:
 
         def embed(images: torch.Tensor) -> torch.Tensor:
@@ -72,13 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         def embed(images: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(encoder.embed(images))
 
-    scores = embed(queries.images) @ embed(catalogue.images).T  # QxN cosine
-    top = scores.topk(args.k, dim=1).indices  # QxK
+    catalogue_vectors = embed(catalogue.images).numpy()  # NxD
+    index = SearchIndex.empty_flat(catalogue_vectors.shape[1])
+    index.add(catalogue_vectors, np.arange(len(catalogue), dtype=np.int64))  # id = catalogue row
+    _, rows = index.search(embed(queries.images).numpy(), args.k, expand=args.expand)  # QxK
+    top = torch.from_numpy(rows)
     same = catalogue.labels[top] == queries.labels.unsqueeze(1)
     result = {
         "embedding": "pixels" if args.pixels else args.encoder,
         "catalogue": f"{catalogue.name} ({len(catalogue)})",
         "queries": f"{queries.name} ({len(queries)})",
+        "expand": args.expand,
         f"precision@{args.k}": round(same.float().mean().item(), 4),
     }
     print(json.dumps(result))

@@ -24,6 +24,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.expansion import DEFAULT_ALPHA, alpha_expanded, check_expansion, fused_ranking
 from index.omp import omp_threads, threads_for
 from index.rwlock import ReadWriteLock
 from index.vectors import VectorError, as_id_array, as_query_matrix
@@ -35,6 +36,8 @@ DEFAULT_REBUILD_FRACTION = 0.2
 PADDING_ID = -1
 # `compact` inserts this many vectors per FAISS call, checking for a stop request between calls.
 COMPACT_CHUNK = 16_384
+# `vectors` and expanded searches read stored vectors this many at a time (bounds the copy's memory).
+RECONSTRUCT_CHUNK = 4096
 
 
 def new_hnsw(dim: int, params: dict[str, Any]) -> faiss.Index:
@@ -82,6 +85,7 @@ class SearchIndex:
         self._memory_mapped = memory_mapped
         self._lock = ReadWriteLock()
         self._compaction = threading.Lock()  # one `compact` at a time
+        self._direct_map_lock = threading.Lock()  # one IVF direct map built at a time (`_vectors_locked`)
         self._graph_generation = 0  # bumped whenever the FAISS index is replaced by a rebuild
         self._added_during_compaction: list[np.ndarray] | None = None  # while `compact` builds
         self._deleted: set[int] = set(
@@ -174,19 +178,96 @@ class SearchIndex:
 
     # ----------------------------------------------------------------- search
     def search(
-        self, queries: np.ndarray, k: int, *, params: dict[str, int] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        params: dict[str, int] | None = None,
+        expand: int = 0,
+        alpha: float = DEFAULT_ALPHA,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by cosine similarity. queries: float32 QxD (rows re-normalised).
 
         Returns (scores float32 QxK, ids int64 QxK), best first; where fewer than k vectors exist the
         tail is padded with id -1 and score -inf. `params` overrides the tuned knob for this call only,
         e.g. {"nprobe": 32} or {"efSearch": 128}.
+
+        `expand` > 0 ranks by alpha query expansion (`index.expansion`): the query plus its top
+        `expand` results weighted by similarity^alpha is searched again, and each result is ranked by
+        the larger of its similarities to the two queries (an exact copy of the query stays first).
+        The scores stay each result's cosine similarity to the query itself, so they need not
+        descend along the ranking.
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise VectorError(f"k must be a positive integer, got {k!r}")
+        check_expansion(expand, alpha)
         matrix = as_query_matrix(queries, self.dim, "queries")
+        with self._lock.read():  # both searches see the same vectors
+            if not expand:
+                return self._search_locked(matrix, int(k), params)
+            first_scores, first_ids = self._search_locked(matrix, int(expand), params)  # Qxn
+            first_vectors = self._stored_vectors(first_ids)  # QxnxD
+            expanded = alpha_expanded(matrix, first_scores, first_vectors, first_ids != PADDING_ID, alpha)
+            second_scores, second_ids = self._search_locked(expanded, int(k), params)  # QxK
+            second_to_query = self._similarities_locked(matrix, second_ids)  # QxK
+        candidates = np.concatenate([second_ids, first_ids], axis=1)  # Qx(K+n)
+        to_query = np.concatenate([second_to_query, first_scores], axis=1)
+        to_expanded = np.concatenate(
+            [second_scores, np.einsum("qd,qnd->qn", expanded, first_vectors)], axis=1
+        )  # Qx(K+n)
+        scores, ids = fused_ranking(candidates, to_query, to_expanded, int(k), PADDING_ID)
+        return scores, ids
+
+    def _stored_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """QxKxD vectors of a QxK id table (under the held lock); zeros where the id is padding."""
+        vectors = np.zeros((*ids.shape, self.dim), dtype=np.float32)
+        found = ids != PADDING_ID
+        vectors[found] = self._vectors_locked(ids[found])
+        return vectors
+
+    def _similarities_locked(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """QxK cosine similarities of each query to the stored vectors of its row of ids (under the
+        held lock), -inf for padding; vectors read a chunk at a time, so a K of the whole index
+        never holds K x D floats."""
+        similarities = np.full(ids.shape, -np.inf, dtype=np.float32)
+        rows, columns = np.nonzero(ids != PADDING_ID)
+        for start in range(0, rows.size, RECONSTRUCT_CHUNK):
+            row, column = rows[start : start + RECONSTRUCT_CHUNK], columns[start : start + RECONSTRUCT_CHUNK]
+            vectors = self._vectors_locked(ids[row, column])  # chunk x D
+            similarities[row, column] = np.einsum("nd,nd->n", vectors, queries[row])
+        return similarities
+
+    def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """The stored vectors of live `ids`, float32 NxD in their order (PQ codes decode lossily).
+        Raises VectorError naming an id that is not live. IVF types keep an id->entry hash table
+        (about 40 bytes per vector) from the first call on."""
+        id_array = np.asarray(ids, dtype=np.int64).reshape(-1)
         with self._lock.read():
-            return self._search_locked(matrix, int(k), params)
+            missing = [i for i in id_array.tolist() if i not in self._live]
+            if missing:
+                raise VectorError(f"{len(missing)} id(s) not in the index, e.g. {missing[:5]}")
+            return self._vectors_locked(id_array)
+
+    def _vectors_locked(self, ids: np.ndarray) -> np.ndarray:
+        """NxD vectors of stored ids, read in chunks (under the held lock)."""
+        out = np.empty((ids.size, self.dim), dtype=np.float32)
+        if self.index_type in ("ivf", "ivfpq"):
+            self._ensure_direct_map()
+        for start in range(0, ids.size, RECONSTRUCT_CHUNK):
+            chunk = np.ascontiguousarray(ids[start : start + RECONSTRUCT_CHUNK])
+            out[start : start + chunk.size] = self._faiss.reconstruct_batch(chunk)
+        return out
+
+    def _ensure_direct_map(self) -> None:
+        """IVF lists are found by id only through a direct map; a hash table, since ids are arbitrary.
+        FAISS keeps it current through add and remove. Made once per FAISS object (a copy made by
+        `_ensure_owned` makes its own); searches never read it, so it is safe beside them."""
+        ivf = faiss.extract_index_ivf(self._faiss)
+        if ivf.direct_map.type == faiss.DirectMap.Hashtable:
+            return
+        with self._direct_map_lock:
+            if ivf.direct_map.type != faiss.DirectMap.Hashtable:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
 
     def _search_locked(
         self, matrix: np.ndarray, k: int, params: dict[str, int] | None
@@ -273,7 +354,7 @@ class SearchIndex:
                 self._deleted_array = np.array(sorted(self._deleted), dtype=np.int64)
             else:
                 self._ensure_owned()
-                removed = int(self._faiss.remove_ids(faiss.IDSelectorBatch(present)))
+                removed = int(self._faiss.remove_ids(self._removal_selector(present)))
                 if removed != present.size:
                     raise RuntimeError(
                         f"FAISS removed {removed} of {present.size} ids; the index is inconsistent"
@@ -284,6 +365,14 @@ class SearchIndex:
         if compact and self.needs_compaction:
             self.compact()
         return int(present.size)
+
+    def _removal_selector(self, ids: np.ndarray) -> faiss.IDSelector:
+        """IDSelectorBatch (hashed membership) unless an IVF direct map is kept: FAISS then removes
+        only through an IDSelectorArray, each id looked up in the map."""
+        ivf_type = self.index_type in ("ivf", "ivfpq")
+        if ivf_type and faiss.extract_index_ivf(self._faiss).direct_map.type == faiss.DirectMap.Hashtable:
+            return faiss.IDSelectorArray(ids.size, faiss.swig_ptr(ids))
+        return faiss.IDSelectorBatch(ids)
 
     def compact(
         self,

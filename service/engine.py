@@ -66,9 +66,11 @@ def intra_op_threads(encoder: Encoder, configured: int, default: int) -> int:
     return 1 if encoder.macs_per_image <= SINGLE_THREAD_MAX_MACS else default
 
 
-def _search(index: SearchIndex, queries: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+def _search(
+    index: SearchIndex, queries: np.ndarray, k: int, threads: int, expand: int
+) -> tuple[np.ndarray, np.ndarray]:
     faiss.omp_set_num_threads(threads)
-    return index.search(queries, k)
+    return index.search(queries, k, expand=expand)
 
 
 class NotReady(RuntimeError):
@@ -130,10 +132,15 @@ class Engine:
         """CPU work (decoding, inference, FAISS) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
-    async def search(self, loaded: Loaded, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each NxK, of the loaded index for NxD `queries`, on a pool thread with
-        FAISS_THREADS OpenMP threads (that thread's count: the encoder sets its own before a pass)."""
-        return await self.run_in_thread(_search, loaded.index, queries, k, self.settings.FAISS_THREADS)
+    async def search(
+        self, loaded: Loaded, queries: np.ndarray, k: int, expand: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each NxK, of the loaded index for NxD `queries`, ranked with alpha query
+        expansion over the top `expand` when > 0, on a pool thread with FAISS_THREADS OpenMP threads
+        (that thread's count: the encoder sets its own before a pass)."""
+        return await self.run_in_thread(
+            _search, loaded.index, queries, k, self.settings.FAISS_THREADS, expand
+        )
 
     def require(self) -> Loaded:
         loaded = self.loaded

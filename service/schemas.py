@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from index.expansion import MAX_EXPANSION
 from service.validation import Label, Tag, parse_tags
 
 MAX_VECTOR_DIM = 65536
@@ -93,6 +94,14 @@ class SearchOptions(BaseModel):
         default_factory=list, max_length=32, description="only images with all these tags"
     )
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="only results at least this similar")
+    expand: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_EXPANSION,
+        description="rank by alpha query expansion over the query's top N results (Radenovic et al. "
+        "2018): the query plus those results weighted by similarity^3, searched again; scores stay "
+        "the similarity to the query. 0: plain nearest neighbours; default: the service's SEARCH_EXPAND",
+    )
     thumbnails: int = Field(
         0,
         ge=0,
@@ -217,7 +226,7 @@ class Timing(BaseModel):
 
 class SearchHit(BaseModel):
     id: int
-    score: float = Field(description="cosine similarity")
+    score: float = Field(description="cosine similarity to the query")
     label: str | None
     tags: list[str]
     content_url: str
@@ -238,6 +247,7 @@ class SearchTiming(Timing):
 
 class SearchResponse(BaseModel):
     results: list[SearchHit] = Field(description="best first")
+    expand: int = Field(description="the query expansion that ranked them (0: none)")
     model_version: str
     index_version: str
     timing_ms: SearchTiming

@@ -3,6 +3,9 @@
 Filters (label, tags, min_score) cannot be pushed into FAISS, so the search over-fetches and
 filters by the records' metadata, growing the fetch (x4 each round) until k results pass or the
 index is exhausted. Ids without a record (deleted a moment ago) are dropped the same way.
+With query expansion the ranking is by the expanded query and the scores are similarities to the
+query itself, so they need not descend: min_score drops each result below it, and the rounds stop
+once a whole round is below it.
 """
 
 from __future__ import annotations
@@ -56,10 +59,12 @@ async def filtered_search(
     extra_filter: dict[str, Any] | None = None,
     timer: Timer | None = None,
     on_candidates: Callable[[list[int]], None] | None = None,
+    expand: int = 0,
 ) -> list[Hit]:
     """Top-k hits (best first) whose records pass the filters. query: float32 D or 1xD.
     `on_candidates` sees each round's candidate ids (best first) before their records are looked
-    up, to start work on them meanwhile (reading their thumbnails)."""
+    up, to start work on them meanwhile (reading their thumbnails). `expand` > 0 ranks by alpha
+    query expansion over the query's top `expand` (`SearchIndex.search`)."""
     timer = timer or Timer()
     mongo_filter = {**metadata_filter(label, tags), **(extra_filter or {})}
     total = loaded.index.ntotal
@@ -68,7 +73,7 @@ async def filtered_search(
     hits: list[Hit] = []
     while True:
         started = time.perf_counter()
-        scores, ids = await engine.search(loaded, query.reshape(1, -1), fetch)
+        scores, ids = await engine.search(loaded, query.reshape(1, -1), fetch, expand)
         timer.add("search", started)
         row_scores, row_ids = scores[0][seen:], ids[0][seen:]  # only the new tail of this round
         valid = row_ids >= 0
@@ -82,7 +87,9 @@ async def filtered_search(
         records = await engine.records.records(db, ids, mongo_filter) if candidates else {}
         timer.add("metadata", started)
         hits.extend(Hit(i, s, records[i]) for i, s in candidates if i in records)
-        below_min = min_score is not None and bool((row_scores < min_score).any())
+        below = row_scores < min_score if min_score is not None else np.zeros(0, bool)
+        # Plain scores descend, so one result below min_score ends the search; expanded ones need not.
+        below_min = below.size > 0 and bool(below.all() if expand else below.any())
         exhausted = fetch >= total or bool((row_ids < 0).any())
         if len(hits) >= k or below_min or exhausted:
             return hits[:k]

@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from index.expansion import MAX_EXPANSION
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
@@ -67,6 +69,14 @@ class Settings(BaseSettings):
     )
     MAX_PIXELS: int = Field(40_000_000, ge=1, description="width*height limit (decompression bombs)")
     SEARCH_MAX_K: int = Field(1000, ge=1)
+    SEARCH_EXPAND: int = Field(
+        5,
+        ge=0,
+        le=MAX_EXPANSION,
+        description="POST /search ranks by alpha query expansion (Radenovic et al. 2018, alpha 3) over "
+        "the query's top N results, unless a request sets `expand`; scores stay the cosine similarity "
+        "to the query image. 0: plain nearest neighbours. POST /classify never expands (the paper's kNN)",
+    )
     THUMBNAIL_SIZE: int = Field(128, ge=8, description="longer side of stored thumbnails, pixels")
     THUMBNAIL_CACHE_BYTES: int = Field(
         64 * 2**20, ge=0, description="memory for hot thumbnails (search results, GET thumbnail); 0: none"

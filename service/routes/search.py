@@ -35,8 +35,10 @@ router = APIRouter(tags=["search"], route_class=ContractRoute)
 PNG_DATA_URL = "data:image/png;base64,"
 SEARCH = {
     "summary": "Similar images",
-    "description": 'Multipart (`file` + optional `k`, `label`, `tags`, `min_score`) or JSON (`{"id": ...}` '
-    'or `{"vector": [...]}` + the same options). Results are best first, with cosine similarity scores. '
+    "description": "Multipart (`file` + optional `k`, `label`, `tags`, `min_score`, `expand`) or JSON "
+    '(`{"id": ...}` or `{"vector": [...]}` + the same options). Results are best first, with cosine '
+    "similarity to the query as scores, ranked by alpha query expansion over the top `expand` "
+    "(default `SEARCH_EXPAND`, 5; 0: plain). "
     "`thumbnails=N` inlines the first N results' thumbnails as data URLs, for a page that shows them "
     "at once.",
     "dependencies": [ReadAccess],
@@ -51,6 +53,7 @@ async def run_search(
     if options.k > state.settings.SEARCH_MAX_K:
         raise BadRequest(f"k: must be at most {state.settings.SEARCH_MAX_K}")
     timer = Timer()
+    expand = state.settings.SEARCH_EXPAND if options.expand is None else options.expand
     # Without metadata filters the first candidates are the results (bar records deleted a moment
     # ago): their thumbnails are read while their records are.
     filtered = options.label is not None or bool(options.tags)
@@ -69,6 +72,7 @@ async def run_search(
                 options.min_score,
                 timer=timer,
                 on_candidates=prefetch.start,
+                expand=expand,
             )
             inline = await prefetch.data_urls([hit.id for hit in hits[: options.thumbnails]], timer)
         finally:
@@ -86,6 +90,7 @@ async def run_search(
             )
             for hit in hits
         ],
+        expand=expand,
         model_version=loaded.model_version,
         index_version=loaded.version,
         timing_ms=timer.as_dict("thumbnails"),
@@ -144,7 +149,7 @@ async def search_by_image(
     return await run_search(state, loaded, form, data)
 
 
-@router.post("/search", **SEARCH, openapi_extra=image_body("k, label, tags, min_score, thumbnails"))
+@router.post("/search", **SEARCH, openapi_extra=image_body("k, label, tags, min_score, expand, thumbnails"))
 async def search_by_image_body(
     state: StateDep, loaded: LoadedDep, request: Request, options: Annotated[SearchParams, Query()]
 ) -> SearchResponse:

@@ -27,9 +27,11 @@ def test_search_by_upload_returns_the_image_first(catalogue: Catalogue, position
     first = body["results"][0]
     assert first["id"] == catalogue.ids[position]
     assert first["score"] == pytest.approx(1.0, abs=1e-4)
-    assert len(body["results"]) == 5
-    scores = [r["score"] for r in body["results"]]
-    assert scores == sorted(scores, reverse=True)
+    assert len(body["results"]) == 5 and body["expand"] == 5  # the service's SEARCH_EXPAND
+    plain = search_file(catalogue, catalogue.images[position], k="5", expand="0")
+    scores = [r["score"] for r in plain["results"]]
+    assert plain["expand"] == 0 and scores == sorted(scores, reverse=True)
+    assert plain["results"][0]["id"] == first["id"]
     assert first["content_url"] == f"/images/{first['id']}/content"
     assert set(body["timing_ms"]) == {"decode", "embed", "search", "metadata", "thumbnails"}
     assert all(r["thumbnail_data_url"] is None for r in body["results"])  # not asked for
@@ -115,11 +117,34 @@ def test_label_and_tag_filters_grow_the_fetch(catalogue: Catalogue) -> None:
 
 
 def test_min_score_cuts_the_results(catalogue: Catalogue) -> None:
-    everything = search_file(catalogue, catalogue.images[5], k="100")["results"]
+    everything = search_file(catalogue, catalogue.images[5], k="100", expand="0")["results"]
     threshold = everything[20]["score"]
-    cut = search_file(catalogue, catalogue.images[5], k="100", min_score=str(threshold))["results"]
-    assert cut and all(r["score"] >= threshold for r in cut)
-    assert len(cut) == sum(r["score"] >= threshold for r in everything)
+    cut = search_file(catalogue, catalogue.images[5], k="100", min_score=str(threshold), expand="0")
+    assert cut["results"] and all(r["score"] >= threshold for r in cut["results"])
+    assert len(cut["results"]) == sum(r["score"] >= threshold for r in everything)
+
+
+def test_query_expansion_reranks_and_keeps_the_query_similarity(catalogue: Catalogue) -> None:
+    """Expanded results are a reranking: each score is still the result's cosine similarity to the
+    query image (as the plain search over the whole catalogue gives it), and min_score keeps
+    exactly the images that similar."""
+    query = fashion_mnist_pngs(1003, 1)[0][0]  # not in the catalogue
+    plain = search_file(catalogue, query, k=str(CATALOGUE_SIZE), expand="0")["results"]
+    similarity = {r["id"]: r["score"] for r in plain}
+    expanded = search_file(catalogue, query, k="20", expand="5")
+    assert expanded["expand"] == 5
+    ids = [r["id"] for r in expanded["results"]]
+    assert len(set(ids)) == 20
+    for hit in expanded["results"]:
+        assert hit["score"] == pytest.approx(similarity[hit["id"]], abs=1e-4)
+    assert ids != [r["id"] for r in plain[:20]]  # the ranking moved
+    threshold = plain[12]["score"]
+    cut = search_file(catalogue, query, k="50", expand="5", min_score=str(threshold))["results"]
+    assert {r["id"] for r in cut} == {r["id"] for r in plain if r["score"] >= threshold}
+    bad = catalogue.client.post(
+        "/search", files={"file": ("q.png", query, "image/png")}, data={"expand": "101"}
+    )
+    assert bad.status_code == 422 and "expand" in bad.text
 
 
 def test_classify_uses_the_paper_defaults(catalogue: Catalogue) -> None:
