@@ -85,7 +85,8 @@ class SearchIndex:
         self._memory_mapped = memory_mapped
         self._lock = ReadWriteLock()
         self._compaction = threading.Lock()  # one `compact` at a time
-        self._direct_map_lock = threading.Lock()  # one IVF direct map built at a time (`_vectors_locked`)
+        # One IVF direct map built at a time (`_ensure_direct_map`), never while a snapshot is written.
+        self._direct_map_lock = threading.Lock()
         self._graph_generation = 0  # bumped whenever the FAISS index is replaced by a rebuild
         self._added_during_compaction: list[np.ndarray] | None = None  # while `compact` builds
         self._deleted: set[int] = set(
@@ -458,7 +459,7 @@ class SearchIndex:
     def write_snapshot(self, index_path: Path, deleted_path: Path, labels_path: Path) -> list[Path]:
         """Write the FAISS index, the deleted-id set (if any) and the id->label table (if any) as one
         consistent snapshot (under the read lock: no add/remove interleaves). Returns the files written."""
-        with self._lock.read():
+        with self._lock.read(), self._direct_map_lock:  # an IVF direct map being built is written too
             faiss.write_index(self._faiss, str(index_path))
             written = [Path(index_path)]
             if self._deleted:
