@@ -3,8 +3,9 @@
 The demo catalogue is the Fashion-MNIST test split (10k labelled images, `service.demo`). Queries
 are 50 seeded images from the training split, so no query is in the catalogue (a catalogue image
 would find itself first); precision@10 is the share of the top 10 results with the query's class.
-The results come from the service's own search: a flat `SearchIndex` (exact cosine), with
-`--expand N` alpha query expansion as `POST /search` applies it (`SEARCH_EXPAND`). `--pixels`
+The results come from the service's own search: a flat `SearchIndex` (exact cosine), ranked with
+alpha query expansion over the top `--expand` results as `POST /search` ranks them (default: the
+service's `SEARCH_EXPAND`; `--expand 0` for plain nearest neighbours). `--pixels`
 gives the raw-pixel reference.
 `--catalogue train` swaps the splits' roles to those of kNN evaluation: a seeded part of the
 training split (`--catalogue-size`) is searched by seeded test images.
@@ -12,9 +13,9 @@ training split (`--catalogue-size`) is searched by seeded test images.
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt
     python bench/demo_precision.py --pixels
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --queries 1000 --by-class
-    python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --queries 1000 --expand 5
+    python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --queries 1000 --expand 0
     python bench/demo_precision.py --encoder E --sets folder:/tmp/glyphs/test folder:/tmp/glyphs/train \
-        --queries 1000 --expand 5
+        --queries 1000
     python bench/demo_precision.py --encoder service/assets/demo-encoder.pt --catalogue train \
         --catalogue-size 60000 --queries 10000
 """
@@ -30,8 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from index.search_index import SearchIndex
+from service.settings import Settings
 from training.data.datasets import FASHION_MNIST_CLASSES, load_dataset
 from training.encoder import Encoder, read_encoder_record
+
+DEFAULT_EXPAND = Settings.model_fields["SEARCH_EXPAND"].default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--expand", type=int, default=0, help="alpha query expansion over the top N results (0: off)"
+        "--expand",
+        type=int,
+        default=DEFAULT_EXPAND,
+        help=f"alpha query expansion over the top N results, as POST /search ranks (default: the "
+        f"service's SEARCH_EXPAND, {DEFAULT_EXPAND}); 0: plain nearest neighbours",
     )
     parser.add_argument(
         "--by-class",
