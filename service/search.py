@@ -69,31 +69,33 @@ async def filtered_search(
     mongo_filter = {**metadata_filter(label, tags), **(extra_filter or {})}
     total = loaded.index.ntotal
     fetch = min(max(k, 1) * (GROWTH if mongo_filter else 1), max(total, 1))
-    seen = 0
+    considered = np.empty(0, dtype=np.int64)  # ids of earlier rounds
     hits: list[Hit] = []
     while True:
         started = time.perf_counter()
         scores, ids = await engine.search(loaded, query.reshape(1, -1), fetch, expand)
         timer.add("search", started)
-        row_scores, row_ids = scores[0][seen:], ids[0][seen:]  # only the new tail of this round
-        valid = row_ids >= 0
-        if min_score is not None:
-            valid &= row_scores >= min_score
+        # A plain ranking of a larger fetch extends the smaller one, but an expanded one may reorder
+        # within it: earlier rounds are skipped by id, not by position (no result twice, none lost).
+        fresh = (ids[0] >= 0) & ~np.isin(ids[0], considered)
+        row_scores, row_ids = scores[0][fresh], ids[0][fresh]
+        considered = np.concatenate([considered, row_ids])
+        valid = row_scores >= min_score if min_score is not None else np.ones(row_ids.shape, bool)
         candidates = [(int(i), float(s)) for i, s in zip(row_ids[valid], row_scores[valid], strict=True)]
         started = time.perf_counter()
-        ids = [i for i, _ in candidates]
-        if on_candidates is not None and ids:
-            on_candidates(ids)
-        records = await engine.records.records(db, ids, mongo_filter) if candidates else {}
+        candidate_ids = [i for i, _ in candidates]
+        if on_candidates is not None and candidate_ids:
+            on_candidates(candidate_ids)
+        records = await engine.records.records(db, candidate_ids, mongo_filter) if candidates else {}
         timer.add("metadata", started)
         hits.extend(Hit(i, s, records[i]) for i, s in candidates if i in records)
-        below = row_scores < min_score if min_score is not None else np.zeros(0, bool)
+        below = ~valid if min_score is not None else np.zeros(0, bool)
         # Plain scores descend, so one result below min_score ends the search; expanded ones need not.
         below_min = below.size > 0 and bool(below.all() if expand else below.any())
-        exhausted = fetch >= total or bool((row_ids < 0).any())
+        exhausted = fetch >= total or bool((ids[0] < 0).any())
         if len(hits) >= k or below_min or exhausted:
             return hits[:k]
-        seen, fetch = fetch, min(fetch * GROWTH, total)
+        fetch = min(fetch * GROWTH, total)
 
 
 @dataclass

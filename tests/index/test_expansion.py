@@ -103,6 +103,20 @@ def test_an_exact_copy_of_the_query_stays_first():
     assert found[0, 1] == 11
 
 
+def test_a_larger_fetch_extends_a_plain_ranking_but_may_reorder_an_expanded_one(small_data):
+    """Why the service's over-fetch rounds skip earlier results by id, not by position: a larger k
+    brings candidates whose similarity to the query itself ranks them above earlier ones."""
+    vectors, ids, _ = small_data
+    index = build_index(vectors, ids, "flat", {}, progress=False)
+    queries = vectors[:200] + 0.3 * np.random.default_rng(1).standard_normal((200, 32)).astype(np.float32)
+    np.testing.assert_array_equal(index.search(queries, 10)[1], index.search(queries, 40)[1][:, :10])
+    small, large = index.search(queries, 10, expand=5)[1], index.search(queries, 40, expand=5)[1]
+    moved = (small != large[:, :10]).any(axis=1)
+    assert moved.any()
+    for row in np.flatnonzero(moved):  # the small fetch's results are all still in the large one
+        assert set(small[row]) <= set(large[row])
+
+
 def test_expand_zero_is_the_plain_search_and_one_hit_catalogue_works(small_data):
     vectors, ids, _ = small_data
     index = build_index(vectors, ids, "flat", {}, progress=False)

@@ -141,6 +141,14 @@ def test_query_expansion_reranks_and_keeps_the_query_similarity(catalogue: Catal
     threshold = plain[12]["score"]
     cut = search_file(catalogue, query, k="50", expand="5", min_score=str(threshold))["results"]
     assert {r["id"] for r in cut} == {r["id"] for r in plain if r["score"] >= threshold}
+    # A label filter over-fetches in rounds (4k, then the whole catalogue): an expanded ranking
+    # may reorder within a larger fetch, yet no image comes twice and none is lost.
+    label = plain[0]["label"]
+    same_label = [r["id"] for r in plain if r["label"] == label]
+    filtered = search_file(catalogue, query, k=str(len(same_label)), expand="5", label=label)["results"]
+    filtered_ids = [r["id"] for r in filtered]
+    assert len(filtered_ids) == len(set(filtered_ids)) == len(same_label)
+    assert set(filtered_ids) == set(same_label) and {r["label"] for r in filtered} == {label}
     bad = catalogue.client.post(
         "/search", files={"file": ("q.png", query, "image/png")}, data={"expand": "101"}
     )
