@@ -4,13 +4,15 @@ one FAISS thread, k = 10, `SearchIndex.search` with `expand` 0 and N, per index 
     python bench/expansion_bench.py                      # 100k x 128 clustered vectors, every type
     python bench/expansion_bench.py --n 10000 --dim 512 --types flat   # the demo catalogue's shape
 
-Prints the median and p95 latency of each and the ratio. Quality is measured elsewhere
-(`bench/demo_precision.py --expand N`, bench/RESULTS.md "Query expansion in the service").
+Prints the median and p95 latency of each and the ratio, and for IVF types the memory of the
+id -> list hash map (heap bytes per vector when `SearchIndex.vectors` first builds it). Quality is
+measured elsewhere (`bench/demo_precision.py --expand N`, RESULTS "Query expansion in the service").
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,22 @@ from index.choose import choose_index  # noqa: E402
 from index.factory import build_index  # noqa: E402
 from index.synthetic import clustered_vectors, random_ids  # noqa: E402
 from index.tune import exact_neighbours, sample_queries, tune_search  # noqa: E402
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost",
+    )]  # fmt: skip
+
+
+def heap_bytes() -> int:
+    """Bytes the C heap has handed out and not freed (glibc's mallinfo2): unlike the resident size,
+    it counts an allocation that reuses freed memory."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def latencies_ms(
@@ -66,13 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         tuned = tune_search(built, queries, truth, progress=False)
         if tuned.knob is not None:
             built.params[tuned.knob] = tuned.value
+        map_bytes = ""
+        if index_type in ("ivf", "ivfpq"):  # the id -> list hash map that `vectors` adds
+            before = heap_bytes()
+            built.vectors(ids[:1])
+            map_bytes = f" (direct map: {(heap_bytes() - before) / args.n:.0f} B/vector)"
         plain = latencies_ms(built, queries, 0)
         expanded = latencies_ms(built, queries, args.expand)
         p50, e50 = np.median(plain), np.median(expanded)
         print(
             f"| {index_type} | {built.default_search_params() or '-'} "
             f"| {p50:.3f} / {np.percentile(plain, 95):.3f} "
-            f"| {e50:.3f} / {np.percentile(expanded, 95):.3f} | {e50 / p50:.2f}x |"
+            f"| {e50:.3f} / {np.percentile(expanded, 95):.3f} | {e50 / p50:.2f}x |{map_bytes}"
         )
     return 0
 
