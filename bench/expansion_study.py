@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.embedding_views import views  # noqa: E402
-from index.expansion import DEFAULT_ALPHA  # noqa: E402
+from index.expansion import alpha_expanded  # noqa: E402
 from index.search_index import SearchIndex  # noqa: E402
 from training.data.datasets import load_dataset  # noqa: E402
 from training.encoder import Encoder  # noqa: E402
@@ -78,12 +78,18 @@ def precision_at_10(catalogue: np.ndarray, queries: np.ndarray, catalogue_labels
 
 @torch.no_grad()
 def expanded_rows(embeddings: torch.Tensor, n: int = EXPAND) -> torch.Tensor:
-    """NxD: each row's alpha-expanded query over the set itself (its own row first, weight 1)."""
+    """NxD: each row replaced by its alpha-expanded query over its top n other rows
+    (`index.expansion.alpha_expanded`, the service's formula)."""
     out = []
     for start in range(0, len(embeddings), MINING_BLOCK):
-        scores, rows = (embeddings[start : start + MINING_BLOCK] @ embeddings.T).topk(n + 1, dim=1)
-        weights = scores.clamp(min=0) ** DEFAULT_ALPHA  # Bx(n+1)
-        out.append(F.normalize((weights.unsqueeze(2) * embeddings[rows]).sum(1), dim=1))
+        block = embeddings[start : start + MINING_BLOCK]  # BxD
+        similarity = block @ embeddings.T  # BxN
+        similarity[torch.arange(len(block)), torch.arange(start, start + len(block))] = -float("inf")
+        scores, rows = similarity.topk(n, dim=1)  # Bxn, not itself
+        valid = np.ones(tuple(rows.shape), dtype=bool)
+        out.append(
+            torch.from_numpy(alpha_expanded(block.numpy(), scores.numpy(), embeddings[rows].numpy(), valid))
+        )
     return torch.cat(out)
 
 
