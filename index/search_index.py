@@ -249,6 +249,13 @@ class SearchIndex:
                 raise VectorError(f"{len(missing)} id(s) not in the index, e.g. {missing[:5]}")
             return self._vectors_locked(id_array)
 
+    def prepare_vector_reads(self) -> None:
+        """Build now what reading vectors by id needs (the IVF types' direct map), so the first
+        expanded search of a freshly loaded version does not pay for it (56 ms at 1M vectors)."""
+        if self.index_type in ("ivf", "ivfpq"):
+            with self._lock.read():
+                self._ensure_direct_map()
+
     def _vectors_locked(self, ids: np.ndarray) -> np.ndarray:
         """NxD vectors of stored ids, read in chunks (under the held lock)."""
         out = np.empty((ids.size, self.dim), dtype=np.float32)

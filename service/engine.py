@@ -198,6 +198,8 @@ class Engine:
         if encoder.embed_dim != index.dim:
             raise EncoderError(f"encoder dimension {encoder.embed_dim} != index dimension {index.dim}")
         self._fit_threads(encoder)  # counts its work here, off the event loop (one pass of a blank image)
+        if self.settings.SEARCH_EXPAND:
+            index.prepare_vector_reads()  # before the swap: the first expanded search does not build it
         return Loaded(encoder, index, version)
 
     async def _bootstrap(self) -> str | None:

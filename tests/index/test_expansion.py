@@ -3,6 +3,7 @@ brute force on every index type, `SearchIndex.vectors`, and the refusals."""
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -163,6 +164,17 @@ def test_ivf_vectors_by_id_survive_add_remove_and_a_published_copy(tmp_path, sma
     loaded.remove(np.array([7]))  # copied into memory first, then removed through its own map
     assert loaded.ntotal == index.ntotal - 1 and 7 not in loaded
     assert np.abs(loaded.vectors([8]) - unit(vectors[1:2])).max() < tolerance
+
+
+def test_vector_reads_are_prepared_on_a_loaded_ivf_before_any_search(tmp_path, small_data):
+    vectors, ids, _ = small_data
+    IndexStore(tmp_path / "idx").publish(build_index(vectors, ids, "ivf", PARAMS["ivf"], progress=False))
+    loaded = IndexStore(tmp_path / "idx").load()  # memory-mapped, no direct map yet
+    ivf = faiss.extract_index_ivf(loaded.faiss_index)
+    assert ivf.direct_map.type == faiss.DirectMap.NoMap
+    loaded.prepare_vector_reads()
+    assert ivf.direct_map.type == faiss.DirectMap.Hashtable
+    assert np.abs(loaded.vectors(ids[[3]]) - unit(vectors[[3]])).max() < 1e-6
 
 
 @pytest.mark.parametrize(
