@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from index.expansion import MAX_EXPANSION
 from service.deps import SettingsDep
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -41,6 +42,8 @@ async def page_config(settings: SettingsDep) -> dict:
         "max_request_bytes": settings.MAX_REQUEST_BYTES,
         "search_max_k": settings.SEARCH_MAX_K,
         "classify_k": settings.CLASSIFY_K,
+        "search_expand": settings.SEARCH_EXPAND,
+        "max_expand": MAX_EXPANSION,
         "writes_need_key": settings.API_KEY is not None,
         "reads_need_key": settings.API_KEY is not None and settings.PROTECT_READS,
     }

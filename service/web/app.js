@@ -16,7 +16,8 @@ const $ = (id) => document.getElementById(id);
 const state = {
   config: { max_upload_bytes: 20 * 1024 * 1024, max_files_per_request: 64,
             max_request_bytes: 256 * 1024 * 1024, search_max_k: 1000,
-            classify_k: 200, writes_need_key: false, reads_need_key: false },
+            classify_k: 200, search_expand: 5, max_expand: 100, writes_need_key: false,
+            reads_need_key: false },
   query: null, // {kind: "file", file, name} | {kind: "id", id}
   classified: null, // the query the classify panel shows
   querySeq: 0,
@@ -249,6 +250,8 @@ async function loadConfig() {
   try {
     Object.assign(state.config, await api("/ui/config", { timeoutMs: 8000 }));
     $("k").max = state.config.search_max_k;
+    $("expand").max = state.config.max_expand;
+    $("expand").placeholder = String(state.config.search_expand); // what an empty field gets
   } catch {
     // The defaults above stand in; the service's own checks still apply.
   }
@@ -303,6 +306,15 @@ function readFilters() {
       valid = false;
     }
     filters.min_score = value;
+  }
+  const expandText = $("expand").value.trim();
+  if (expandText) {
+    const expand = Number(expandText);
+    if (!Number.isInteger(expand) || expand < 0 || expand > state.config.max_expand) {
+      $("expand-error").textContent = `a whole number from 0 to ${state.config.max_expand}`;
+      valid = false;
+    }
+    filters.expand = expand;
   }
   const label = $("label").value.trim();
   if (label) filters.label = label;
@@ -441,7 +453,7 @@ async function runQuery() {
     if (seq !== state.querySeq) return;
     if (error.status === 0 || error.status === 503) state.rerunWhenReady = true;
     $("timing").textContent = "";
-    if (!showFieldErrors(error, ["k", "label", "tags", "min_score"])) {
+    if (!showFieldErrors(error, ["k", "label", "tags", "min_score", "expand"])) {
       const name = state.query.kind === "file" ? `${state.query.name}: ` : "";
       setError($("search-error"), name + describe(error));
     }
@@ -545,7 +557,8 @@ function showTiming(data, times, seq) {
   const t = data.timing_ms || {};
   const server = Object.values(t).reduce((a, b) => a + b, 0);
   const parts = ["decode", "embed", "search", "metadata", "thumbnails"].filter((k) => k in t).map((k) => `${k} ${t[k].toFixed(0)}`);
-  $("timing").textContent = `${data.results.length} results · shown in ${times.shown.toFixed(0)} ms · server ${server.toFixed(0)} ms (${parts.join(" · ")} ms)`;
+  const ranking = data.expand ? `expanded over the top ${data.expand}` : "plain nearest neighbours";
+  $("timing").textContent = `${data.results.length} results, ${ranking} · shown in ${times.shown.toFixed(0)} ms · server ${server.toFixed(0)} ms (${parts.join(" · ")} ms)`;
   $("timing").title = `model ${data.model_version}, index ${data.index_version}`;
   // For measurements (the browser test reads these): request to JSON, and to thumbnails shown.
   const list = $("results");
@@ -633,7 +646,7 @@ function setUpSearch() {
     runQuery();
   });
   // A changed number searches again at once (text filters wait for Enter or the button).
-  for (const id of ["k", "min-score"]) {
+  for (const id of ["k", "min-score", "expand"]) {
     $(id).addEventListener("change", () => {
       if (JSON.stringify(readFilters()) !== state.lastFilters) runQuery();
     });

@@ -406,6 +406,31 @@ def test_filters_and_their_errors_sit_by_their_controls(page: Page) -> None:
     page.driver.find_element(By.ID, "search-again").click()
     cards = page.wait_for_results(seq)
     assert cards and min(c["score"] for c in cards) >= 0.5 and text_of(page.driver, "label-error") == ""
+
+    # Query expansion: empty is the service's default (the placeholder says which); 0 is the plain
+    # ranking, as the API gives it; out of range is caught before a request.
+    seq = page.result_set()[0]
+    min_score.clear()  # a changed number searches again at once
+    page.wait_for_results(seq)
+    expand = page.driver.find_element(By.ID, "expand")
+    default = page.client.get("/ui/config").json()["search_expand"]
+    assert expand.get_attribute("placeholder") == str(default) and default > 0
+    assert f"expanded over the top {default}" in text_of(page.driver, "timing")
+    seq = page.result_set()[0]
+    expand.send_keys("0")
+    page.driver.find_element(By.ID, "search-again").click()
+    cards = page.wait_for_results(seq)
+    api = page.client.post(
+        "/search", files={"file": ("q.png", query, "image/png")}, data={"k": str(len(cards)), "expand": "0"}
+    )
+    assert [c["id"] for c in cards] == [r["id"] for r in api.json()["results"]]
+    scores = [c["score"] for c in cards]
+    assert scores == sorted(scores, reverse=True)
+    assert "plain nearest neighbours" in text_of(page.driver, "timing")
+    expand.clear()
+    expand.send_keys("101")
+    page.driver.find_element(By.ID, "search-again").click()
+    assert text_of(page.driver, "expand-error") == "a whole number from 0 to 100"
     page.check_console(("/search", "422"))
 
 
