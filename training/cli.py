@@ -44,8 +44,9 @@ from training.config import (
 )
 from training.data.augment import NORMALISATION, build_augmentation
 from training.data.datasets import DataError, ImageDataset, load_dataset, native_image_size, split_held_out
+from training.data.images import resize_center_crop
 from training.embed import embed_in_shards
-from training.encoder import Encoder, EncoderError, read_encoder_record
+from training.encoder import Encoder, EncoderError, read_encoder_record, training_size
 from training.engine import Trainer
 from training.flags import add_settings, flag_names, layered, read_config_file
 from training.knn_monitor import KnnMonitor
@@ -194,8 +195,10 @@ def init_encoder_settings(path: str) -> dict[str, Any]:
         raise ConfigError(f"--init: {exc}") from None
     network = record["network"]
     kwargs = network.get("kwargs", {})
-    settings = {"arch": network["arch"], "crop_size": record["input_size"]}
+    settings = {"arch": network["arch"], "crop_size": training_size(record)}  # not its embedding size
     settings["embedding_grid"] = network.get("grid", 1)
+    if "train_size" in record:  # it embeds at another size than it trained at: so does the new one
+        settings["embedding_size"] = record["input_size"]
     flags = {"width": "width", "small_stem": "small_stem", "patch_size": "patch_size"}
     flags |= {"embed_dim": "vit_dim", "depth": "vit_depth", "num_heads": "vit_heads"}  # a ViT's
     settings |= {flag: kwargs[key] for key, flag in flags.items() if key in kwargs}
@@ -287,8 +290,8 @@ def initial_embeddings(
     """NxD: the --init encoder's retrieval embeddings of the training images (whitened where it
     is), each rank embedding its shard (training.embed's), every rank getting all of them."""
     encoder = Encoder(record, device, amp=config.amp)
-    return embed_in_shards(
-        lambda batch: torch.from_numpy(encoder.embed(batch)),
+    return embed_in_shards(  # at the size the encoder embeds at (`at_input_size`), as it retrieves
+        lambda batch: torch.from_numpy(encoder.embed(resize_center_crop(batch, encoder.input_size))),
         data.images,
         desc="embedding with --init",
         progress=config.progress,

@@ -116,10 +116,19 @@ class RunConfig:
         "and precision@10 on both image sets measured",
         group="backbone",
     )
+    embedding_size: int | None = setting(
+        None,
+        "side the saved encoder embeds images at (whitening fit and kNN monitor too); default: the "
+        "crop. Random resized crops show objects larger than whole images do, so a larger side matches "
+        "what training taught (FixRes, Touvron et al. 2019): twice the crop gained on three 28 px sets "
+        "(bench/RESULTS.md, 'Embedding at twice the training crop'); ResNets only",
+        group="backbone",
+    )
     init: str | None = setting(
         None,
         "start from a finished encoder file (e.g. runs/simclr/encoder.pt): its weights and "
-        "normalisation; --arch, --width, --small-stem, --crop-size and --embedding-grid default to its own; "
+        "normalisation; --arch, --width, --small-stem, --crop-size, --embedding-grid and --embedding-size "
+        "default to its own; "
         "`current` in a catalogue refresh: the encoder the service serves now",
         group="backbone",
     )
@@ -245,6 +254,10 @@ class RunConfig:
             yield f"--local-crop-scale needs 0 < low <= high <= 1, got {low} {high}"
         if self.lr_schedule == "step" and not self.lr_steps:
             yield "--lr-schedule step needs --lr-steps (epochs at which to decay)"
+        if self.embedding_size is not None and not 8 <= self.embedding_size <= 1024:
+            yield f"--embedding-size must be from 8 to 1024 px, got {self.embedding_size}"
+        if self.embedding_size not in (None, self.crop_size) and not self.is_convolutional:
+            yield f"--embedding-size other than the crop needs a ResNet backbone, not {self.arch}"
         if self.embedding_grid != 1 and not self.is_convolutional:
             yield f"--embedding-grid {self.embedding_grid} needs a ResNet backbone, not {self.arch}"
         if self.amp == "fp16" and self.device == "cpu":

@@ -9,6 +9,7 @@ Encoder file (`torch.save` of a dict, also the "encoder" entry of a training che
   state_dict    weights of that network
   embed_dim     D, the embedding size
   input_size    S: images are resized (shorter side) and centre-cropped to SxS
+  train_size    the training crop, only where it differs from input_size (`at_input_size`)
   in_channels   1 (greyscale) or 3 (RGB)
   mean, std     per-channel normalisation applied to [0, 1] pixels
   version       a stable string naming these weights (method, short content hash)
@@ -42,20 +43,27 @@ __all__ = [
     "ENCODER_FORMAT",
     "Encoder",
     "EncoderError",
+    "at_input_size",
     "make_encoder_record",
     "read_encoder_record",
     "save_encoder",
+    "training_size",
     "with_embedding_grid",
     "with_whitening",
 ]
 
 
-def weights_version(method: str, state_dict: dict[str, torch.Tensor], grid: int = 1) -> str:
+def weights_version(
+    method: str, state_dict: dict[str, torch.Tensor], grid: int = 1, embedding_size: int | None = None
+) -> str:
     """`method-<12 hex>`: a hash of the weights (and of the embedding's pooling grid when it is not
-    the global pool: the same weights then embed differently), so equal encoders give equal versions."""
+    the global pool, and of the input size when it is not the training crop: the same weights then
+    embed differently), so equal encoders give equal versions."""
     digest = hashlib.sha256()
     if grid != 1:
         digest.update(f"grid={grid}".encode())
+    if embedding_size is not None:
+        digest.update(f"input={embedding_size}".encode())
     for name in sorted(state_dict):
         digest.update(name.encode())
         digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
@@ -72,8 +80,11 @@ def make_encoder_record(
     mean: list[float],
     std: list[float],
     metrics: dict[str, Any] | None = None,
+    train_size: int | None = None,
 ) -> dict[str, Any]:
+    """`train_size`: the training crop, where the encoder embeds at another `input_size`."""
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    resized = {"train_size": int(train_size)} if train_size not in (None, input_size) else {}
     return {
         "format": ENCODER_FORMAT,
         "method": method,
@@ -84,8 +95,11 @@ def make_encoder_record(
         "in_channels": int(in_channels),
         "mean": list(map(float, mean)),
         "std": list(map(float, std)),
-        "version": weights_version(method, state, int(network_spec.get("grid", 1))),
+        "version": weights_version(
+            method, state, int(network_spec.get("grid", 1)), int(input_size) if resized else None
+        ),
         "metrics": dict(metrics or {}),
+        **resized,
     }
 
 
@@ -105,7 +119,7 @@ def with_embedding_grid(record: dict[str, Any], grid: int) -> dict[str, Any]:
         "network": spec,
         "state_dict": state,
         "embed_dim": network.out_dim,
-        "version": weights_version(record["method"], state, int(grid)),
+        "version": record_version(record, state, spec),
     }
 
 
@@ -157,11 +171,38 @@ def embedding_features(
         network.train(was_training)
 
 
+def training_size(record: dict[str, Any]) -> int:
+    """The crop the encoder was trained at (`input_size` unless it embeds at another size)."""
+    return int(record.get("train_size", record["input_size"]))
+
+
+def record_version(record: dict[str, Any], state: dict[str, torch.Tensor], spec: dict[str, Any]) -> str:
+    size = int(record["input_size"])
+    return weights_version(
+        record["method"], state, int(spec.get("grid", 1)), size if size != training_size(record) else None
+    )
+
+
+def at_input_size(record: dict[str, Any], size: int) -> dict[str, Any]:
+    """The same weights embedding images resized to `size` instead of the training crop. Random
+    resized crops show a network objects larger than whole images do, so embedding at a larger size
+    than it trained at matches what it learnt (FixRes, Touvron et al. 2019). A whitening fitted at
+    the old size stays in the record: refit it (`with_whitening`, `python -m training.whiten
+    --input-size`)."""
+    if size < 1:
+        raise ValueError(f"input size must be positive, got {size}")
+    resized = {**record, "input_size": int(size), "train_size": training_size(record)}
+    if size == resized["train_size"]:
+        del resized["train_size"]
+    return {**resized, "version": record_version(resized, resized["state_dict"], resized["network"])}
+
+
 def with_whitening(
     record: dict[str, Any], images: torch.Tensor, power: float, amp: str = "auto"
 ) -> dict[str, Any]:
     """The same encoder with PCA whitening (training.models.whitening) fitted on its embeddings of
-    `images` (uint8 NxCxSxS, no labels), replacing any whitening it had; embed_dim and version follow."""
+    `images` (uint8 NxCxSxS at its input size, no labels), replacing any whitening it had; embed_dim
+    and version follow."""
     spec = {k: v for k, v in record["network"].items() if k != "whitening"}
     network = build_embedding_network(spec)
     state = {k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")}
@@ -178,7 +219,7 @@ def with_whitening(
         "network": spec,
         "state_dict": state,
         "embed_dim": network.out_dim,
-        "version": weights_version(record["method"], state, int(spec.get("grid", 1))),
+        "version": record_version(record, state, spec),
     }
 
 

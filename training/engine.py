@@ -39,6 +39,7 @@ from training.checkpoint import (
 )
 from training.config import RunConfig
 from training.data.datasets import ImageDataset, epoch_indices
+from training.data.images import resize_center_crop
 from training.encoder import embedding_features, make_encoder_record, save_encoder
 from training.errors import TrainingError
 from training.knn_monitor import KnnMonitor
@@ -172,7 +173,7 @@ class Trainer:
             return network
         generator = torch.Generator().manual_seed(self.config.seed)
         chosen = torch.randperm(len(self.dataset), generator=generator)[: fit_sample_count(network.out_dim)]
-        images = self.images[chosen.to(self.images.device)]
+        images = self.at_embedding_size(self.images[chosen.to(self.images.device)])
         features = embedding_features(network, images, self.mean, self.std, self.device, self.amp_dtype)
         whitening = Whitening.fitted(features, self.config.whiten_power).to(self.device)
         return EmbeddingNetwork(network.backbone, network.head, network.grid, whitening)
@@ -187,12 +188,23 @@ class Trainer:
             network_spec=spec,
             network=network,
             embed_dim=network.out_dim,
-            input_size=self.config.crop_size,
+            input_size=self.embedding_size,
             in_channels=self.dataset.in_channels,
             mean=self.mean,
             std=self.std,
             metrics=metrics,
+            train_size=self.config.crop_size,
         )
+
+    @property
+    def embedding_size(self) -> int:
+        return self.config.embedding_size or self.config.crop_size
+
+    def at_embedding_size(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NxCxSxS training images as the saved encoder will see them (--embedding-size)."""
+        if self.embedding_size == images.shape[-1]:
+            return images
+        return resize_center_crop(images.cpu(), self.embedding_size).to(images.device)
 
     def summary_metrics(self) -> dict[str, Any]:
         last = self.state.history[-1] if self.state.history else {}
@@ -376,7 +388,13 @@ class Trainer:
             power = config.whiten_power if config.whitening == "pca" else None
             row.update(
                 self.knn.evaluate(
-                    self.embedding_network(), self.mean, self.std, self.device, self.amp_dtype, power
+                    self.embedding_network(),
+                    self.mean,
+                    self.std,
+                    self.device,
+                    self.amp_dtype,
+                    power,
+                    self.embedding_size,
                 )
             )
         state.history.append(row)

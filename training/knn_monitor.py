@@ -14,6 +14,7 @@ from torch import nn
 
 from index.vote import DEFAULT_K, DEFAULT_TAU, weighted_vote
 from training.data.datasets import ImageDataset
+from training.data.images import resize_center_crop
 from training.embed import embed_in_shards
 from training.encoder import network_embedder
 from training.models.whitening import Whitening
@@ -69,14 +70,22 @@ class KnnMonitor:
         device: torch.device,
         amp_dtype=None,
         whiten_power: float | None = None,
+        input_size: int | None = None,
     ) -> dict[str, float]:
         """knn/top1, knn/top5. With `whiten_power`: the figures of the whitened embedding (PCA
         whitening fitted on the memory's features, no labels), as the encoder file will embed, and
-        the unwhitened ones as knn/top1_unwhitened, knn/top5_unwhitened."""
+        the unwhitened ones as knn/top1_unwhitened, knn/top5_unwhitened. `input_size`: the images
+        resized to that side first (the encoder file's embedding size, where it is not the crop)."""
         was_training = network.training
         network.eval()
         try:
-            embed = network_embedder(network, mean, std, device, amp_dtype)
+            embed_crops = network_embedder(network, mean, std, device, amp_dtype)
+
+            def embed(images: torch.Tensor) -> torch.Tensor:
+                if input_size and input_size != images.shape[-1]:
+                    images = resize_center_crop(images.cpu(), input_size).to(images.device)
+                return embed_crops(images)
+
             memory = embed_in_shards(embed, self.memory.images, self.batch_size, "kNN memory", self.progress)
             queries = embed_in_shards(
                 embed, self.queries.images, self.batch_size, "kNN queries", self.progress

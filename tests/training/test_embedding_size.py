@@ -1,0 +1,98 @@
+"""Embedding at another size than the training crop (`--embedding-size`, `python -m training.whiten
+--input-size`, FixRes): the record keeps the crop and gets its own version, the whitening is fitted at
+the new size, a round started from such an encoder trains at the crop and mines and saves at its size,
+and the service's encoder resizes uploads to it."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_whitening import random_record
+from tiny_runs import tiny_trainer
+
+from training.cli import initial_embeddings, parse_config
+from training.data.datasets import load_dataset
+from training.data.images import resize_center_crop
+from training.encoder import Encoder, at_input_size, read_encoder_record, save_encoder, training_size
+from training.models import build_embedding_network
+from training.whiten import main as whiten_main
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return load_dataset("fashion-mnist:test", 28).subset(300, seed=3).images
+
+
+def test_another_input_size_keeps_the_crop_and_gets_its_own_version() -> None:
+    record = random_record()
+    resized = at_input_size(record, 56)
+    assert (resized["input_size"], training_size(resized), training_size(record)) == (56, 28, 28)
+    assert resized["version"] not in (record["version"], at_input_size(record, 42)["version"])
+    back = at_input_size(resized, 28)  # the crop again: the very same encoder as before
+    assert "train_size" not in back and back["version"] == record["version"]
+    with pytest.raises(ValueError, match="positive"):
+        at_input_size(record, 0)
+
+
+def test_the_whiten_command_fits_at_the_new_size_and_the_encoder_embeds_there(images, tmp_path: Path) -> None:
+    source = tmp_path / "encoder.pt"
+    save_encoder(source, random_record())
+    out = tmp_path / "encoder-56.pt"
+    assert whiten_main(["--checkpoint", str(source), "--data", "fashion-mnist:test", "--subset", "300",
+                        "--input-size", "56", "--out", str(out), "--amp", "none"]) == 0  # fmt: skip
+    record = read_encoder_record(out)
+    assert (record["input_size"], record["train_size"]) == (56, 28)
+    # The whitening's mean is the mean of the features of 56 px images (the fit set: the 300 images).
+    network = build_embedding_network({k: v for k, v in record["network"].items() if k != "whitening"})
+    network.load_state_dict({k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")})
+    fit_images = load_dataset("fashion-mnist:test", 56).subset(300, seed=0).images
+    with torch.no_grad():
+        normalised = (fit_images.float() / 255 - record["mean"][0]) / record["std"][0]
+        features = F.normalize(network.eval()(normalised).double(), dim=1)
+    torch.testing.assert_close(
+        record["state_dict"]["whitening.mean"].double(), features.mean(0), atol=1e-4, rtol=0
+    )
+    # The encoder (what the service loads) resizes an image file's pixels to 56 and embeds there.
+    encoder = Encoder(record)
+    assert encoder.input_size == 56 and encoder.prepare(encoder_png(images[0])).shape == (1, 56, 56)
+    direct = encoder.embed(resize_center_crop(images[:4], 56))
+    assert direct.shape == (4, record["embed_dim"]) and np.allclose(
+        np.linalg.norm(direct, axis=1), 1, atol=1e-5
+    )
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error: exit status 2, one line
+        whiten_main(["--checkpoint", str(source), "--data", "fashion-mnist:test",
+                     "--out", str(tmp_path / "x.pt"), "--input-size", "4"])  # fmt: skip
+    assert refused.value.code == 2
+    assert not (tmp_path / "x.pt").exists()
+
+
+def encoder_png(image: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image[0].numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_run_embeds_at_its_embedding_size_and_a_round_from_it_follows(tmp_path: Path) -> None:
+    trainer = tiny_trainer("simclr", tmp_path / "first", "--max-steps", "2", "--embedding-size", "56")
+    trainer.fit()
+    record = read_encoder_record(tmp_path / "first" / "encoder.pt")
+    assert (record["input_size"], record["train_size"]) == (56, 28)
+    assert Encoder(record).embed(torch.zeros(2, 1, 56, 56, dtype=torch.uint8)).shape[0] == 2
+    # A round from it trains at the crop and embeds (mines, saves) at the encoder's size.
+    config, _ = parse_config(
+        "neighbours", ["--data", "fashion-mnist", "--init", str(tmp_path / "first" / "encoder.pt")]
+    )
+    assert (config.crop_size, config.embedding_size) == (28, 56)
+    assert config.source("embedding_size") == "init encoder"
+    crops = load_dataset("fashion-mnist", config.crop_size, subset=40)  # what the round trains on
+    mined_in = initial_embeddings(config, record, crops, torch.device("cpu"))  # its neighbours' space
+    retrieved = Encoder(record, amp=config.amp).embed(resize_center_crop(crops.images, 56))
+    np.testing.assert_allclose(mined_in.numpy(), retrieved, atol=1e-5)
+    plain, _ = parse_config("simclr", ["--data", "fashion-mnist"])
+    assert plain.embedding_size is None  # the crop: nothing changes unless asked
