@@ -6,10 +6,12 @@ query expansion over the top 5 through the service's `SearchIndex`. Each embeddi
 `bench/demo_precision.py` does. `--mining` adds the purity of each memory image's top 10 among the
 whole memory set, mined in the embedding and among expanded vectors (each image replaced by its own
 alpha-expanded query over its top 5), also where the raw pixels' top 100 agree (as
-`training.neighbours --agree-pixels 100` draws them).
+`training.neighbours --agree-pixels 100` draws them). `--dba` adds database-side augmentation
+(alpha-DBA, Radenovic et al. 2018): every catalogue vector replaced by its own alpha-expanded query
+over its top n catalogue neighbours before the search, queries unchanged.
 
     python bench/expansion_study.py service/assets/demo-encoder.pt --data fashion-mnist:test \
-        --train-data fashion-mnist [--mining]
+        --train-data fashion-mnist [--mining] [--dba]
     python bench/expansion_study.py runs/g/glyphs-nb1/encoder.pt --data folder:/tmp/glyphs/test \
         --train-data folder:/tmp/glyphs/train
 """
@@ -42,6 +44,7 @@ from training.models.whitening import Whitening  # noqa: E402
 EXPAND = 5
 SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 STAGES = ("layer4 2x2", "layer3 3x3")
+DBA_SIZES = (2, 5, 10)
 
 
 def shifted(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="the catalogue searched (a labelled set)")
     parser.add_argument("--train-data", required=True, help="queries (seeded) and the whitening fit")
     parser.add_argument("--mining", action="store_true", help="also the purity of mined top-10 neighbours")
+    parser.add_argument("--dba", action="store_true", help="also alpha-DBA of the catalogue (top 2, 5, 10)")
     args = parser.parse_args(argv)
     encoder = Encoder.load(args.encoder)
     size, channels = encoder.input_size, encoder.in_channels
@@ -117,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             c, q = whitened(catalogue_v, names, whitenings), whitened(query_v, names, whitenings)
             plain, expanded = (precision_at_10(c, q, catalogue_labels, query_labels, e) for e in (0, EXPAND))
             print(f"| {' + '.join(names)}{shift_name} | {c.shape[1]} | {plain:.4f} | {expanded:.4f} |")
+            if args.dba and not shift_name and names == ("layer4 2x2",):
+                for n in DBA_SIZES:
+                    augmented = expanded_rows(torch.from_numpy(c), n).numpy()  # NxD, catalogue side only
+                    plain, expanded = (
+                        precision_at_10(augmented, q, catalogue_labels, query_labels, e) for e in (0, EXPAND)
+                    )
+                    row = f"layer4 2x2, alpha-DBA over the top {n}"
+                    print(f"| {row} | {c.shape[1]} | {plain:.4f} | {expanded:.4f} |")
     if args.mining:
         labels = memory.labels
         embeddings = torch.from_numpy(encoder.embed(memory.images))
