@@ -37,6 +37,7 @@ from training.config import (
     PAPER,
     SERVED_ENCODER,
     SMALL_IMAGE,
+    SMALL_IMAGE_EMBEDDING_SCALE,
     SMALL_IMAGE_GRID,
     SMALL_IMAGE_MAX_SIZE,
     ConfigError,
@@ -169,6 +170,7 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         arch = merged.get("arch", filled.get("arch", method.paper_values().get("arch", RunConfig.arch)))
         if not method.embedding_is_head and str(arch).startswith(CONV_ARCHS):
             small.setdefault("embedding_grid", SMALL_IMAGE_GRID)
+            small.setdefault("embedding_size", SMALL_IMAGE_EMBEDDING_SCALE * native)
         small.setdefault("whitening", "pca")  # measured for SimCLR, MoCo v3 and InstDisc's head
         layers.append((SMALL_IMAGE, small))
     layers.append(("catalogue", filled))

@@ -178,7 +178,8 @@ def test_refresh_publishes_a_version_the_running_service_swaps_to_under_load(
         manifest = store.read_manifest(version)
         assert manifest["created_by"] == "refresh (moco-v2)" and manifest["ntotal"] == CATALOGUE_SIZE
         encoder = read_encoder_record(store.version_dir(version) / "encoder.pt")
-        assert (encoder["input_size"], encoder["in_channels"]) == (28, 1)  # the served model's input
+        # the served model's input: 28 px catalogue images trained at their size, embedded at twice it
+        assert (encoder["train_size"], encoder["input_size"], encoder["in_channels"]) == (28, 56, 1)
         for position in (0, 101, 299):
             assert_finds_itself(client, catalogue, position)
 

@@ -17,6 +17,7 @@ from test_whitening import random_record
 from tiny_runs import tiny_trainer
 
 from training.cli import initial_embeddings, parse_config
+from training.config import SMALL_IMAGE
 from training.data.datasets import load_dataset
 from training.data.images import resize_center_crop
 from training.encoder import Encoder, at_input_size, read_encoder_record, save_encoder, training_size
@@ -94,5 +95,16 @@ def test_a_run_embeds_at_its_embedding_size_and_a_round_from_it_follows(tmp_path
     mined_in = initial_embeddings(config, record, crops, torch.device("cpu"))  # its neighbours' space
     retrieved = Encoder(record, amp=config.amp).embed(resize_center_crop(crops.images, 56))
     np.testing.assert_allclose(mined_in.numpy(), retrieved, atol=1e-5)
-    plain, _ = parse_config("simclr", ["--data", "fashion-mnist"])
-    assert plain.embedding_size is None  # the crop: nothing changes unless asked
+
+
+def test_small_images_embed_at_twice_their_side_photos_at_the_crop(tmp_path: Path) -> None:
+    small, _ = parse_config("simclr", ["--data", "fashion-mnist"])
+    assert (small.crop_size, small.embedding_size, small.source("embedding_size")) == (28, 56, SMALL_IMAGE)
+    for i in range(2):
+        Image.new("RGB", (120, 100), (i * 90, 20, 40)).save(tmp_path / f"{i}.png")
+    photos, _ = parse_config("simclr", ["--data", f"folder:{tmp_path}", "--arch", "resnet18"])
+    assert photos.embedding_size is None  # the crop, as the papers embed
+    head, _ = parse_config("instdisc", ["--data", "fashion-mnist"])
+    assert head.embedding_size is None  # its embedding is a head's output: not measured there
+    vit, _ = parse_config("moco-v3", ["--data", "fashion-mnist", "--arch", "vit_tiny"])
+    assert vit.embedding_size is None  # position embeddings fixed to the crop's patch grid
