@@ -10,7 +10,7 @@ from pathlib import Path
 from pymongo import MongoClient
 
 from service.demo import DEMO_ENCODER
-from training.encoder import Encoder
+from training.encoder import read_encoder_record, training_size
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,8 +30,8 @@ def test_demo_installs_the_model_and_catalogue_once(tmp_path, mongo_uri, mongo_d
     assert "demo encoder installed" in first.stdout and "added 40" in first.stdout
     model = tmp_path / "model.pt"
     assert model.read_bytes() == DEMO_ENCODER.read_bytes()
-    encoder = Encoder.load(model)
-    assert (encoder.in_channels, encoder.input_size) == (1, 28)  # Fashion-MNIST's own format
+    record = read_encoder_record(model)
+    assert (record["in_channels"], training_size(record)) == (1, 28)  # trained on Fashion-MNIST's format
 
     client: MongoClient = MongoClient(mongo_uri)
     try:

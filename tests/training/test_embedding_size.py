@@ -15,19 +15,44 @@ import torch.nn.functional as F
 from PIL import Image
 from test_whitening import random_record
 from tiny_runs import tiny_trainer
+from torch import nn
 
+from training import onnx_runner
 from training.cli import initial_embeddings, parse_config
 from training.config import SMALL_IMAGE
 from training.data.datasets import load_dataset
 from training.data.images import resize_center_crop
 from training.encoder import Encoder, at_input_size, read_encoder_record, save_encoder, training_size
-from training.models import build_embedding_network
+from training.models import build_embedding_network, grid_pool
+from training.onnx_runner import OnnxRunner
 from training.whiten import main as whiten_main
 
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return load_dataset("fashion-mnist:test", 28).subset(300, seed=3).images
+
+
+@pytest.mark.parametrize(("side", "grid"), [(4, 2), (7, 2), (7, 3), (5, 2), (14, 4)])
+def test_grid_pooling_is_the_adaptive_pool_eager_and_exported(side: int, grid: int) -> None:
+    """At 56 px the last stage is 7x7: its 2x2 grid has overlapping windows, written out for ONNX."""
+    stage = torch.randn(3, 8, side, side)
+    torch.testing.assert_close(grid_pool(stage, grid), F.adaptive_avg_pool2d(stage, grid))
+    exported = nn.Sequential(GridPool(grid), nn.Flatten())
+    model = onnx_runner.export_onnx(exported, stage[:1])  # traced at batch 1
+    other = torch.randn(5, 8, side, side)
+    np.testing.assert_allclose(
+        OnnxRunner(model)(other, threads=1), F.adaptive_avg_pool2d(other, grid).flatten(1).numpy(), atol=1e-6
+    )
+
+
+class GridPool(nn.Module):
+    def __init__(self, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, stage: torch.Tensor) -> torch.Tensor:
+        return grid_pool(stage, self.grid)
 
 
 def test_another_input_size_keeps_the_crop_and_gets_its_own_version() -> None:

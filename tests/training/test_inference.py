@@ -110,22 +110,26 @@ def held_out() -> torch.Tensor:
     return calibration_images("fashion-mnist:test", DEMO_ENCODER, count=800)
 
 
-def test_bf16_form_of_the_demo_encoder_is_within_the_stated_tolerance(held_out: torch.Tensor) -> None:
+def test_the_demo_encoders_bf16_form_serves_only_within_the_stated_tolerance(held_out: torch.Tensor) -> None:
     record = read_encoder_record(DEMO_ENCODER)
     deployed = build_inference_encoder(record, held_out)
-    # bf16 is a contender only where the CPU computes it natively; then the faster form serves.
-    contenders = {name.split()[1] for name in deployed["timings_ms"]}
-    assert contenders == ({"float32", "bfloat16"} if native_bf16() else {"float32"})
-
     # The bf16 form, measured here on any CPU (emulated bf16 rounds the same way), independently
     # of the numbers stored in the record.
     bf16, exact = InferenceEncoder(inference_record(record, "bfloat16")), Encoder(record)
     agreement = measure_agreement(exact, bf16, held_out, queries=300)
-    assert agreement.mean_cosine >= TOLERANCE.mean_cosine
-    assert agreement.min_cosine >= TOLERANCE.min_cosine
-    assert agreement.top10_overlap >= TOLERANCE.top10_overlap
-    assert agreement.top10_overlap_mixed >= TOLERANCE.top10_overlap
+    within = (
+        agreement.mean_cosine >= TOLERANCE.mean_cosine
+        and agreement.min_cosine >= TOLERANCE.min_cosine
+        and agreement.top10_overlap >= TOLERANCE.top10_overlap
+        and agreement.top10_overlap_mixed >= TOLERANCE.top10_overlap
+    )
+    assert agreement.mean_cosine > 0.998 and agreement.top10_overlap > 0.95  # close, within or not
+    # bf16 is a contender only where the CPU computes it natively and it is within the tolerance
+    # (the demo encoder at 56 px is not: its least cosine is ~0.985, under 0.99); the fastest serves.
+    contenders = {name.split()[1] for name in deployed["timings_ms"]}
+    assert contenders == ({"float32", "bfloat16"} if native_bf16() and within else {"float32"})
     assert deployed["agreement"]["mean_cosine"] >= TOLERANCE.mean_cosine
+    assert deployed["agreement"]["min_cosine"] >= TOLERANCE.min_cosine
     assert InferenceEncoder(deployed).version == exact.version  # the same model, served faster
 
 
@@ -292,9 +296,12 @@ def test_multiply_accumulates_follow_the_direct_formula() -> None:
 def test_the_deploy_form_counts_the_training_graphs_work(tmp_path: Path) -> None:
     encoder = Encoder.load(DEMO_ENCODER)
     deployed = InferenceEncoder(inference_record(read_encoder_record(DEMO_ENCODER), "bfloat16"))
-    # ResNet-18 x0.25 with the small stem at 28 px: tens of millions, folding and bf16 change nothing.
-    assert 10e6 < encoder.macs_per_image < 100e6
+    # ResNet-18 x0.25 with the small stem at 28 px: tens of millions (x4 per doubled side), folding
+    # and bf16 change nothing.
+    positions = (encoder.input_size / 28) ** 2
+    assert 10e6 * positions < encoder.macs_per_image < 100e6 * positions
     assert deployed.macs_per_image == encoder.macs_per_image
-    wide = Encoder.load(write_random_encoder(tmp_path / "wide.pt", width=1.0, input_size=56))
-    # Width x4 is 16x the channel products; 56 px is 4x the positions.
+    wide_size = 2 * encoder.input_size
+    wide = Encoder.load(write_random_encoder(tmp_path / "wide.pt", width=1.0, input_size=wide_size))
+    # Width x4 is 16x the channel products; twice the side is 4x the positions.
     assert 50 < wide.macs_per_image / encoder.macs_per_image < 80

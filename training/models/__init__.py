@@ -83,13 +83,33 @@ class EmbeddingNetwork(nn.Module):
         """NxD, before whitening: what a whitening is fitted on."""
         if self.grid != 1:
             stage = self.backbone.feature_map(x)  # NxDxHxW
-            return torch.flatten(F.adaptive_avg_pool2d(stage, self.grid), 1)  # Nx(D*G*G)
+            return torch.flatten(grid_pool(stage, self.grid), 1)  # Nx(D*G*G)
         features = self.backbone(x)  # NxD
         return features if self.head is None else self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.features(x)
         return features if self.whitening is None else self.whitening(features)
+
+
+def grid_pool(stage: torch.Tensor, grid: int) -> torch.Tensor:
+    """NxDxHxW -> NxDxGxG: `F.adaptive_avg_pool2d`'s windows, written out where G does not divide the
+    map (a 7x7 map of a 56 px input: overlapping windows [0, 4) and [3, 7)), which ONNX cannot export
+    as an adaptive pool; the same arithmetic either way."""
+    height, width = stage.shape[-2:]
+    if height % grid == 0 and width % grid == 0:
+        return F.adaptive_avg_pool2d(stage, grid)
+
+    def windows(size: int) -> list[tuple[int, int]]:
+        # floor and ceil of non-negative numbers only: a traced shape exports its arithmetic, and
+        # ONNX's integer division truncates
+        return [((i * size) // grid, ((i + 1) * size + grid - 1) // grid) for i in range(grid)]
+
+    rows = []
+    for top, bottom in windows(height):
+        cells = [stage[:, :, top:bottom, left:right].mean(dim=(2, 3)) for left, right in windows(width)]
+        rows.append(torch.stack(cells, dim=-1))  # NxDxG
+    return torch.stack(rows, dim=2)  # NxDxGxG
 
 
 def check_grid(grid: int, backbone: nn.Module, head: nn.Module | None) -> None:
