@@ -92,6 +92,7 @@ class EmbeddingNetwork(nn.Module):
         return features if self.whitening is None else self.whitening(features)
 
 
+@torch.fx.wrap  # one call in an fx graph (BN folding traces the network): its shapes are not symbolic
 def grid_pool(stage: torch.Tensor, grid: int) -> torch.Tensor:
     """NxDxHxW -> NxDxGxG: `F.adaptive_avg_pool2d`'s windows, written out where G does not divide the
     map (a 7x7 map of a 56 px input: overlapping windows [0, 4) and [3, 7)), which ONNX cannot export
