@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from training.models.heads import build_head
@@ -94,12 +93,10 @@ class EmbeddingNetwork(nn.Module):
 
 @torch.fx.wrap  # one call in an fx graph (BN folding traces the network): its shapes are not symbolic
 def grid_pool(stage: torch.Tensor, grid: int) -> torch.Tensor:
-    """NxDxHxW -> NxDxGxG: `F.adaptive_avg_pool2d`'s windows, written out where G does not divide the
-    map (a 7x7 map of a 56 px input: overlapping windows [0, 4) and [3, 7)), which ONNX cannot export
-    as an adaptive pool; the same arithmetic either way."""
+    """NxDxHxW -> NxDxGxG: `F.adaptive_avg_pool2d`'s windows, written out. Where G does not divide
+    the map (a 7x7 map of a 56 px input: overlapping windows [0, 4) and [3, 7)) ONNX cannot export
+    the adaptive pool, and a branch on the shape would warn in every trace; the same arithmetic."""
     height, width = stage.shape[-2:]
-    if height % grid == 0 and width % grid == 0:
-        return F.adaptive_avg_pool2d(stage, grid)
 
     def windows(size: int) -> list[tuple[int, int]]:
         # floor and ceil of non-negative numbers only: a traced shape exports its arithmetic, and
