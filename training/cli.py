@@ -164,13 +164,13 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         (DEFAULT, {"method": method.name, "out": Path("runs") / method.name}),
         (method.defaults_source, method.paper_values()),
     ]
-    if native is not None and native <= SMALL_IMAGE_MAX_SIZE:
+    small_images = native is not None and native <= SMALL_IMAGE_MAX_SIZE
+    if small_images:
         layers.append((DATA, {"crop_size": native}))
         small = {"small_stem": True, **method.small_image_defaults}
         arch = merged.get("arch", filled.get("arch", method.paper_values().get("arch", RunConfig.arch)))
         if not method.embedding_is_head and str(arch).startswith(CONV_ARCHS):
             small.setdefault("embedding_grid", SMALL_IMAGE_GRID)
-            small.setdefault("embedding_size", SMALL_IMAGE_EMBEDDING_SCALE * native)
         small.setdefault("whitening", "pca")  # measured for SimCLR, MoCo v3 and InstDisc's head
         layers.append((SMALL_IMAGE, small))
     layers.append(("catalogue", filled))
@@ -178,6 +178,12 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         layers.append((INIT, init_encoder_settings(init)))
     layers += explicit
     engine, params, sources = layered(layers, RunConfig, method.Params)
+    pooled_resnet = not method.embedding_is_head and str(engine.get("arch", RunConfig.arch)).startswith(
+        CONV_ARCHS
+    )
+    if small_images and pooled_resnet and engine.get("embedding_size") is None:
+        engine["embedding_size"] = SMALL_IMAGE_EMBEDDING_SCALE * engine["crop_size"]  # of the resolved crop
+        sources["embedding_size"] = SMALL_IMAGE
     scale_paper_milestones(engine, sources, method.paper_values().get("epochs"))
     if method.embedding_is_head and engine.get("embedding_grid", 1) != 1:
         raise ConfigError(
@@ -270,7 +276,12 @@ def knn_sets(config: RunConfig, train_set: ImageDataset) -> tuple[ImageDataset, 
     if config.knn_subset:
         memory, queries = memory.subset(config.knn_subset), queries.subset(config.knn_subset)
     return train_set, KnnMonitor(
-        memory, queries, k=config.knn_k, tau=config.knn_tau, progress=config.progress
+        memory,
+        queries,
+        k=config.knn_k,
+        tau=config.knn_tau,
+        progress=config.progress,
+        input_size=config.embedding_side,
     )
 
 

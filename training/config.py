@@ -275,6 +275,11 @@ class RunConfig:
         return self.arch.startswith(CONV_ARCHS)
 
     @property
+    def embedding_side(self) -> int:
+        """The side the saved encoder embeds at: --embedding-size, or the crop."""
+        return self.embedding_size or self.crop_size
+
+    @property
     def local_size(self) -> int:
         """The local views' side: --local-crop-size, or SwAV's 96/224 of the full crop."""
         return self.local_crop_size or max(1, round(self.crop_size * 3 / 7))

@@ -173,7 +173,7 @@ class Trainer:
             return network
         generator = torch.Generator().manual_seed(self.config.seed)
         chosen = torch.randperm(len(self.dataset), generator=generator)[: fit_sample_count(network.out_dim)]
-        images = self.at_embedding_size(self.images[chosen.to(self.images.device)])
+        images = resize_center_crop(self.images[chosen.to(self.images.device)], self.embedding_size)
         features = embedding_features(network, images, self.mean, self.std, self.device, self.amp_dtype)
         whitening = Whitening.fitted(features, self.config.whiten_power).to(self.device)
         return EmbeddingNetwork(network.backbone, network.head, network.grid, whitening)
@@ -198,13 +198,7 @@ class Trainer:
 
     @property
     def embedding_size(self) -> int:
-        return self.config.embedding_size or self.config.crop_size
-
-    def at_embedding_size(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NxCxSxS training images as the saved encoder will see them (--embedding-size)."""
-        if self.embedding_size == images.shape[-1]:
-            return images
-        return resize_center_crop(images.cpu(), self.embedding_size).to(images.device)
+        return self.config.embedding_side
 
     def summary_metrics(self) -> dict[str, Any]:
         last = self.state.history[-1] if self.state.history else {}
@@ -394,7 +388,6 @@ class Trainer:
                     self.device,
                     self.amp_dtype,
                     power,
-                    self.embedding_size,
                 )
             )
         state.history.append(row)

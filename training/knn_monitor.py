@@ -14,7 +14,6 @@ from torch import nn
 
 from index.vote import DEFAULT_K, DEFAULT_TAU, weighted_vote
 from training.data.datasets import ImageDataset
-from training.data.images import resize_center_crop
 from training.embed import embed_in_shards
 from training.encoder import network_embedder
 from training.models.whitening import Whitening
@@ -53,7 +52,9 @@ def knn_accuracy(
 
 @dataclass
 class KnnMonitor:
-    """Embeds `memory` and `queries` (sharded across ranks) and reports weighted-kNN accuracy."""
+    """Embeds `memory` and `queries` (sharded across ranks) and reports weighted-kNN accuracy.
+    `input_size`: the side the images are embedded at (the encoder file's embedding size, where it
+    is not the crop); both sets are resized to it once, here, not at every evaluation."""
 
     memory: ImageDataset
     queries: ImageDataset
@@ -61,6 +62,12 @@ class KnnMonitor:
     tau: float = DEFAULT_TAU
     batch_size: int = 512
     progress: bool = True  # the embedding bars; off with the run's --no-progress (logs stay lines)
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_size:
+            self.memory = self.memory.resized(self.input_size)
+            self.queries = self.queries.resized(self.input_size)
 
     def evaluate(
         self,
@@ -70,22 +77,14 @@ class KnnMonitor:
         device: torch.device,
         amp_dtype=None,
         whiten_power: float | None = None,
-        input_size: int | None = None,
     ) -> dict[str, float]:
         """knn/top1, knn/top5. With `whiten_power`: the figures of the whitened embedding (PCA
         whitening fitted on the memory's features, no labels), as the encoder file will embed, and
-        the unwhitened ones as knn/top1_unwhitened, knn/top5_unwhitened. `input_size`: the images
-        resized to that side first (the encoder file's embedding size, where it is not the crop)."""
+        the unwhitened ones as knn/top1_unwhitened, knn/top5_unwhitened."""
         was_training = network.training
         network.eval()
         try:
-            embed_crops = network_embedder(network, mean, std, device, amp_dtype)
-
-            def embed(images: torch.Tensor) -> torch.Tensor:
-                if input_size and input_size != images.shape[-1]:
-                    images = resize_center_crop(images.cpu(), input_size).to(images.device)
-                return embed_crops(images)
-
+            embed = network_embedder(network, mean, std, device, amp_dtype)
             memory = embed_in_shards(embed, self.memory.images, self.batch_size, "kNN memory", self.progress)
             queries = embed_in_shards(
                 embed, self.queries.images, self.batch_size, "kNN queries", self.progress

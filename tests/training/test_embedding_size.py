@@ -22,7 +22,15 @@ from training.cli import initial_embeddings, parse_config
 from training.config import SMALL_IMAGE
 from training.data.datasets import load_dataset
 from training.data.images import resize_center_crop
-from training.encoder import Encoder, at_input_size, read_encoder_record, save_encoder, training_size
+from training.encoder import (
+    Encoder,
+    at_input_size,
+    embedding_features,
+    read_encoder_record,
+    save_encoder,
+    training_size,
+)
+from training.knn_monitor import knn_accuracy
 from training.models import build_embedding_network, grid_pool
 from training.onnx_runner import OnnxRunner
 from training.whiten import main as whiten_main
@@ -125,6 +133,8 @@ def test_a_run_embeds_at_its_embedding_size_and_a_round_from_it_follows(tmp_path
 def test_small_images_embed_at_twice_their_side_photos_at_the_crop(tmp_path: Path) -> None:
     small, _ = parse_config("simclr", ["--data", "fashion-mnist"])
     assert (small.crop_size, small.embedding_size, small.source("embedding_size")) == (28, 56, SMALL_IMAGE)
+    cropped, _ = parse_config("simclr", ["--data", "fashion-mnist", "--crop-size", "20"])
+    assert (cropped.crop_size, cropped.embedding_size) == (20, 40)  # twice the crop the run trains at
     for i in range(2):
         Image.new("RGB", (120, 100), (i * 90, 20, 40)).save(tmp_path / f"{i}.png")
     photos, _ = parse_config("simclr", ["--data", f"folder:{tmp_path}", "--arch", "resnet18"])
@@ -133,3 +143,27 @@ def test_small_images_embed_at_twice_their_side_photos_at_the_crop(tmp_path: Pat
     assert head.embedding_size is None  # its embedding is a head's output: not measured there
     vit, _ = parse_config("moco-v3", ["--data", "fashion-mnist", "--arch", "vit_tiny"])
     assert vit.embedding_size is None  # position embeddings fixed to the crop's patch grid
+
+
+def test_the_knn_monitor_embeds_at_the_embedding_size_resized_once(tmp_path: Path) -> None:
+    trainer = tiny_trainer("simclr", tmp_path / "run", "--knn-every", "1", "--knn-subset", "64")
+    monitor = trainer.knn
+    assert monitor is not None and monitor.input_size == trainer.embedding_size == 56
+    assert (monitor.memory.image_size, monitor.queries.image_size) == (56, 56)  # once, when built
+    queries = load_dataset("fashion-mnist:test", 28).subset(64)
+    torch.testing.assert_close(monitor.queries.images, resize_center_crop(queries.images, 56))
+    # Its figures are those of the 28 px images embedded at 56 px, as the saved encoder embeds them.
+    network = trainer.embedding_network()
+    figures = monitor.evaluate(network, trainer.mean, trainer.std, trainer.device)
+
+    def features(images: torch.Tensor) -> torch.Tensor:  # L2-normalised, unwhitened
+        return embedding_features(
+            network, resize_center_crop(images, 56), trainer.mean, trainer.std, trainer.device
+        )
+
+    memory = load_dataset("fashion-mnist", 28).subset(96).subset(64)  # the tiny run's, then the monitor's
+    assert torch.equal(resize_center_crop(memory.images, 56), monitor.memory.images)
+    top1, top5 = knn_accuracy(
+        features(memory.images), memory.labels, features(queries.images), queries.labels, 10, k=monitor.k
+    )
+    assert figures["knn/top1"] == pytest.approx(top1) and figures["knn/top5"] == pytest.approx(top5)

@@ -103,6 +103,12 @@ class ImageDataset:
             class_names=list(self.class_names),
         )
 
+    def resized(self, size: int) -> ImageDataset:
+        """The same images at size x size (`resize_center_crop`); this data set where they are."""
+        if self.image_size == size:
+            return self
+        return replace(self, images=resize_center_crop(self.images, size).contiguous())
+
     def subset(self, count: int, seed: int = 0) -> ImageDataset:
         """A seeded random `count` rows, kept in data-set order (all rows when count >= N)."""
         if count <= 0:

@@ -63,10 +63,13 @@ def pil_to_uint8(image: Image.Image, channels: int) -> torch.Tensor:
 def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to `size` (bilinear, antialiased), then centre-crop to size x size
     (uint8 ...xCxHxW in, out). The same arithmetic as torchvision's `resize` + `center_crop` (torch's
-    native uint8 kernel; a test compares them), without importing torchvision in the service."""
+    native uint8 kernel; a test compares them), without importing torchvision in the service. That
+    kernel runs on the CPU only: images on another device are resized there and moved back."""
     height, width = image.shape[-2:]
     if (height, width) == (size, size):
         return image
+    if image.device.type != "cpu":
+        return resize_center_crop(image.cpu(), size).to(image.device)
     if width <= height:
         new_height, new_width = int(size * height / width), size
     else:
