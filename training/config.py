@@ -124,8 +124,8 @@ class RunConfig:
         "side the saved encoder embeds images at (whitening fit and kNN monitor too); default: the "
         "crop. Random resized crops show objects larger than whole images do, so a larger side matches "
         "what training taught (FixRes, Touvron et al. 2019): twice the crop gained on three 28 px sets "
-        "(bench/RESULTS.md, 'Embedding at twice the training crop'), so small images get twice their "
-        "side; ResNets only",
+        "(bench/RESULTS.md, 'Embedding at twice the training crop'), so small images embed at twice "
+        "the crop; pooled ResNet embeddings only",
         group="backbone",
     )
     init: str | None = setting(
