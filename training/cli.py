@@ -178,11 +178,10 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         layers.append((INIT, init_encoder_settings(init)))
     layers += explicit
     engine, params, sources = layered(layers, RunConfig, method.Params)
-    pooled_resnet = not method.embedding_is_head and str(engine.get("arch", RunConfig.arch)).startswith(
-        CONV_ARCHS
-    )
+    resolved_arch = str(engine.get("arch", RunConfig.arch))  # --init's or a flag's included
+    pooled_resnet = not method.embedding_is_head and resolved_arch.startswith(CONV_ARCHS)
     if small_images and pooled_resnet and engine.get("embedding_size") is None:
-        engine["embedding_size"] = SMALL_IMAGE_EMBEDDING_SCALE * engine["crop_size"]  # of the resolved crop
+        engine["embedding_size"] = SMALL_IMAGE_EMBEDDING_SCALE * engine["crop_size"]  # the resolved crop
         sources["embedding_size"] = SMALL_IMAGE
     scale_paper_milestones(engine, sources, method.paper_values().get("epochs"))
     if method.embedding_is_head and engine.get("embedding_grid", 1) != 1:
