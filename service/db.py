@@ -91,6 +91,7 @@ async def paced_id_windows(
 class Database:
     client: AsyncMongoClient
     db: AsyncDatabase
+    closed: bool = False  # by `close`: a closed client never reopens
 
     @classmethod
     def connect(cls, uri: str, name: str, timeout_ms: int, journal: bool = True) -> Database:
@@ -178,4 +179,5 @@ class Database:
         return list(range(last - count + 1, last + 1))
 
     async def close(self) -> None:
+        self.closed = True
         await self.client.close()

@@ -88,6 +88,8 @@ class FollowedCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # no change streams here, or the database went away
+                if db.closed:  # the service is shutting down: nothing to follow any more
+                    return
                 log.info("%s off (%s: %s); retrying", type(self).__name__, type(exc).__name__, exc)
             finally:
                 self._watching = False

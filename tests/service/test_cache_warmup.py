@@ -7,6 +7,7 @@ afterwards is what searches and thumbnail reads see."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 
 import httpx
@@ -178,3 +179,28 @@ def test_an_upload_is_served_from_memory_and_deletes_and_updates_are_seen(start_
         assert client.get(f"/images/{image_id}/thumbnail").status_code == 404
         results = client.post("/search", json={"id": other_id, "k": 2, "thumbnails": 2}).json()["results"]
         assert [r["id"] for r in results] == [other_id]
+
+
+def test_a_follower_ends_quietly_when_its_database_client_is_closed(mongo_uri, mongo_db_name, caplog) -> None:
+    """A service's shutdown closes the client while the followers still run: a closed client never
+    reopens, so the follower ends instead of logging a lost stream and retrying forever."""
+    caplog.set_level(logging.INFO, logger="service.followed_cache")
+
+    async def scenario() -> None:
+        db = Database.connect(mongo_uri, mongo_db_name, 5000)
+        cache = RecordCache()
+        try:
+            await _watching(db, cache)
+            task = cache._task
+            assert task is not None
+        finally:
+            await db.close()
+
+        async def ended() -> bool:
+            return task.done()
+
+        await until(ended, "the follower to end after its client closed")
+        assert not task.cancelled() and task.exception() is None and not cache.watching
+
+    asyncio.run(scenario())
+    assert not [r.getMessage() for r in caplog.records if " off (" in r.getMessage()]
