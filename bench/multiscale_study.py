@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from index.search_index import SearchIndex
 from training.data.datasets import ImageDataset, load_dataset
 from training.data.images import resize_center_crop
-from training.encoder import embedding_features, read_encoder_record
-from training.models import build_embedding_network
+from training.encoder import embedding_features, read_encoder_record, unwhitened_network
 from training.models.whitening import Whitening
 
 SIDE_GROUPS = ("28", "42", "56", "70", "42,56", "28,56", "56,70", "42,56,70")
@@ -42,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     groups = [tuple(int(side) for side in group.split(",")) for group in args.sides]
     record = read_encoder_record(args.encoder)
-    spec = {key: value for key, value in record["network"].items() if key != "whitening"}
-    network = build_embedding_network(spec)
-    network.load_state_dict({k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")})
+    network = unwhitened_network(record)
     searched, searching = args.sets or ("fashion-mnist:test", "fashion-mnist")
     native = record.get("train_size", record["input_size"])
     catalogue = load_dataset(searched, native, in_channels=record["in_channels"])

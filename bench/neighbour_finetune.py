@@ -48,11 +48,11 @@ from training.encoder import (  # noqa: E402
     embedding_features,
     read_encoder_record,
     save_encoder,
+    unwhitened_network,
     with_whitening,
 )
 from training.losses.ntxent import nt_xent  # noqa: E402
 from training.methods.neighbours import mine_neighbours, mutual_mask  # noqa: E402
-from training.models import build_embedding_network  # noqa: E402
 from training.models.heads import ProjectionHead  # noqa: E402
 from training.models.whitening import Whitening  # noqa: E402
 
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     record = read_encoder_record(args.encoder)
     size, channels = record["input_size"], record["in_channels"]
-    network = build_embedding_network({k: v for k, v in record["network"].items() if k != "whitening"})
-    network.load_state_dict({k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")})
+    network = unwhitened_network(record)
     memory = load_dataset(args.data, size, in_channels=channels)
     catalogue = load_dataset(args.catalogue, size, in_channels=channels)
     start = time.monotonic()

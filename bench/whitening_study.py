@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from index.vote import weighted_vote  # noqa: E402
 from training.data.datasets import load_dataset  # noqa: E402
-from training.encoder import embedding_features, read_encoder_record  # noqa: E402
+from training.encoder import embedding_features, read_encoder_record, unwhitened_network  # noqa: E402
 from training.knn_monitor import knn_accuracy  # noqa: E402
-from training.models import build_embedding_network  # noqa: E402
 from training.models.whitening import Whitening  # noqa: E402
 from training.precision import autocast_dtype  # noqa: E402
 
@@ -45,9 +44,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 def features(record: dict, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised NxD features of the encoder before any whitening it has."""
-    spec = {k: v for k, v in record["network"].items() if k != "whitening"}
-    network = build_embedding_network(spec)
-    network.load_state_dict({k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")})
+    network = unwhitened_network(record)
     device = torch.device("cpu")
     out = embedding_features(
         network, images, record["mean"], record["std"], device, autocast_dtype("auto", device)

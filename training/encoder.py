@@ -34,7 +34,7 @@ from torch import nn
 
 from index.encoder_file import ENCODER_FORMAT, EncoderError, read_encoder_record
 from training.data.images import load_uint8
-from training.models import build_embedding_network
+from training.models import EmbeddingNetwork, build_embedding_network
 from training.models.whitening import Whitening
 from training.precision import autocast_dtype
 
@@ -197,21 +197,26 @@ def at_input_size(record: dict[str, Any], size: int) -> dict[str, Any]:
     return {**resized, "version": record_version(resized, resized["state_dict"], resized["network"])}
 
 
+def unwhitened_network(record: dict[str, Any]) -> EmbeddingNetwork:
+    """The encoder's network without any whitening it has: what a whitening is fitted on."""
+    network = build_embedding_network({k: v for k, v in record["network"].items() if k != "whitening"})
+    network.load_state_dict({k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")})
+    return network
+
+
 def with_whitening(
     record: dict[str, Any], images: torch.Tensor, power: float, amp: str = "auto"
 ) -> dict[str, Any]:
     """The same encoder with PCA whitening (training.models.whitening) fitted on its embeddings of
     `images` (uint8 NxCxSxS at its input size, no labels), replacing any whitening it had; embed_dim
     and version follow."""
-    spec = {k: v for k, v in record["network"].items() if k != "whitening"}
-    network = build_embedding_network(spec)
-    state = {k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")}
-    network.load_state_dict(state)
+    network = unwhitened_network(record)
     device = torch.device("cpu")
     features = embedding_features(
         network, images, record["mean"], record["std"], device, autocast_dtype(amp, device)
     )
     network.whitening = Whitening.fitted(features, power)
+    spec = {k: v for k, v in record["network"].items() if k != "whitening"}
     spec["whitening"] = network.whitening.spec
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     return {
