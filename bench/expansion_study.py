@@ -4,8 +4,9 @@ against the mean of 5 copies shifted by 0 or 1 px (edges replicated), each plain
 query expansion over the top 5 through the service's `SearchIndex`. Each embedding is whitened
 (power 0.5) on 10k seeded memory images; 1000 seeded memory images search the catalogue, as
 `bench/demo_precision.py` does. `--mining` adds the purity of each memory image's top 10 among the
-whole memory set, mined in the embedding and among expanded vectors (each image replaced by its own
-alpha-expanded query over its top 5), also where the raw pixels' top 100 agree (as
+whole memory set, mined in the embedding, among expanded vectors (each image replaced by its own
+alpha-expanded query over its top 5) and in the mean of the 5 shifted copies (whitened on the same 10k
+images), also where the raw pixels' top 100 agree (as
 `training.neighbours --agree-pixels 100` draws them). `--dba` adds database-side augmentation
 (alpha-DBA, Radenovic et al. 2018): every catalogue vector replaced by its own alpha-expanded query
 over its top n catalogue neighbours before the search, queries unchanged.
@@ -134,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         embeddings = torch.from_numpy(encoder.embed(memory.images))
         pixels = mine_neighbours(pixel_embedding(memory.images), 100)
         print("\n| mined with | top-10 purity | where the pixels' top 100 agree |\n|---|---:|---:|")
-        for name, rows in (("the embedding", embeddings), ("expanded vectors", expanded_rows(embeddings))):
+        grid = ("layer4 2x2",)
+        shift_fit = Whitening.fitted(stage_views(encoder, fit.images, SHIFTS)[grid[0]], 0.5)
+        shifted_mean = whitened(stage_views(encoder, memory.images, SHIFTS), grid, {grid[0]: shift_fit})
+        for name, rows in (
+            ("the embedding", embeddings),
+            ("expanded vectors", expanded_rows(embeddings)),
+            ("the mean of 5 shifted copies", torch.from_numpy(shifted_mean)),
+        ):
             neighbours = mine_neighbours(rows, 10)
             same = labels[neighbours] == labels.view(-1, 1)
             agree = agreement_mask(neighbours, pixels)
