@@ -113,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     fit = memory.subset(min(10_000, len(memory)), seed=1)
     catalogue_labels, query_labels = catalogue.labels.numpy(), queries.labels.numpy()
     print("| embedding | dims | plain | expanded (top 5) |\n|---|---:|---:|---:|")
+    shifted_whitenings: dict[str, Whitening] = {}  # fitted on the shifted mean: --mining uses them too
     for shift_name, shifts in (("", SHIFTS[:1]), (", mean of 5 shifts", SHIFTS)):
         fit_v, query_v, catalogue_v = (
             stage_views(encoder, s.images, shifts) for s in (fit, queries, catalogue)
         )
         whitenings = {name: Whitening.fitted(fit_v[name], 0.5) for name in STAGES}
+        if shifts is SHIFTS:
+            shifted_whitenings = whitenings
         for names in (("layer4 2x2",), ("layer3 3x3", "layer4 2x2")):
             c, q = whitened(catalogue_v, names, whitenings), whitened(query_v, names, whitenings)
             plain, expanded = (precision_at_10(c, q, catalogue_labels, query_labels, e) for e in (0, EXPAND))
@@ -135,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         embeddings = torch.from_numpy(encoder.embed(memory.images))
         pixels = mine_neighbours(pixel_embedding(memory.images), 100)
         print("\n| mined with | top-10 purity | where the pixels' top 100 agree |\n|---|---:|---:|")
-        grid = ("layer4 2x2",)
-        shift_fit = Whitening.fitted(stage_views(encoder, fit.images, SHIFTS)[grid[0]], 0.5)
-        shifted_mean = whitened(stage_views(encoder, memory.images, SHIFTS), grid, {grid[0]: shift_fit})
+        shifted_views = stage_views(encoder, memory.images, SHIFTS)
+        shifted_mean = whitened(shifted_views, ("layer4 2x2",), shifted_whitenings)
         for name, rows in (
             ("the embedding", embeddings),
             ("expanded vectors", expanded_rows(embeddings)),
