@@ -15,6 +15,7 @@ from training.cli import build_parser, parse_config
 from training.config import SMALL_IMAGE, ConfigError, RunConfig
 from training.encoder import Encoder, make_encoder_record, save_encoder
 from training.flags import flag_names
+from training.losses.debiased import debiased_nt_xent
 from training.losses.nce import sample_noise_indices
 from training.losses.ntxent import nt_xent
 from training.methods import METHODS, build_method, method_class
@@ -236,6 +237,27 @@ def test_simclr_multi_crop_runs_local_views_through_the_encoder_and_averages_the
     assert out.loss.item() == pytest.approx(expected, rel=1e-4)
     out.loss.backward()
     assert all(p.grad is not None for p in simclr.parameters() if p.requires_grad)
+
+
+def test_simclr_debias_and_hardness_flags_reach_the_loss(capsys):
+    config = parse("simclr", ["--debias", "0.1", "--hardness", "1.0"])
+    torch.manual_seed(0)
+    simclr = build_method(config, num_samples=4, in_channels=1)
+    x1, x2 = views(4)
+    out = simclr([x1, x2], torch.arange(4))
+    with torch.no_grad():
+        z1, z2 = simclr.encoder(torch.cat([x1, x2])).chunk(2)
+    expected = debiased_nt_xent(z1, z2, config.params.temperature, tau_plus=0.1, beta=1.0)
+    assert out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-4)
+    assert out.loss.item() != pytest.approx(nt_xent(z1, z2, config.params.temperature).loss.item(), rel=1e-3)
+    for argv, message in (
+        (["--debias", "1"], "--debias must be in [0, 1)"),
+        (["--hardness", "-1"], "--hardness"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parse("simclr", argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

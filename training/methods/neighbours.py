@@ -53,6 +53,7 @@ class NeighboursParams(SimCLRParams):
     )
 
     def check(self, config: RunConfig) -> None:
+        super().check(config)
         if not config.init:
             raise ConfigError(
                 "neighbours fine-tunes a finished encoder, whose neighbours it mines: give --init "

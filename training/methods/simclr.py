@@ -9,14 +9,16 @@ Defaults (paper Sec. 2.3, B.9 and google-research/simclr):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from training.config import MethodParams, setting
-from training.losses.ntxent import multi_crop_nt_xent, nt_xent
+from training.config import ConfigError, MethodParams, RunConfig, setting
+from training.losses.debiased import debiased_nt_xent
+from training.losses.ntxent import PairLoss, multi_crop_nt_xent, nt_xent
 from training.methods.base import Method, StepOutput
 from training.models import EmbeddingNetwork, build_backbone
 from training.models.global_bn import collectives_without_sync_bn, convert_global_batchnorm
@@ -38,6 +40,20 @@ class SimCLRParams(MethodParams):
         flag="--proj-last-bn",
     )
     global_bn: bool = setting(True, "BN statistics over all ranks (SyncBatchNorm under DDP)")
+    debias: float = setting(
+        0.0,
+        "tau+, the share of a batch's other views that show the anchor's class (debiased contrastive "
+        "loss, Chuang et al. 2020: 0.1 for 10 classes); 0 = plain NT-Xent",
+    )
+    hardness: float = setting(
+        0.0,
+        "beta, weight negatives by exp(beta * s / tau) (hard negatives, Robinson et al. 2021: 1.0 on "
+        "CIFAR-10); 0 = every negative alike",
+    )
+
+    def check(self, config: RunConfig) -> None:
+        if not 0 <= self.debias < 1 or self.hardness < 0:
+            raise ConfigError("--debias must be in [0, 1) and --hardness 0 or more")
 
 
 class SimCLR(Method):
@@ -68,6 +84,8 @@ class SimCLR(Method):
         last_bn: bool = False,
         global_bn: bool = True,
         gather_negatives: bool = True,
+        debias: float = 0.0,
+        hardness: float = 0.0,
     ) -> None:
         super().__init__()
         self.arch, self.backbone_kwargs = arch, dict(backbone_kwargs or {})
@@ -75,6 +93,9 @@ class SimCLR(Method):
         # Global BN: BN statistics over all ranks. The engine converts to SyncBatchNorm under DDP.
         self.sync_batch_norm = global_bn
         self.gather_negatives = gather_negatives
+        self.pair_loss: PairLoss = nt_xent
+        if debias or hardness:
+            self.pair_loss = functools.partial(debiased_nt_xent, tau_plus=debias, beta=hardness)
         backbone, feature_dim = build_backbone(arch, **self.backbone_kwargs)
         projector = ProjectionHead(
             feature_dim, hidden_dim or feature_dim, dim, 2, hidden_bn=True, last_bn=last_bn
@@ -89,11 +110,13 @@ class SimCLR(Method):
         # one pass over both views, as SimCLR does: BN statistics over all 2N views
         z1, z2 = self.encoder(torch.cat(full, dim=0)).chunk(2, dim=0)  # NxC each
         if not local:
-            result = nt_xent(z1, z2, self.temperature, gather=self.gather_negatives)
+            result = self.pair_loss(z1, z2, self.temperature, self.gather_negatives)
             return StepOutput(result.loss, {"acc/instance": result.accuracy()})
         # multi-crop: the local views share a resolution, so one more pass (SwAV groups by size)
         z_local = self.encoder(torch.cat(local, dim=0)).chunk(len(local), dim=0)  # NxC each
-        result = multi_crop_nt_xent([z1, z2], z_local, self.temperature, gather=self.gather_negatives)
+        result = multi_crop_nt_xent(
+            [z1, z2], z_local, self.temperature, self.gather_negatives, self.pair_loss
+        )
         return StepOutput(result.loss, {"acc/instance": result.accuracy()})
 
     def embedding_network(self) -> nn.Module:
