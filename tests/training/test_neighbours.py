@@ -14,6 +14,7 @@ from tiny_runs import tiny_trainer
 
 import training.methods.neighbours as neighbours_module
 from training.cli import build_trainer, parse_config
+from training.config import SMALL_IMAGE
 from training.encoder import read_encoder_record
 from training.errors import TrainingError
 from training.methods.neighbours import (
@@ -165,6 +166,10 @@ def test_init_takes_the_encoders_network_weights_and_normalisation(init_encoder,
         assert getattr(config, name) == value and sources[name] == "init encoder", name
     assert config.embedding_grid == record["network"]["grid"] == 2
     assert sources["lr"] == "recipe" and config.epochs == 3  # the measured recipe, named as such
+    # small images draw only the neighbours the pixels also find; a flag still wins
+    assert config.params.agree_pixels == 100 and sources["agree_pixels"] == SMALL_IMAGE
+    flagged, _ = parse_config("neighbours", [*argv, "--init", str(init_encoder), "--agree-pixels", "0"])
+    assert flagged.params.agree_pixels == 0 and flagged.source("agree_pixels") == "flag"
     trainer = build_trainer(config, torch.device("cpu"))
     assert (trainer.mean, trainer.std) == (record["mean"], record["std"])
     saved = build_embedding_network({k: v for k, v in record["network"].items() if k != "whitening"})
