@@ -55,7 +55,7 @@ def multi_crop_nt_xent(
 ) -> ContrastiveResult:
     """NT-Xent averaged over the positive pairs of multi-crop (SwAV, Caron et al. 2020): every pair
     of full-size views, and every local view with every full-size view (local views are never
-    each other's positives). Each pair is `nt_xent` over its own 2N views, as CMC's full graph.
+    each other's positives). Each pair is `pair_loss` over its own 2N views, as CMC's full graph.
 
     full: two or more NxC projections of the full-size views; local: NxC projections of the local
     ones. With two full views and no local ones this is `pair_loss(full[0], full[1])` (`nt_xent`, or
