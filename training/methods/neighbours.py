@@ -130,8 +130,8 @@ class MinedNeighbours(SimCLR):
     # Images <= 64 px: SimCLR's small-image views, and only the neighbours the raw pixels also find
     # (top 100). Measured at the 56 px embedding on four sets (bench/RESULTS.md, "The pixels' vote
     # as the small-image default"): +0.005 to +0.009 precision@10 on three glyph sets (means of
-    # three seeds), +0.001 to +0.003 on clothes. Photos keep it off: their pixels are not aligned
-    # objects on a plain ground.
+    # three seeds), +0.001 to +0.002 on clothes (two seeds). Photos keep it off: their pixels are
+    # not aligned objects on a plain ground.
     small_image_defaults = {"augmentation": "simclr-noflip", "agree_pixels": 100}
 
     def __init__(
