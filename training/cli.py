@@ -40,6 +40,7 @@ from training.config import (
     SMALL_IMAGE_EMBEDDING_SCALE,
     SMALL_IMAGE_GRID,
     SMALL_IMAGE_MAX_SIZE,
+    SMALL_IMAGE_SCALES,
     ConfigError,
     RunConfig,
 )
@@ -171,6 +172,7 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         arch = merged.get("arch", filled.get("arch", method.paper_values().get("arch", RunConfig.arch)))
         if not method.embedding_is_head and str(arch).startswith(CONV_ARCHS):
             small.setdefault("embedding_grid", SMALL_IMAGE_GRID)
+            small.setdefault("embedding_scales", SMALL_IMAGE_SCALES)
         small.setdefault("whitening", "pca")  # measured for SimCLR, MoCo v3 and InstDisc's head
         layers.append((SMALL_IMAGE, small))
     layers.append(("catalogue", filled))
@@ -188,6 +190,10 @@ def build_config(method: type[Method], given: dict[str, Any], mode: RunMode | No
         raise ConfigError(
             f"--embedding-grid applies to a pooled backbone; {method.name}'s embedding is its head"
         )
+    if method.embedding_is_head and len(engine.get("embedding_scales", (1.0,))) > 1:
+        raise ConfigError(
+            f"--embedding-scales applies to a pooled backbone; {method.name}'s embedding is its head"
+        )
     if engine.get("local_crops", 0) and not method.accepts_local_crops:
         raise ConfigError(f"--local-crops: {method.name} has no multi-crop loss (simclr has)")
     config = RunConfig(**engine, params=method.Params(**params), sources=tuple(sorted(sources.items())))
@@ -204,6 +210,7 @@ def init_encoder_settings(path: str) -> dict[str, Any]:
     kwargs = network.get("kwargs", {})
     settings = {"arch": network["arch"], "crop_size": training_size(record)}  # not its embedding size
     settings["embedding_grid"] = network.get("grid", 1)
+    settings["embedding_scales"] = tuple(network.get("scales", (1.0,)))
     if "train_size" in record:  # it embeds at another size than it trained at: so does the new one
         settings["embedding_size"] = record["input_size"]
     flags = {"width": "width", "small_stem": "small_stem", "patch_size": "patch_size"}

@@ -5,7 +5,8 @@ from there, so that a published index and the model that embeds queries for it a
 Encoder file (`torch.save` of a dict, also the "encoder" entry of a training checkpoint):
   format        "ssl-retrieval/encoder/v1"
   method        e.g. "moco-v2"
-  network       spec for `training.models.build_embedding_network` (arch, its kwargs, head, grid)
+  network       spec for `training.models.build_embedding_network` (arch, its kwargs, head, grid,
+                scales, whitening)
   state_dict    weights of that network
   embed_dim     D, the embedding size
   input_size    S: images are resized (shorter side) and centre-cropped to SxS
@@ -49,19 +50,26 @@ __all__ = [
     "save_encoder",
     "training_size",
     "with_embedding_grid",
+    "with_embedding_scales",
     "with_whitening",
 ]
 
 
 def weights_version(
-    method: str, state_dict: dict[str, torch.Tensor], grid: int = 1, embedding_size: int | None = None
+    method: str,
+    state_dict: dict[str, torch.Tensor],
+    grid: int = 1,
+    embedding_size: int | None = None,
+    scales: Sequence[float] = (1.0,),
 ) -> str:
     """`method-<12 hex>`: a hash of the weights (and of the embedding's pooling grid when it is not
-    the global pool, and of the input size when it is not the training crop: the same weights then
-    embed differently), so equal encoders give equal versions."""
+    the global pool, of its scales when there are several, and of the input size when it is not the
+    training crop: the same weights then embed differently), so equal encoders give equal versions."""
     digest = hashlib.sha256()
     if grid != 1:
         digest.update(f"grid={grid}".encode())
+    if tuple(scales) != (1.0,):
+        digest.update(f"scales={[float(s) for s in scales]}".encode())
     if embedding_size is not None:
         digest.update(f"input={embedding_size}".encode())
     for name in sorted(state_dict):
@@ -96,7 +104,11 @@ def make_encoder_record(
         "mean": list(map(float, mean)),
         "std": list(map(float, std)),
         "version": weights_version(
-            method, state, int(network_spec.get("grid", 1)), int(input_size) if resized else None
+            method,
+            state,
+            int(network_spec.get("grid", 1)),
+            int(input_size) if resized else None,
+            network_spec.get("scales", (1.0,)),
         ),
         "metrics": dict(metrics or {}),
         **resized,
@@ -111,7 +123,23 @@ def with_embedding_grid(record: dict[str, Any], grid: int) -> dict[str, Any]:
     spec = {k: v for k, v in record["network"].items() if k not in ("grid", "whitening")}
     if grid != 1:
         spec["grid"] = int(grid)
-    network = build_embedding_network(spec)  # validates: a ResNet without head
+    return with_network_spec(record, spec)
+
+
+def with_embedding_scales(record: dict[str, Any], scales: Sequence[float]) -> dict[str, Any]:
+    """The same encoder (same weights) embedding each image at these `scales` of its input size
+    (a multi-scale descriptor, training.models.EmbeddingNetwork; (1.0,): one size); version follows.
+    A whitening fitted on other scales no longer applies and is dropped (`with_whitening` fits a new
+    one). ValueError if the scales cannot apply."""
+    spec = {k: v for k, v in record["network"].items() if k not in ("scales", "whitening")}
+    if tuple(scales) != (1.0,):
+        spec["scales"] = [float(s) for s in scales]
+    return with_network_spec(record, spec)
+
+
+def with_network_spec(record: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The record's weights (without any whitening's) in the network `spec` builds; validates it."""
+    network = build_embedding_network(spec)
     state = {k: v for k, v in record["state_dict"].items() if not k.startswith("whitening.")}
     network.load_state_dict(state)
     return {
@@ -178,8 +206,9 @@ def training_size(record: dict[str, Any]) -> int:
 
 def record_version(record: dict[str, Any], state: dict[str, torch.Tensor], spec: dict[str, Any]) -> str:
     size = int(record["input_size"])
+    resized = size if size != training_size(record) else None
     return weights_version(
-        record["method"], state, int(spec.get("grid", 1)), size if size != training_size(record) else None
+        record["method"], state, int(spec.get("grid", 1)), resized, spec.get("scales", (1.0,))
     )
 
 

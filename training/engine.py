@@ -83,6 +83,8 @@ class Trainer:
         self.encoder_spec = dict(encoder_spec)
         if config.embedding_grid != 1:
             self.encoder_spec["grid"] = config.embedding_grid
+        if config.embedding_scales != (1.0,):
+            self.encoder_spec["scales"] = list(config.embedding_scales)
         self.knn = knn
         self.out = Path(config.out)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -157,11 +159,14 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"))
 
     def embedding_network(self) -> EmbeddingNetwork:
-        """The retrieval embedding before whitening: the method's, pooled to `--embedding-grid`."""
+        """The retrieval embedding before whitening: the method's, pooled to `--embedding-grid` at
+        `--embedding-scales`."""
         network = self.method.embedding_network()
-        if self.config.embedding_grid == 1:
+        if self.config.embedding_grid == 1 and self.config.embedding_scales == (1.0,):
             return network
-        return EmbeddingNetwork(network.backbone, network.head, self.config.embedding_grid)
+        return EmbeddingNetwork(
+            network.backbone, network.head, self.config.embedding_grid, scales=self.config.embedding_scales
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -176,7 +181,7 @@ class Trainer:
         images = resize_center_crop(self.images[chosen.to(self.images.device)], self.embedding_size)
         features = embedding_features(network, images, self.mean, self.std, self.device, self.amp_dtype)
         whitening = Whitening.fitted(features, self.config.whiten_power).to(self.device)
-        return EmbeddingNetwork(network.backbone, network.head, network.grid, whitening)
+        return EmbeddingNetwork(network.backbone, network.head, network.grid, whitening, network.scales)
 
     def encoder_record(self, metrics: dict[str, Any]) -> dict[str, Any]:
         network = self.whitened_network()

@@ -134,7 +134,8 @@ class _LeafWhiteningTracer(torch.fx.Tracer):
 def foldable_pairs(network: nn.Module) -> list[tuple[str, str]]:
     """(layer, batchnorm) module names where the batchnorm directly consumes the layer's output and
     nothing else does (traced with torch.fx, so the pairs follow the data flow, not the attribute
-    order). A network fx cannot trace has no pairs: it then runs unfolded."""
+    order; a network that runs its modules more than once, at several scales, names each pair once).
+    A network fx cannot trace has no pairs: it then runs unfolded."""
     try:
         with FX_TRACE_LOCK.write():
             graph = _LeafWhiteningTracer().trace(network)
@@ -150,8 +151,9 @@ def foldable_pairs(network: nn.Module) -> list[tuple[str, str]]:
             continue
         layer, norm = modules[producer.target], modules[node.target]
         expected = FOLDABLE.get(type(layer))
-        if expected is not None and type(norm) is expected and norm.track_running_stats:
-            pairs.append((str(producer.target), str(node.target)))
+        pair = (str(producer.target), str(node.target))
+        if expected is not None and type(norm) is expected and norm.track_running_stats and pair not in pairs:
+            pairs.append(pair)
     return pairs
 
 

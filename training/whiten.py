@@ -15,6 +15,10 @@ crop"), for 4x the embedding's arithmetic:
 
     python -m training.whiten --checkpoint runs/simclr/encoder.pt --data folder:PATH --input-size 56 \
         --out runs/simclr/encoder-56.pt
+
+`--scales 1 0.75` makes it a multi-scale descriptor (Radenovic et al. 2018): each image is also
+embedded resized by 0.75 and the two unit features are summed before the whitening, which is
+fitted on that sum (bench/RESULTS.md, "Two sizes at once").
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ import sys
 
 from training.commands import HelpFormatter, OneLineParser, run_guarded
 from training.data.datasets import load_dataset
-from training.encoder import at_input_size, read_encoder_record, save_encoder, training_size, with_whitening
+from training.encoder import (
+    at_input_size,
+    read_encoder_record,
+    save_encoder,
+    training_size,
+    with_embedding_scales,
+    with_whitening,
+)
+from training.models import scales_problem
 from training.models.whitening import DEFAULT_POWER
 from training.precision import add_inference_amp_argument
 
@@ -48,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="embed images resized to this side instead (e.g. twice the training crop; the whitening is "
         "fitted there); default: the encoder's own input size",
     )
+    parser.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        help="also embed each image resized by these factors and sum the unit features (1 first, e.g. "
+        "1 0.75; 1 alone: one size); default: the encoder's own",
+    )
     add_inference_amp_argument(parser)
     args = parser.parse_args(argv)
     if not 0 < args.power <= 2:
@@ -56,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--subset must be at least 2")
     if args.input_size is not None and not 8 <= args.input_size <= 1024:
         parser.error(f"--input-size must be from 8 to 1024 px, got {args.input_size}")
+    if args.scales is not None and (problem := scales_problem(tuple(args.scales))):
+        parser.error(f"--{problem}")
     return args
 
 
@@ -64,15 +85,19 @@ def run(args: argparse.Namespace) -> int:
     source_version = record["version"]
     if args.input_size is not None:
         record = at_input_size(record, args.input_size)
+    if args.scales is not None:
+        record = with_embedding_scales(record, args.scales)
     data = load_dataset(args.data, record["input_size"], in_channels=record["in_channels"])
     if len(data) > args.subset:
         data = data.subset(args.subset)
     whitened = with_whitening(record, data.images, args.power, args.amp)
     save_encoder(args.out, whitened)
+    scales = whitened["network"].get("scales", [1.0])
     print(
         f"{args.out}: {whitened['version']}, {whitened['embed_dim']}-d, whitening (power {args.power}) "
-        f"fitted on {len(data)} images of {data.name} at {record['input_size']} px (trained at "
-        f"{training_size(record)} px; was {source_version})"
+        f"fitted on {len(data)} images of {data.name} at {record['input_size']} px"
+        f"{f' x {scales}' if len(scales) > 1 else ''} (trained at {training_size(record)} px; was "
+        f"{source_version})"
     )
     return 0
 

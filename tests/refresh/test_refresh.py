@@ -32,6 +32,9 @@ from training.encoder import Encoder, read_encoder_record
 # The guard's vote: tau as in Wu et al. 2018, but k = 20, not the paper's 200: on a 300-image catalogue
 # (~270 memory rows) k = 200 lets nearly every image vote and the guard sees class frequencies only.
 GUARD_K, TAU = 20, 0.07
+# The guard's worse model embeds at one size: with the small-image default's second size (3/4) the
+# same three steps of a 1/8-width network reach the served 1/4-width random encoder (58% vs 55%).
+ONE_SCALE = ("--embedding-scales", "1")
 SETTLE_S = 90  # start-up reconcile embeds the whole catalogue on a shared 2-core machine
 SEARCHES_PER_WORKER = 3000  # bound on the background load
 
@@ -228,9 +231,9 @@ def test_quality_guard_refuses_a_worse_model_then_force_publish_publishes_it(
     store = IndexStore(data_dir / "index")
     with service_on() as client:
         before = wait_until(lambda: settled(client, store), timeout_s=SETTLE_S, what="the service to settle")
-        # The new model: 1/8 width, three MoCo steps from random weights; measured at ~40% held-out
-        # top-1 against ~70% for the served 1/4-width random encoder: a genuinely worse model.
-        refused = run_refresh(data_dir, catalogue, "--knn-k", str(GUARD_K))
+        # The new model: 1/8 width, three MoCo steps from random weights, one size; measured at 42%
+        # held-out top-1 against 55% for the served 1/4-width random encoder: a genuinely worse model.
+        refused = run_refresh(data_dir, catalogue, "--knn-k", str(GUARD_K), *ONE_SCALE)
         assert refused.returncode == 3, refused.stderr
         assert "Traceback" not in refused.stderr
         message = refused.stderr.strip().splitlines()[-1]
@@ -254,7 +257,7 @@ def test_quality_guard_refuses_a_worse_model_then_force_publish_publishes_it(
         # As the message says: --force-publish publishes the refused version, without training again.
         checkpoint = refresh_dir(data_dir) / "checkpoint.pt"
         trained_at = checkpoint.stat().st_mtime_ns
-        forced = run_refresh(data_dir, catalogue, "--knn-k", str(GUARD_K), "--force-publish")
+        forced = run_refresh(data_dir, catalogue, "--knn-k", str(GUARD_K), *ONE_SCALE, "--force-publish")
         assert forced.returncode == 0, forced.stderr
         assert refresh_state(data_dir)["stages"]["publish"]["version"] == written
         assert checkpoint.stat().st_mtime_ns == trained_at

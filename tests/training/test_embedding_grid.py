@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_runs import SMALL_RESNET, TINY_NETWORK, trained_like
 
 from training import simclr
 from training.cli import parse_config
@@ -16,18 +17,8 @@ from training.inference import InferenceEncoder, inference_record
 from training.models import EmbeddingNetwork, build_backbone, build_embedding_network, network_spec
 from training.models.heads import LinearHead
 
-KWARGS = {"in_channels": 1, "small_stem": True, "width": 0.125}
-TINY = ["--arch", "resnet18", "--width", "0.0625", "--knn-every", "0", "--no-tensorboard", "--no-progress"]
-
-
-def trained_like(network: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics, so that folding and pooling are checked on real numbers."""
-    torch.manual_seed(0)
-    network.train()
-    with torch.no_grad():
-        for _ in range(3):
-            network(torch.randn(16, 1, 28, 28))
-    return network.eval()
+KWARGS = SMALL_RESNET
+TINY = TINY_NETWORK
 
 
 def test_the_grid_is_the_last_stage_average_pooled_to_gxg_and_its_cells_average_to_the_global_pool():

@@ -296,12 +296,13 @@ def test_multiply_accumulates_follow_the_direct_formula() -> None:
 def test_the_deploy_form_counts_the_training_graphs_work(tmp_path: Path) -> None:
     encoder = Encoder.load(DEMO_ENCODER)
     deployed = InferenceEncoder(inference_record(read_encoder_record(DEMO_ENCODER), "bfloat16"))
-    # ResNet-18 x0.25 with the small stem at 28 px: tens of millions (x4 per doubled side), folding
-    # and bf16 change nothing.
-    positions = (encoder.input_size / 28) ** 2
+    # ResNet-18 x0.25 with the small stem at 28 px: tens of millions (x4 per doubled side, and each
+    # further size of a multi-scale descriptor adds its scale squared), folding and bf16 change nothing.
+    sizes = sum(scale**2 for scale in encoder.record["network"].get("scales", [1.0]))
+    positions = (encoder.input_size / 28) ** 2 * sizes
     assert 10e6 * positions < encoder.macs_per_image < 100e6 * positions
     assert deployed.macs_per_image == encoder.macs_per_image
     wide_size = 2 * encoder.input_size
     wide = Encoder.load(write_random_encoder(tmp_path / "wide.pt", width=1.0, input_size=wide_size))
-    # Width x4 is 16x the channel products; twice the side is 4x the positions.
-    assert 50 < wide.macs_per_image / encoder.macs_per_image < 80
+    # Width x4 is 16x the channel products; twice the side is 4x the positions (of one size).
+    assert 50 < wide.macs_per_image / encoder.macs_per_image * sizes < 80

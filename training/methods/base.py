@@ -110,7 +110,7 @@ class Method(nn.Module):
         the method's own); its whitening is not taken (the engine fits a new one when it saves).
         TrainingError when the encoder's network is not the one this run builds."""
         ours = self.encoder_spec()
-        theirs = {k: v for k, v in record["network"].items() if k not in ("grid", "whitening")}
+        theirs = {k: v for k, v in record["network"].items() if k not in ("grid", "scales", "whitening")}
         if theirs != ours:
             raise TrainingError(
                 f"--init: the encoder's network ({theirs['arch']} {theirs.get('kwargs')}, head "
