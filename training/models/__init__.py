@@ -5,7 +5,7 @@ Network spec (plain JSON-able dict, stored in the encoder file):
    "head": null | <head spec, see training.models.heads>,
    "grid": G (optional, ResNet without head only: the last stage pooled to GxG, not to 1x1),
    "scales": [1.0, s2, ...] (optional, ResNet without head only: the image also embedded resized
-       by each factor, the unit features averaged; a multi-scale descriptor),
+       by each factor, the unit features summed; a multi-scale descriptor),
    "whitening": null | {"dim": D, "out_dim": D', "power": p} (optional: PCA whitening of the
        embedding, training.models.whitening; its mean and projection are in the state_dict)}
 """
